@@ -1,0 +1,124 @@
+"""Classifiers by name, and the paper's attacker networks.
+
+Every classifier takes images in [0, 1] and normalizes inside (a `Normalize` module at
+`model.normalize`), so perturbation budgets are always in pixel units and a checkpoint carries
+the statistics it was trained with.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from learn2defend.errors import UserError
+
+__all__ = [
+    "ATTACKERS",
+    "Normalize",
+    "create_attacker",
+    "create_model",
+    "list_models",
+    "register_model",
+]
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; mean and std are buffers so they are saved with the weights."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise UserError(
+                f"mean has {len(mean)} values but std has {len(std)}; give one per channel"
+            )
+        if any(s <= 0 for s in std):
+            raise UserError(f"std must be positive, got {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: Callable[..., nn.Module]
+    min_image_size: int
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str, *, min_image_size: int = 1) -> Callable:
+    """Register `fn(*, num_classes, in_channels, image_size, mean, std) -> nn.Module` as `name`.
+
+    `min_image_size` is the smallest H = W the network can take; `create_model` checks it so the
+    user gets a clear message instead of a shape error deep inside the network.
+    """
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = _Entry(fn, min_image_size)
+        return fn
+
+    return decorator
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching the shell-style `pattern`, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """Build a registered classifier for [0, 1] images [B, in_channels, image_size, image_size].
+
+    mean and std (one value per channel, in [0, 1] units) default to 0.5, which maps [0, 1] to
+    [-1, 1]; pass the data set's statistics to match the usual preprocessing.
+    """
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    entry = _REGISTRY[name]
+    if num_classes < 1:
+        raise UserError(f"num_classes must be at least 1, got {num_classes}")
+    if in_channels < 1:
+        raise UserError(f"in_channels must be at least 1, got {in_channels}")
+    if image_size < entry.min_image_size:
+        raise UserError(
+            f"image_size {image_size} is too small for model {name!r}: its downsampling needs "
+            f"image_size >= {entry.min_image_size}; use larger images or a model such as 'smallcnn'"
+        )
+    mean = (0.5,) * in_channels if mean is None else tuple(mean)
+    std = (0.5,) * in_channels if std is None else tuple(std)
+    for what, values in (("mean", mean), ("std", std)):
+        if len(values) != in_channels:
+            raise UserError(
+                f"{what} has {len(values)} values but the images have {in_channels} channels; "
+                f"give one value per channel"
+            )
+    return entry.fn(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std
+    )
+
+
+# Imported last: classifiers registers itself through register_model above.
+from learn2defend.models import classifiers  # noqa: E402, F401
+from learn2defend.models.attackers import ATTACKERS, create_attacker  # noqa: E402
