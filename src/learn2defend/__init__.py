@@ -1,0 +1,14 @@
+"""learn2defend: adversarial training with learned attackers, and honest evaluation.
+
+    from learn2defend import TrainConfig, train, load
+    run = train(TrainConfig(dataset="digits", model="smallcnn", method="grad-l2l", out="runs/g"))
+    model = load("runs/g")          # an nn.Module taking [0, 1] images
+"""
+
+from .config import TrainConfig
+from .errors import UserError
+from .evaluate import EvalConfig, evaluate
+from .train import Run, load, load_run, train
+
+__version__ = "0.1.0"
+__all__ = ["TrainConfig", "EvalConfig", "Run", "UserError", "evaluate", "load", "load_run", "train"]

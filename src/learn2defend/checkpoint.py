@@ -1,0 +1,124 @@
+"""Checkpoints that cannot run code, written so a crash never destroys the last good one.
+
+A checkpoint is one safetensors file. Tensors (weights, optimizer buffers, random
+generator states) are stored as tensors; everything else (epochs, learning rates,
+counters) goes into the file's JSON metadata through a tiny codec that keeps ints,
+tuples and int dict keys intact, so `optimizer.load_state_dict` gets back exactly
+what `state_dict()` gave. Nothing is ever unpickled.
+
+Writes go to a temporary file in the same folder, are flushed and fsynced, then
+renamed over the old file: a reader sees the old checkpoint or the new one, never
+half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save
+
+from .errors import UserError
+
+FORMAT = "learn2defend-checkpoint-1"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        # clone: safetensors refuses tensors that share storage (tied or sliced weights)
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in a checkpoint")
+
+
+def _key(k: Any) -> Any:
+    if isinstance(k, (int, str)):
+        return k
+    raise TypeError(f"checkpoint dict keys must be int or str, got {type(k).__name__}")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` holds either the old or the new content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # make the rename itself durable
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Store a nested dict of tensors and plain values as one safetensors file, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors, "s")
+    data = save(tensors, metadata={"format": FORMAT, "tree": json.dumps(tree)})
+    atomic_write_bytes(Path(path), data)
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a file written by `save_state`; a missing, truncated or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file {path} does not exist")
+    try:
+        tensors = load_file(str(path), device=str(device))
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            metadata = json.loads(f.read(header_len)).get("__metadata__", {})
+    except (SafetensorsError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({e})") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} is not a learn2defend checkpoint")
+    return _decode(json.loads(metadata["tree"]), tensors)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the training step draws from."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,233 @@
+"""Command line: parse, validate, call the library. Nothing else lives here.
+
+Bad input ends with one line on stderr and exit code 2 (argparse errors included);
+results go to stdout, progress and logs to stderr, so `--json` output can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import METHODS, TrainConfig, parse_fraction
+from .errors import UserError
+
+HELP = {
+    "out": "run folder to create (or continue with --resume)",
+    "dataset": "digits | mnist | cifar10 | cifar100 | svhn | folder:PATH | fake:CxHxW:K",
+    "data_dir": "where torchvision data sets and decoded-folder caches live",
+    "download": "download a torchvision data set if it is missing (needs internet)",
+    "image_size": "resize folder images to this size",
+    "val_size": "validation split carved from the training set: fraction or count",
+    "split_seed": "seed of the validation split",
+    "augment": "random crop (and flip where it makes sense) on the device",
+    "model": "classifier name (see `learn2defend models`)",
+    "method": "plain | fgsm | pgd | naive-l2l | grad-l2l | 2step-l2l",
+    "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255 (default: per data set)",
+    "init": "run folder whose classifier starts this run (the paper starts from a plain net)",
+    "optimizer": "sgd | adam",
+    "betas": "Adam betas",
+    "lr_milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
+    "clean_weight": "weight of the clean loss (default 0.5 for fgsm/pgd, 0 otherwise)",
+    "pgd_steps": "PGD iterations when training with --method pgd",
+    "step_size": "attack step size (default: eps/3 for pgd, eps for fgsm, 1.25 eps for FGSM-RS)",
+    "random_start": "uniform random start (FGSM-RS of Wong et al. for --method fgsm)",
+    "attacker": "slim | wide (the paper's Table 1)",
+    "attacker_width": "multiplies the attacker's channel counts",
+    "attacker_scale": "attacker output tanh(s*h) with a learnable s starting at 5 (authors' code)",
+    "attacker_optimizer": "sgd | adam (default: as the classifier)",
+    "attacker_steps": "attacker updates per classifier update",
+    "grad_norm": "conditioning of the attacker's gradient input: sample | batch | sign | none",
+    "l2l_update": "joint (one backward) | alternating (classifier step, then attacker step; authors' code)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "val_robust_n": "validation images attacked with PGD-10 after each epoch (0: none)",
+    "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
+    "progress": "progress bar on a terminal",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] if text else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got '{text}'") from None
+    return a, b
+
+
+def _number(text: str) -> float:
+    try:
+        return parse_fraction(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _val_size(text: str) -> float:
+    value = _number(text)
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+_TYPES = {"int": int, "float": _number, "str": str, "list[int]": _int_list, "tuple[float, float]": _float_pair}
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    """One --flag per field of the config dataclass, so the CLI and the config never drift."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        base = f.type.replace(" | None", "")
+        if base == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
+            continue
+        kind = _val_size if f.name == "val_size" else _TYPES[base]
+        shown = "per data set / method" if default is None else default
+        parser.add_argument(flag, type=kind, default=default, metavar=base.split("[")[0].upper(),
+                            help=f"{HELP.get(f.name, '')} (default: {shown})".strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="learn2defend", description="Adversarial training with learned attackers, and honest evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a classifier with one of the methods")
+    _add_dataclass_options(p, TrainConfig, skip=set())
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+
+    p = sub.add_parser("eval", help="accuracy of a trained run, clean and under attacks")
+    p.add_argument("--checkpoint", required=True, help="run folder")
+    p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[],
+                   help="comma-separated: fgsm, pgdK, pgmK (paper), cwpgdK, cw, autoattack, autoattack-fast")
+    p.add_argument("--dataset", help="evaluate on another data set with the same classes")
+    p.add_argument("--split", default="val", help="val (default) or test")
+    p.add_argument("--n", type=int, help="evaluate the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
+    p.add_argument("--which", default="last", help="last (default) or best checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+
+    p = sub.add_parser("compare", help="train several methods alike and tabulate clean and robust accuracy")
+    _add_dataclass_options(p, TrainConfig, skip={"out", "method", "init"})
+    p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated methods (default: all)")
+    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="attacks to evaluate with")
+    p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from (default: --epochs)")
+    p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+    p = sub.add_parser("demo", help="the digits comparison of every method (about two minutes on a CPU)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("models", help="list the registered classifiers")
+    p.add_argument("pattern", nargs="?", default="*")
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+DEMO = {"dataset": "digits", "model": "smallcnn", "epochs": 8, "batch_size": 64, "lr": 0.05,
+        "attacker_width": 0.25, "val_robust_n": 0}
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    from .compare import compare, markdown_table
+
+    if args.command == "demo":
+        base, methods, attacks, plain_epochs = TrainConfig(**DEMO, device=args.device), list(METHODS), ["fgsm", "pgd10"], None
+        print(f"training {len(methods)} methods on digits ({DEMO}) into {args.out} ...", file=sys.stderr)
+    else:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
+        base = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        methods, attacks, plain_epochs = args.methods, args.attacks, args.plain_epochs
+    rows = compare(base, methods, attacks, args.out, plain_epochs)
+    if getattr(args, "json", False):
+        return {"rows": rows}
+    eps = rows[0]["eps"]
+    print(f"{base.dataset}, {base.model}, eps {eps:g}, validation split (n={rows[0]['n']}), accuracy in %:")
+    print(markdown_table(rows))
+    return {}
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from .train import train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    run = train(config, resume=args.resume, overwrite=args.overwrite)
+    last = run.history[-1] if run.history else {}
+    return {"out": str(run.path), "epochs": run.epoch, **{k: v for k, v in last.items() if k != "epoch"}}
+
+
+def _eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .evaluate import EvalConfig, evaluate
+
+    return evaluate(EvalConfig(
+        checkpoint=args.checkpoint, attacks=args.attacks, dataset=args.dataset, split=args.split,
+        n=args.n, batch_size=args.batch_size, eps=args.eps, which=args.which, device=args.device,
+        data_dir=args.data_dir, seed=args.seed,
+    ))
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
+    if not result:
+        return
+    if as_json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                print(f"{key} {k}: {v:.4f}" if isinstance(v, float) else f"{key} {k}: {v}")
+        elif isinstance(value, list):
+            for item in value:
+                print(f"{key}: {item}")
+        else:
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            from .models import list_models
+
+            print("\n".join(list_models(args.pattern)))
+            return 0
+        commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare}
+        result = commands[args.command](args)
+    except UserError as e:
+        print(f"learn2defend: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("learn2defend: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - only to name TrainingInterrupted without importing train eagerly
+        if type(e).__name__ != "TrainingInterrupted":
+            raise
+        print(f"learn2defend: {e}", file=sys.stderr)
+        return 130
+    _print_result(result, getattr(args, "json", False))
+    return 0

@@ -1,0 +1,256 @@
+"""One training step per method, all sharing the loop in `learn2defend.train`.
+
+Each step takes a batch of [0, 1] images, builds the images the classifier trains
+on, updates the parameters and returns batch metrics as device tensors (summed over
+the batch, never `.item()`-ed here: the loop reads them once per epoch).
+
+The learned-attacker (L2L) methods play the paper's minmax game with a single
+backward pass: the perturbation passes through a gradient-reversal layer on its way
+into the classifier, so one `loss.backward()` gives the classifier the gradient of
+the adversarial loss and the attacker its negative. Both optimizers then *minimize*,
+which makes the classifier descend and the attacker ascend the same loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attacks import fgsm_delta, pgd_delta
+from .config import TrainConfig
+
+Metrics = dict[str, Tensor]
+
+
+@dataclass
+class StepContext:
+    """What a training step needs; built once by the training loop."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig  # resolved: every default filled in
+    attacker: nn.Module | None = None
+    attacker_optimizer: torch.optim.Optimizer | None = None
+
+
+# ---- shared pieces -------------------------------------------------------------------
+
+
+def update(ctx: StepContext, loss: Tensor) -> None:
+    """One backward and one step of every optimizer that has gradients to apply."""
+    optimizers = [ctx.optimizer] + ([ctx.attacker_optimizer] if ctx.attacker_optimizer else [])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    loss.backward(inputs=params)  # inputs=: no gradient is wasted on the images
+    for opt in optimizers:
+        opt.step()
+
+
+def mixed_loss(ctx: StepContext, logits_adv: Tensor, y: Tensor, logits_clean: Tensor | None) -> Tensor:
+    """(1 - w) * CE(adversarial) + w * CE(clean), Kurakin et al.'s clean-batch trick."""
+    w = ctx.config.clean_weight
+    loss = F.cross_entropy(logits_adv, y)
+    if w:
+        loss = (1 - w) * loss + w * F.cross_entropy(logits_clean, y)
+    return loss
+
+
+def batch_metrics(loss: Tensor, logits: Tensor, y: Tensor, adversarial: bool) -> Metrics:
+    correct = (logits.argmax(1) == y).sum()
+    metrics = {"loss": loss.detach() * len(y), "correct": correct}
+    if adversarial:
+        metrics["attack_success"] = len(y) - correct
+    return metrics
+
+
+def clean_forward_with_grad(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits of the clean batch and the input gradient of its loss (no weight gradients).
+
+    The graph is kept when the clean loss is also trained on, so this one forward
+    serves both the attack and the clean term.
+    """
+    x = x.detach().requires_grad_(True)
+    logits = ctx.model(x)
+    (grad,) = torch.autograd.grad(
+        F.cross_entropy(logits, y, reduction="sum"), x, retain_graph=bool(ctx.config.clean_weight)
+    )
+    return logits, grad
+
+
+# ---- hand-designed attacks ---------------------------------------------------------------
+
+
+def plain_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    logits = ctx.model(x)
+    loss = F.cross_entropy(logits, y)
+    update(ctx, loss)
+    return batch_metrics(loss, logits, y, adversarial=False)
+
+
+def fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    c = ctx.config
+    if c.random_start:  # FGSM-RS (Wong et al. 2020): the gradient is taken at a random point
+        delta = fgsm_delta(ctx.model, x, y, c.eps, step_size=c.step_size, random_start=True)
+        logits_clean = ctx.model(x) if c.clean_weight else None
+    else:  # the gradient at x comes from the clean forward we train on anyway
+        logits_clean, grad = clean_forward_with_grad(ctx, x, y)
+        delta = (c.step_size * grad.sign()).clamp(-c.eps, c.eps)
+    logits = ctx.model((x + delta).clamp(0, 1))
+    loss = mixed_loss(ctx, logits, y, logits_clean)
+    update(ctx, loss)
+    return batch_metrics(loss, logits, y, adversarial=True)
+
+
+def pgd_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    c = ctx.config
+    delta = pgd_delta(
+        ctx.model, x, y, c.eps, steps=c.pgd_steps, step_size=c.step_size, random_start=c.random_start
+    )
+    logits = ctx.model(x + delta)
+    logits_clean = ctx.model(x) if c.clean_weight else None
+    loss = mixed_loss(ctx, logits, y, logits_clean)
+    update(ctx, loss)
+    return batch_metrics(loss, logits, y, adversarial=True)
+
+
+# ---- learned attackers -------------------------------------------------------------------
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -scale."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: Tensor, scale: float = 1.0) -> Tensor:
+    return _ReverseGradient.apply(x, scale)
+
+
+def condition_gradient(grad: Tensor, mode: str) -> Tensor:
+    """Bring the raw input gradient to a fixed scale before the attacker sees it.
+
+    Raw gradients are tiny (1e-4..1e-2) and their scale drifts as the classifier
+    trains, which a network with batch norm on its input tolerates badly. "sample"
+    divides each image's gradient by its own largest magnitude (values in [-1, 1],
+    direction kept per sample); "batch" divides by the largest magnitude over the
+    whole batch (the authors' code); "sign" keeps only the sign, FGSM's direction.
+    """
+    if mode == "sample":
+        return grad / grad.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    if mode == "batch":
+        return grad / grad.abs().amax().clamp_min(1e-12)
+    if mode == "sign":
+        return grad.sign()
+    return grad
+
+
+def attacker_input(ctx: StepContext, x: Tensor, grad: Tensor | None) -> Tensor:
+    if grad is None:  # naive attacker: the image alone
+        return x
+    return torch.cat([x, condition_gradient(grad, ctx.config.grad_norm)], dim=1)
+
+
+def learned_perturbation(
+    ctx: StepContext, x: Tensor, y: Tensor, grad_at_x: Tensor | None
+) -> Tensor:
+    """delta = g(A(x)) for naive/grad L2L; the paper's length-two recurrence for 2-step.
+
+    The gradients fed to the attacker are constants (detached): the attacker learns
+    from how its output changes the classifier's loss, not through the gradient query.
+    """
+    c, g = ctx.config, ctx.attacker
+    delta = g(attacker_input(ctx, x, grad_at_x), c.eps)
+    if c.method == "2step-l2l":
+        x1 = (x + delta).clamp(0, 1)
+        x1_query = x1.detach().requires_grad_(True)
+        loss1 = F.cross_entropy(ctx.model(x1_query), y, reduction="sum")
+        (grad1,) = torch.autograd.grad(loss1, x1_query)
+        delta = (delta + g(attacker_input(ctx, x1, grad1), c.eps)).clamp(-c.eps, c.eps)
+    return delta
+
+
+def _extra_attacker_updates(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor | None) -> None:
+    """Attacker-only ascent steps (--attacker-steps > 1), classifier weights untouched."""
+    params = [p for group in ctx.attacker_optimizer.param_groups for p in group["params"]]
+    for _ in range(ctx.config.attacker_steps - 1):
+        delta = learned_perturbation(ctx, x, y, grad)
+        loss = F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
+        grads = torch.autograd.grad(loss, params)
+        ctx.attacker_optimizer.zero_grad(set_to_none=True)
+        for p, gp in zip(params, grads, strict=True):
+            p.grad = -gp
+        ctx.attacker_optimizer.step()
+
+
+def l2l_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    c = ctx.config
+    if c.method == "naive-l2l":
+        grad = None
+        logits_clean = ctx.model(x) if c.clean_weight else None
+    else:
+        logits_clean, grad = clean_forward_with_grad(ctx, x, y)
+    if c.attacker_steps > 1:
+        _extra_attacker_updates(ctx, x, y, grad)
+    delta = learned_perturbation(ctx, x, y, grad)
+
+    if c.l2l_update == "alternating":
+        return _alternating_update(ctx, x, y, delta, logits_clean)
+
+    # The clean term does not depend on the attacker, so the attacker's gradient is
+    # (1 - w) * dL_adv/dphi; the reversal scale undoes that factor.
+    scale = 1.0 / (1.0 - c.clean_weight)
+    logits = ctx.model((x + reverse_gradient(delta, scale)).clamp(0, 1))
+    loss = mixed_loss(ctx, logits, y, logits_clean)
+    update(ctx, loss)
+    return batch_metrics(loss, logits, y, adversarial=True)
+
+
+def _alternating_update(
+    ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor, logits_clean: Tensor | None
+) -> Metrics:
+    """The authors' public code: classifier step on the detached perturbation, then an
+    attacker step on -CE with the classifier's batch norm frozen (eval mode)."""
+    logits = ctx.model((x + delta.detach()).clamp(0, 1))
+    loss = mixed_loss(ctx, logits, y, logits_clean)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=[p for g in ctx.optimizer.param_groups for p in g["params"]])
+    ctx.optimizer.step()
+
+    ctx.model.eval()
+    try:
+        attacker_loss = -F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
+        ctx.attacker_optimizer.zero_grad(set_to_none=True)
+        attacker_loss.backward(
+            inputs=[p for g in ctx.attacker_optimizer.param_groups for p in g["params"]]
+        )
+        ctx.attacker_optimizer.step()
+    finally:
+        ctx.model.train()
+    return batch_metrics(loss, logits, y, adversarial=True)
+
+
+STEPS: dict[str, Callable[[StepContext, Tensor, Tensor], Metrics]] = {
+    "plain": plain_step,
+    "fgsm": fgsm_step,
+    "pgd": pgd_step,
+    "naive-l2l": l2l_step,
+    "grad-l2l": l2l_step,
+    "2step-l2l": l2l_step,
+}
+
+
+def attacker_in_channels(method: str, image_channels: int) -> int:
+    """The naive attacker sees the image; the gradient attackers see image and gradient."""
+    return image_channels if method == "naive-l2l" else 2 * image_channels

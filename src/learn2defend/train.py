@@ -1,0 +1,392 @@
+"""The one training loop every method shares, and the run folder it writes.
+
+A run folder holds:
+- `config.json`: the resolved `TrainConfig` (every default filled in);
+- `last.safetensors`: everything needed to continue exactly (weights, optimizers,
+  schedulers, epoch and step, metric sums of a half-done epoch, random generators);
+- `best.safetensors`: the weights with the best validation robust accuracy so far;
+- `metrics.jsonl`: one JSON line per finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .attacks import pgd_delta
+from .config import TrainConfig
+from .data import Dataset, DeviceLoader, ImageData, load_dataset
+from .errors import UserError
+from .methods import STEPS, StepContext, attacker_in_channels
+from .models import create_attacker, create_model
+
+LAST, BEST, CONFIG, METRICS = "last.safetensors", "best.safetensors", "config.json", "metrics.jsonl"
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run was saved and can be resumed."""
+
+
+# ---- building blocks -----------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def data_meta(data: Dataset) -> dict[str, Any]:
+    """What it takes to rebuild the classifier and to check another data set fits it."""
+    c, h, w = data.image_shape
+    return {
+        "dataset": data.name,
+        "classes": list(data.classes),
+        "image_shape": [c, h, w],
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+
+
+def build_classifier(config: TrainConfig, meta: dict[str, Any]) -> nn.Module:
+    c, h, _ = meta["image_shape"]
+    return create_model(
+        config.model,
+        num_classes=len(meta["classes"]),
+        in_channels=c,
+        image_size=h,
+        mean=meta["mean"],
+        std=meta["std"],
+    )
+
+
+def build_attacker(config: TrainConfig, meta: dict[str, Any]) -> nn.Module | None:
+    if not config.is_l2l:
+        return None
+    channels = meta["image_shape"][0]
+    return create_attacker(
+        config.attacker,
+        in_channels=attacker_in_channels(config.method, channels),
+        out_channels=channels,
+        width=config.attacker_width,
+        learnable_scale=config.attacker_scale,
+    )
+
+
+def make_optimizer(
+    kind: str, params, lr: float, momentum: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict, with a mismatch turned into one clear line."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{what} does not fit this architecture ({first[1].strip() if len(first) > 1 else first[0]})") from None
+
+
+@dataclass
+class Run:
+    """A trained run loaded back from its folder."""
+
+    path: Path
+    config: TrainConfig
+    meta: dict[str, Any]
+    model: nn.Module
+    attacker: nn.Module | None
+    epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_run(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> Run:
+    """Load a run folder's classifier (and attacker) in eval mode; nothing is unpickled."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise UserError(f"'{path}' is not a run folder (no {CONFIG}); train one with learn2defend train --out {path}")
+    if which not in ("last", "best"):
+        raise UserError(f"--which must be last or best, got '{which}'")
+    config = TrainConfig.load(path / CONFIG)
+    state = ckpt.load_state(path / (LAST if which == "last" else BEST), device=device)
+    meta = state["data"]
+    model = build_classifier(config, meta)
+    load_weights(model, state["model"], f"checkpoint {path}")
+    attacker = build_attacker(config, meta)
+    if attacker is not None:
+        load_weights(attacker, state["attacker"], f"attacker in {path}")
+        attacker.to(device).eval()
+    return Run(path, config, meta, model.to(device).eval(), attacker, state["epoch"], state.get("history", []))
+
+
+def load(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> nn.Module:
+    """The trained classifier of a run folder: an ordinary module taking [0, 1] images."""
+    return load_run(path, which, device).model
+
+
+# ---- evaluation during training ------------------------------------------------------------
+
+
+@torch.no_grad()
+def _clean_correct(model: nn.Module, data: ImageData, device: torch.device, batch: int = 512) -> torch.Tensor:
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
+        correct += (model(x).argmax(1) == y).sum()
+    return correct
+
+
+def _robust_correct(model: nn.Module, data: ImageData, eps: float, device: torch.device, batch: int = 256) -> torch.Tensor:
+    """PGD-10 (random start, step eps/4) on the given images; the model must be in eval mode."""
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
+        delta = pgd_delta(model, x, y, eps, steps=10, step_size=eps / 4, random_start=True)
+        with torch.no_grad():
+            correct += (model(x + delta).argmax(1) == y).sum()
+    return correct
+
+
+def validate(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    model.eval()
+    try:
+        val = data.val
+        result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
+        n = min(config.val_robust_n, len(val))
+        if n and config.eps > 0:
+            subset = ImageData(val.images[:n], val.labels[:n])
+            result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
+        return result
+    finally:
+        model.train()
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Check the run folder; return True when a previous run is to be continued."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a folder")
+    existing = out.is_dir() and any(out.iterdir())
+    if existing and not (resume or overwrite):
+        raise UserError(f"run folder '{out}' already exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+    if resume and existing and not (out / CONFIG).is_file():
+        raise UserError(f"cannot resume '{out}': it holds no {CONFIG}")
+    return resume and (out / LAST).is_file()
+
+
+# Fields a resumed run may change: they do not alter what is being computed.
+RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download"}
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+    """Train a classifier with `config.method`; return the loaded run.
+
+    With `resume`, a run folder holding a checkpoint is continued from it (an empty or
+    missing folder simply starts); with `overwrite`, an existing folder is replaced.
+    Everything is validated before anything is written.
+    """
+    config.validate()
+    cfg = config.resolved()
+    out = Path(cfg.out)
+    continuing = _prepare_out(out, resume, overwrite)
+    if continuing:
+        stored = TrainConfig.load(out / CONFIG)
+        changed = sorted(k for k, v in stored.to_dict().items() if k not in RESUMABLE_CHANGES and cfg.to_dict()[k] != v)
+        if changed:
+            raise UserError(f"cannot resume '{out}' with different settings: {', '.join(changed)}")
+    device = resolve_device(cfg.device)
+    data = load_dataset(
+        cfg.dataset, cfg.data_dir, val_size=cfg.val_size if cfg.val_size < 1 else int(cfg.val_size),
+        split_seed=cfg.split_seed, download=cfg.download, image_size=cfg.image_size,
+    )
+    meta = data_meta(data)
+
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(cfg, meta).to(device)
+    attacker = build_attacker(cfg, meta)
+    if cfg.init:
+        init = load_run(cfg.init)
+        if init.meta["classes"] != meta["classes"] or init.config.model != cfg.model:
+            raise UserError(f"--init {cfg.init} is a {init.config.model} for other classes; it cannot start this run")
+        model.load_state_dict(init.model.state_dict())
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
+    attacker_optimizer = attacker_scheduler = None
+    if attacker is not None:
+        attacker.to(device)
+        attacker_optimizer = make_optimizer(
+            cfg.attacker_optimizer, attacker.parameters(), cfg.attacker_lr,
+            cfg.attacker_momentum, cfg.attacker_weight_decay, cfg.betas,
+        )
+        attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma)
+    loader = DeviceLoader(
+        data.train, cfg.batch_size, device, shuffle=True, drop_last=len(data.train) >= cfg.batch_size,
+        augment=cfg.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.seed,
+    )
+    if len(loader) == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} leaves no batch of {len(data.train)} training images")
+
+    # Nothing was written so far; from here on the run folder is ours.
+    if overwrite and out.is_dir():
+        for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
+            child.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    ctx = StepContext(model, optimizer, cfg, attacker, attacker_optimizer)
+    step_fn = STEPS[cfg.method]
+    epoch, start_batch, history, sums, best = 0, 0, [], {}, -1.0
+
+    def state(epoch: int, batch: int) -> dict[str, Any]:
+        s = {
+            "data": meta, "epoch": epoch, "batch": batch, "history": history, "best": best,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
+        }
+        if attacker is not None:
+            s.update(attacker=attacker.state_dict(), attacker_optimizer=attacker_optimizer.state_dict(),
+                     attacker_scheduler=attacker_scheduler.state_dict())
+        return s
+
+    if continuing:
+        s = ckpt.load_state(out / LAST, device=device)
+        load_weights(model, s["model"], f"checkpoint {out / LAST}")
+        optimizer.load_state_dict(s["optimizer"])
+        scheduler.load_state_dict(s["scheduler"])
+        if attacker is not None:
+            load_weights(attacker, s["attacker"], f"attacker in {out / LAST}")
+            attacker_optimizer.load_state_dict(s["attacker_optimizer"])
+            attacker_scheduler.load_state_dict(s["attacker_scheduler"])
+        epoch, start_batch, history, sums, best = s["epoch"], s["batch"], s["history"], s["sums"], s["best"]
+        ckpt.set_rng_state(s["rng"])
+        _log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch}")
+
+    stop = _StopFlag()
+    model.train()
+    if attacker is not None:
+        attacker.train()
+    with stop:
+        while epoch < cfg.epochs:
+            loader.set_epoch(epoch)
+            started = time.perf_counter()
+            batches = _progress(loader.iterate(start_batch), len(loader) - start_batch, epoch, cfg)
+            for i, (x, y) in enumerate(batches, start=start_batch + 1):
+                for k, v in step_fn(ctx, x, y).items():
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                sums["n"] = sums.get("n", 0) + len(y)
+                if stop.requested or (cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)):
+                    _save_last(out, state(epoch, i), model)
+                    if stop.requested:
+                        raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, batch {i}; saved to {out}; continue with --resume")
+            seconds = time.perf_counter() - started
+            record = _epoch_record(epoch, sums, optimizer, seconds)
+            if not math.isfinite(record["train_loss"]):
+                raise UserError(f"training diverged in epoch {epoch + 1} (non-finite loss); {out} keeps the last good checkpoint; lower --lr")
+            record.update(validate(model, data, cfg, device))
+            history.append(record)
+            scheduler.step()
+            if attacker_scheduler is not None:
+                attacker_scheduler.step()
+            epoch, start_batch, sums = epoch + 1, 0, {}
+            score = record.get("val_pgd10_acc", record["val_clean_acc"])
+            if score > best:
+                best = score
+                _save(out / BEST, state(epoch, 0), model)
+            _save_last(out, state(epoch, 0), model)
+            ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+            _log(_format_record(record, cfg.epochs))
+    return load_run(out, "last", device)
+
+
+def _save(path: Path, state: dict[str, Any], model: nn.Module) -> None:
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the model has non-finite weights; {path} was not overwritten; lower --lr")
+    ckpt.save_state(path, state)
+
+
+def _save_last(out: Path, state: dict[str, Any], model: nn.Module) -> None:
+    _save(out / LAST, state, model)
+
+
+def _epoch_record(epoch: int, sums: dict[str, Any], optimizer: torch.optim.Optimizer, seconds: float) -> dict[str, Any]:
+    n = sums["n"]
+    record = {
+        "epoch": epoch + 1,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": sums["loss"].item() / n,
+        "train_acc": sums["correct"].item() / n,
+        "seconds": round(seconds, 3),
+    }
+    if "attack_success" in sums:
+        record["attack_success"] = sums["attack_success"].item() / n
+    return record
+
+
+def _format_record(r: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {r['epoch']}/{epochs}", f"loss {r['train_loss']:.4f}", f"train acc {r['train_acc']:.3f}"]
+    if "attack_success" in r:
+        parts.append(f"attack success {r['attack_success']:.3f}")
+    parts.append(f"val clean {r['val_clean_acc']:.3f}")
+    if "val_pgd10_acc" in r:
+        parts.append(f"val pgd10 {r['val_pgd10_acc']:.3f}")
+    parts.append(f"{r['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(batches, total: int, epoch: int, cfg: TrainConfig):
+    """A tqdm bar on a terminal; nothing (the per-epoch line) otherwise."""
+    if not (cfg.progress and sys.stderr.isatty()):
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can save first."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
