@@ -1,0 +1,545 @@
+"""Data sets as uint8 tensors, and a loader that keeps the whole set on the device.
+
+Every source (scikit-learn's digits, torchvision's MNIST/CIFAR/SVHN, a folder of image
+files, synthetic data) ends up as the same thing: an `ImageData` of uint8 images
+[N, C, H, W] and int64 labels on the CPU. uint8 is 4x smaller than float32, so even
+CIFAR fits on a GPU as a whole, and `DeviceLoader` then builds each batch with one
+indexing operation on the device instead of a worker pool decoding images: the GPU
+never waits for the CPU. Conversion to float in [0, 1] and augmentation happen per
+batch on the device. Normalization is the model's job (`Dataset.mean/std` feed its
+`Normalize` layer), so attack budgets stay in pixel units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from learn2defend.errors import UserError
+
+VALID_SPECS = ("digits, mnist, cifar10, cifar100, svhn, folder:PATH, "
+               "fake:CxHxW:K (e.g. fake:3x32x32:10)")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm"}
+CACHE_FORMAT = 1  # bump when the cache layout or the decoding changes: old caches are then ignored
+FAKE_TRAIN, FAKE_TEST = 2048, 512
+
+
+@dataclass
+class ImageData:
+    """One split: uint8 images [N, C, H, W] and int64 labels [N], both on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    """A loaded data set: its splits plus what models and augmentation need to know about it."""
+
+    name: str  # the spec it was loaded from, e.g. "digits", "folder:/abs/path", "fake:3x32x32:10"
+    train: ImageData  # training part (validation already removed)
+    val: ImageData  # carved from the training set by split_seed
+    test: ImageData | None  # the official test split where one exists
+    classes: list[str]
+    mean: tuple[float, ...]  # per channel, from train, in [0, 1] units
+    std: tuple[float, ...]
+    flip: bool  # horizontal flip keeps the label (False for digits: a mirrored 2 is not a 2)
+    crop_padding: int  # random-crop padding for augmentation (0 = none)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.images.shape[1:]
+        return (c, h, w)
+
+    def split(self, name: str) -> ImageData:
+        """The split called "train", "val" or "test"; UserError if it does not exist."""
+        if name not in ("train", "val", "test"):
+            raise UserError(f"unknown split '{name}'; use train, val or test")
+        if name == "test" and self.test is None:
+            raise UserError("this data set has no test split; use --split val")
+        return getattr(self, name)
+
+
+@dataclass
+class _Source:
+    """What a source yields before the validation split: the full training set and test set."""
+
+    train: ImageData
+    test: ImageData | None
+    classes: list[str]
+    flip: bool
+    crop_padding: int
+
+
+def load_dataset(spec: str, data_dir: str | Path = "data", *, val_size: float | int = 0.1,
+                 split_seed: int = 0, download: bool = False, image_size: int | None = None,
+                 on_bad_image: str = "skip") -> Dataset:
+    """Load a data set by spec and carve a validation split from its training part.
+
+    Specs: digits, mnist, cifar10, cifar100, svhn, folder:PATH, fake:CxHxW:K.
+    `data_dir` holds torchvision's downloads and the cache of decoded folders.
+    `image_size` resizes folder images to image_size x image_size; the built-in sets
+    have one fixed size and refuse any other. `on_bad_image` ("skip" or "fail") says
+    what to do with folder files that cannot be decoded.
+    """
+    if on_bad_image not in ("skip", "fail"):
+        raise UserError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise UserError(f"image size must be a positive integer, not {image_size!r}")
+    data_dir = Path(data_dir)
+    kind, _, arg = spec.partition(":")
+    kind = kind.lower()
+    if kind == "folder" and arg:
+        root = Path(arg).expanduser().resolve()
+        name = f"folder:{root}"
+        source = _load_folder(root, data_dir, image_size, on_bad_image)
+    else:
+        name = spec if arg else kind
+        if kind == "digits" and not arg:
+            source = _load_digits()
+        elif kind in _TORCHVISION and not arg:
+            source = _load_torchvision(kind, data_dir, download)
+        elif kind == "fake":
+            source = _load_fake(arg)
+        else:
+            raise UserError(f"unknown data set '{spec}'; valid specs: {VALID_SPECS}")
+        h, w = source.train.images.shape[-2:]
+        if image_size is not None and (image_size, image_size) != (h, w):
+            raise UserError(f"'{name}' has {h}x{w} images; --image-size only resizes "
+                            "folder:PATH data sets, so leave it out")
+    train, val = _split_off_val(source.train, val_size, split_seed)
+    mean, std = _channel_stats(train.images)
+    return Dataset(name=name, train=train, val=val, test=source.test, classes=source.classes,
+                   mean=mean, std=std, flip=source.flip, crop_padding=source.crop_padding)
+
+
+def _split_off_val(data: ImageData, val_size: float | int,
+                   seed: int) -> tuple[ImageData, ImageData]:
+    """(train, val): a random subset of `val_size` images becomes val.
+
+    The permutation comes from a CPU torch.Generator seeded with `seed`, so the same seed
+    gives the same split on every machine; both parts keep the original order.
+    """
+    n = len(data)
+    if isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool):
+        n_val = int(val_size)
+        if n_val < 1:
+            raise UserError(f"validation size {val_size} must be >= 1 (a count) or in (0, 1)")
+    elif isinstance(val_size, numbers.Real) and 0 < val_size < 1:
+        n_val = max(1, round(n * float(val_size)))
+    else:
+        raise UserError(f"validation size {val_size!r} must be a fraction in (0, 1) "
+                        "or a count >= 1")
+    if n_val >= n:
+        raise UserError(f"validation size {val_size} leaves no training images out of {n}; "
+                        "use a smaller --val-size")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return (ImageData(data.images[train_idx], data.labels[train_idx]),
+            ImageData(data.images[val_idx], data.labels[val_idx]))
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units, exact, from a histogram of the 256 values.
+
+    A histogram needs no float copy of the data set (which would be 8 bytes per pixel).
+    A constant channel gets std 1e-3 instead of 0 so that Normalize never divides by zero.
+    """
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        p = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        p /= p.sum()
+        mean = float((p * values).sum())
+        var = float((p * values**2).sum()) - mean**2
+        means.append(mean)
+        stds.append(max(math.sqrt(max(var, 0.0)), 1e-3))
+    return tuple(means), tuple(stds)
+
+
+# ---------------------------------------------------------------- built-in sources
+
+def _load_digits() -> _Source:
+    """scikit-learn's 8x8 digits (shipped with it, no download); values 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    train = ImageData(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(digits.target).long())
+    # A 1-pixel shift is the 8x8 version of CIFAR's 4-of-32 crop: the strokes stay inside the
+    # image and the digit stays readable. Flips would turn digits into other shapes.
+    return _Source(train, None, [str(i) for i in range(10)], flip=False, crop_padding=1)
+
+
+# spec -> (title for messages, torchvision class name, flip, crop_padding)
+_TORCHVISION = {
+    "mnist": ("MNIST", "MNIST", False, 2),
+    "cifar10": ("CIFAR-10", "CIFAR10", True, 4),
+    "cifar100": ("CIFAR-100", "CIFAR100", True, 4),
+    "svhn": ("SVHN", "SVHN", False, 4),  # house numbers are digits: no flips
+}
+
+
+def _load_torchvision(kind: str, data_dir: Path, download: bool) -> _Source:
+    """A torchvision data set, converted from its in-memory arrays (no per-image loop)."""
+    from torchvision import datasets
+
+    title, class_name, flip, crop_padding = _TORCHVISION[kind]
+    cls = getattr(datasets, class_name)
+    try:
+        if kind == "svhn":
+            parts = [cls(str(data_dir), split=s, download=download) for s in ("train", "test")]
+        else:
+            parts = [cls(str(data_dir), train=t, download=download) for t in (True, False)]
+    except (RuntimeError, OSError) as e:  # torchvision: RuntimeError("Dataset not found ...")
+        if download:
+            raise UserError(f"could not download {title} into '{data_dir}': {e}") from e
+        raise UserError(f"{title} not found under '{data_dir}'; add --download to fetch it "
+                        "(needs internet)") from e
+    train, test = (_torchvision_arrays(kind, part) for part in parts)
+    classes = list(getattr(parts[0], "classes", [str(i) for i in range(10)]))  # SVHN has none
+    return _Source(train, test, classes, flip, crop_padding)
+
+
+def _torchvision_arrays(kind: str, ds: object) -> ImageData:
+    if kind == "mnist":  # uint8 tensor [N, 28, 28]
+        return ImageData(ds.data.unsqueeze(1).contiguous(), ds.targets.long())
+    if kind == "svhn":  # uint8 array [N, 3, 32, 32]; torchvision already maps label 10 to 0
+        return ImageData(torch.from_numpy(ds.data).contiguous(), torch.from_numpy(ds.labels).long())
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # CIFAR: [N, 32, 32, 3]
+    return ImageData(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+
+def _load_fake(arg: str) -> _Source:
+    """Synthetic, learnable data: each class is a fixed random pattern plus per-image noise.
+
+    Deterministic (fixed seed), so tests and smoke runs see the same images everywhere.
+    """
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+):(\d+)", arg)
+    if m is None:
+        raise UserError(f"bad spec 'fake:{arg}'; the format is fake:CxHxW:K with C channels, "
+                        "HxW pixels and K classes, e.g. fake:3x32x32:10")
+    c, h, w, k = map(int, m.groups())
+    if not (1 <= c <= 4 and 1 <= h <= 256 and 1 <= w <= 256 and 2 <= k <= 1000):
+        raise UserError(f"bad spec 'fake:{arg}'; fake data needs 1-4 channels, sides of "
+                        "1-256 pixels and 2-1000 classes, e.g. fake:3x32x32:10")
+    gen = torch.Generator().manual_seed(0)
+    patterns = torch.rand(k, c, h, w, generator=gen) * 255
+
+    def make(n: int) -> ImageData:
+        labels = torch.randperm(n, generator=gen) % k  # balanced classes in random order
+        noise = torch.randn(n, c, h, w, generator=gen) * 48
+        images = (patterns[labels] + noise).round_().clamp_(0, 255).to(torch.uint8)
+        return ImageData(images, labels)
+
+    train, test = make(FAKE_TRAIN), make(FAKE_TEST)
+    # No augmentation: a crop would shift the class pattern, and a flip would mirror it.
+    return _Source(train, test, [str(i) for i in range(k)], flip=False, crop_padding=0)
+
+
+# ---------------------------------------------------------------- image folders
+
+def _load_folder(root: Path, data_dir: Path, image_size: int | None, on_bad_image: str) -> _Source:
+    """PATH/train/<class>/* (and optional PATH/test/<class>/*), decoded once, then cached.
+
+    The cache (one safetensors file under data_dir/cache/) is keyed by the path, size and
+    mtime of every image file plus image_size, so any change to the folder rebuilds it.
+    """
+    if not root.is_dir():
+        raise UserError(f"folder '{root}' does not exist; folder:PATH expects "
+                        "PATH/train/<class>/<image files>")
+    if not (root / "train").is_dir():
+        raise UserError(f"'{root}' has no train/ folder; folder:PATH expects "
+                        "PATH/train/<class>/<image files> (and optionally PATH/test/<class>/...)")
+    splits = {"train": _list_class_files(root / "train")}
+    classes = list(splits["train"])
+    if len(classes) < 2:
+        raise UserError(f"'{root / 'train'}' needs one subfolder per class, at least two; "
+                        f"found {classes or 'none'}")
+    if (root / "test").is_dir():
+        splits["test"] = _list_class_files(root / "test")
+        if list(splits["test"]) != classes:
+            raise UserError(f"the class folders of '{root / 'test'}' {list(splits['test'])} "
+                            f"differ from those of '{root / 'train'}' {classes}; "
+                            "use the same names")
+
+    key = _cache_key(root, splits, image_size)
+    path_hash = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    cache_file = data_dir / "cache" / f"folder-{path_hash}-{image_size or 'native'}.safetensors"
+    cached = _read_cache(cache_file, key)
+    if cached is None:
+        tensors, skipped = _decode_folder(root, splits, image_size)
+        _write_cache(cache_file, key, tensors, classes, skipped)
+    else:
+        tensors, skipped = cached
+
+    if skipped and on_bad_image == "fail":
+        rel, reason = skipped[0]
+        raise UserError(f"cannot read image '{root / rel}' ({reason}); fix or remove it, "
+                        "or pass --on-bad-image skip")
+    if skipped:
+        rel, reason = skipped[0]
+        print(f"warning: skipped {len(skipped)} unreadable image file(s) under '{root}' "
+              f"(first: {rel}: {reason})", file=sys.stderr)
+    train = ImageData(tensors["train_images"], tensors["train_labels"])
+    test = None
+    if "test_images" in tensors:
+        test = ImageData(tensors["test_images"], tensors["test_labels"])
+    size = min(train.images.shape[-2:])
+    return _Source(train, test, classes, flip=True, crop_padding=size // 8)
+
+
+def _list_class_files(split_dir: Path) -> dict[str, list[Path]]:
+    """{class name: sorted image files}, recursing into subfolders but not symlinked ones.
+
+    Hidden files and folders (.DS_Store, ._x.jpg, .ipynb_checkpoints) are not data.
+    """
+    classes = sorted(e.name for e in os.scandir(split_dir)
+                     if e.is_dir() and not e.name.startswith("."))
+    files = {}
+    for name in classes:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(split_dir / name, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [Path(dirpath, f) for f in sorted(filenames)
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise UserError(f"class folder '{split_dir / name}' has no image files "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove it")
+        files[name] = found
+    return files
+
+
+def _cache_key(root: Path, splits: dict[str, dict[str, list[Path]]], image_size: int | None) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}\0{root}\0{image_size}\n".encode())
+    for files in splits.values():
+        for path in (p for class_files in files.values() for p in class_files):
+            try:
+                st = path.stat()
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:  # e.g. a broken symlink: decoding will report it
+                size = mtime = -1
+            h.update(f"{path.relative_to(root).as_posix()}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def _decode_image(path: Path, image_size: int | None) -> np.ndarray:
+    """One file -> uint8 array, [H, W] for grayscale images, [H, W, 3] for everything else."""
+    with Image.open(path) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:
+            raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels is over the limit")
+        im = im.convert("L") if im.mode in ("L", "1") else im.convert("RGB")
+        if image_size is not None:
+            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(im)
+
+
+def _decode_or_error(path: Path, image_size: int | None) -> np.ndarray | str:
+    try:
+        return _decode_image(path, image_size)
+    except Exception as e:  # any failure (PIL raises OSError, SyntaxError, ...) = bad file
+        return f"{type(e).__name__}: {e}".strip()
+
+
+def _decode_folder(root: Path, splits: dict[str, dict[str, list[Path]]],
+                   image_size: int | None) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """Decode every file in threads (PIL releases the GIL); return tensors and skipped files."""
+    jobs = [(split, label, path) for split, files in splits.items()
+            for label, class_files in enumerate(files.values()) for path in class_files]
+    with warnings.catch_warnings(), ThreadPoolExecutor() as pool:
+        # a DecompressionBombWarning (a huge image) counts as a bad file, like the error
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        results = list(pool.map(_decode_or_error, [p for _, _, p in jobs],
+                                [image_size] * len(jobs)))
+
+    skipped, good = [], []  # good: (split, label, path, array)
+    for (split, label, path), result in zip(jobs, results, strict=True):
+        if isinstance(result, str):
+            skipped.append([path.relative_to(root).as_posix(), result])
+        else:
+            good.append((split, label, path, result))
+    present = {(split, label) for split, label, _, _ in good}
+    for split, files in splits.items():
+        for label, name in enumerate(files):
+            if (split, label) not in present:
+                raise UserError(f"no readable images in '{root / split / name}'")
+    sizes = {r.shape[:2]: p for _, _, p, r in good}
+    if len(sizes) > 1:
+        examples = ", ".join(f"{p.relative_to(root)} is {w}x{h}"
+                             for (h, w), p in list(sizes.items())[:2])
+        raise UserError(f"images under '{root}' have different sizes ({examples}); "
+                        "pass --image-size N to resize them all to NxN")
+    # One channel only if every image is grayscale; otherwise gray ones are replicated to RGB.
+    gray = all(r.ndim == 2 for _, _, _, r in good)
+    tensors = {}
+    for split in splits:
+        arrays = [r for s, _, _, r in good if s == split]
+        if gray:
+            images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
+        else:
+            arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        tensors[f"{split}_images"] = images
+        tensors[f"{split}_labels"] = torch.tensor([lab for s, lab, _, _ in good if s == split],
+                                                  dtype=torch.int64)
+    return tensors, skipped
+
+
+def _read_cache(path: Path, key: str) -> tuple[dict[str, torch.Tensor], list[list[str]]] | None:
+    """The cached tensors and skipped files, or None if absent, stale or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        skipped = json.loads(meta["skipped"])
+        if not {"train_images", "train_labels"} <= tensors.keys():
+            return None
+        return tensors, skipped
+    except FileNotFoundError:
+        return None
+    except Exception:  # a truncated or corrupt cache is simply rebuilt
+        return None
+
+
+def _write_cache(path: Path, key: str, tensors: dict[str, torch.Tensor], classes: list[str],
+                 skipped: list[list[str]]) -> None:
+    """Write atomically (temp file + os.replace), so a crash or a parallel run never leaves
+    a half-written cache. A cache that cannot be written only costs time, so it only warns."""
+    meta = {"key": key, "classes": json.dumps(classes), "skipped": json.dumps(skipped)}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write the image cache '{path}': {e}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- loader
+
+def _seed(*parts: object) -> int:
+    """A 63-bit seed from `parts`, identical on every machine and run (unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class DeviceLoader:
+    """Batches from a data set held entirely on `device` as uint8.
+
+    Each batch is one index operation on the device, converted to float32 in [0, 1] and,
+    with `augment`, randomly cropped (zero padding `crop_padding`) and flipped (if `flip`)
+    as a whole batch. Order and augmentation are pure functions of (seed, epoch): call
+    `set_epoch` before each epoch; `iterate(start_batch)` resumes mid-epoch with exactly
+    the batches a full pass would have given. With `world_size` > 1 every rank sees the
+    same permutation and takes every world_size-th sample of it (after trimming the
+    permutation so all ranks get the same number of batches).
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, device: torch.device | str, *,
+                 shuffle: bool = True, drop_last: bool = True, augment: bool = False,
+                 crop_padding: int = 0, flip: bool = False, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1 or crop_padding < 0 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad loader arguments: batch_size={batch_size}, crop_padding="
+                             f"{crop_padding}, rank={rank}, world_size={world_size}")
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)  # stays uint8: 4x less memory than float
+        self.labels = data.labels.to(self.device)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.per_rank = len(data) // world_size
+        rounding = math.floor if drop_last else math.ceil
+        self.n_batches = rounding(self.per_rank / batch_size)
+        if self.n_batches == 0:
+            raise UserError(f"{len(data)} images give no batch of {batch_size} per rank "
+                            f"({world_size} rank(s)); use a smaller --batch-size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate(0)
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images float32 [B, C, H, W] in [0, 1], labels int64 [B]) on the device, from batch
+        `start_batch` on. Skipped batches cost nothing: each batch's randomness has its own seed."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)}")
+        return self._batches(self.order().to(self.device), start_batch, self.epoch)
+
+    def order(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch (CPU)."""
+        n = len(self.labels)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(_seed("order", self.seed, self.epoch))
+            perm = torch.randperm(n, generator=gen)
+        else:
+            perm = torch.arange(n)
+        return perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
+
+    def _batches(self, order: torch.Tensor, start: int,
+                 epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images[idx]
+            if self.augment and (self.crop_padding or self.flip):
+                seed = _seed("augment", self.seed, epoch, self.rank, b)
+                images = self._augment(images, torch.Generator().manual_seed(seed))
+            yield images.float().div_(255), self.labels[idx]
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random crop + flip of a whole uint8 batch as one gather.
+
+        The random numbers are drawn on the CPU (same results on any device). Image i is
+        cut from the zero-padded batch at rows dy[i] + 0..H-1 and columns dx[i] + 0..W-1;
+        a flip just reads those columns right to left.
+        """
+        b, c, h, w = x.shape
+        p = self.crop_padding
+        dy = torch.randint(0, 2 * p + 1, (b, 1), generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (b, 1), generator=gen)
+        flip = torch.rand(b, 1, generator=gen) < 0.5
+        if not self.flip:
+            flip.zero_()
+        j = torch.arange(w)
+        rows = dy + torch.arange(h)  # [B, H]
+        cols = dx + torch.where(flip, w - 1 - j, j)  # [B, W]
+        padded = F.pad(x, (p, p, p, p)) if p else x
+        batch_idx = torch.arange(b)[:, None, None, None]
+        chan_idx = torch.arange(c)[None, :, None, None]
+        rows, cols = rows[:, None, :, None], cols[:, None, None, :]
+        return padded[tuple(t.to(self.device) for t in (batch_idx, chan_idx, rows, cols))]
