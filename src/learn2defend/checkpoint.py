@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import UserError
@@ -103,7 +103,7 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             metadata = json.loads(f.read(header_len)).get("__metadata__", {})
-    except (SafetensorsError, OSError, ValueError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({e})") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not a learn2defend checkpoint")

@@ -209,7 +209,10 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a malformed option (already printed as one line)
+        return e.code if isinstance(e.code, int) else 0
     try:
         if args.command == "models":
             from .models import list_models
