@@ -24,6 +24,7 @@ HELP = {
     "image_size": "resize folder images to this size",
     "val_size": "validation split carved from the training set: fraction or count",
     "split_seed": "seed of the validation split",
+    "train_size": "train on the first N training images only (a random subset, for CPU-sized runs)",
     "augment": "random crop (and flip where it makes sense) on the device",
     "model": "classifier name (see `learn2defend models`)",
     "method": "plain | fgsm | pgd | naive-l2l | grad-l2l | 2step-l2l",
@@ -139,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("bench", help="seconds per training step of each method, timed alike")
+    p.add_argument("--model", default="smallcnn", help="classifier name (default: smallcnn)")
+    p.add_argument("--dataset", default="fake:3x32x32:10", help="data set; one batch of it is used")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed rounds; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--methods", type=_names, default=list(METHODS),
+                   help="comma-separated (default: all); attacker-only: the attacker alone")
+    p.add_argument("--attacker", default="slim", help="slim | wide")
+    p.add_argument("--attacker-width", type=_number, default=1.0)
+    p.add_argument("--eps", type=_number, help="default: per data set, as in training")
+    p.add_argument("--clean-weight", type=_number, help="default: per method, as in training")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("models", help="list the registered classifiers")
     p.add_argument("pattern", nargs="?", default="*")
     return parser
@@ -191,6 +209,21 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     ))
 
 
+def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench import BenchConfig, bench, format_table
+
+    result = bench(BenchConfig(
+        model=args.model, dataset=args.dataset, batch_size=args.batch_size, steps=args.steps,
+        warmup=args.warmup, methods=args.methods, attacker=args.attacker,
+        attacker_width=args.attacker_width, eps=args.eps, clean_weight=args.clean_weight,
+        device=args.device, data_dir=args.data_dir, seed=args.seed,
+    ))
+    if args.json:
+        return result
+    print(format_table(result))
+    return {}
+
+
 def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if not result:
         return
@@ -219,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print("\n".join(list_models(args.pattern)))
             return 0
-        commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare}
+        commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare,
+                    "bench": _bench}
         result = commands[args.command](args)
     except UserError as e:
         print(f"learn2defend: error: {e}", file=sys.stderr)

@@ -22,6 +22,12 @@ L2L_METHODS = ("naive-l2l", "grad-l2l", "2step-l2l")
 OPTIMIZERS = ("sgd", "adam")
 GRAD_NORMS = ("sample", "batch", "sign", "none")
 L2L_UPDATES = ("joint", "alternating")
+ON_BAD_IMAGE = ("skip", "fail")
+ON_NONFINITE = ("stop", "skip")
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+MAX_LR = 1e3  # keeps every rate a float32 can hold, Adam's bias correction included
+MAX_ATTACKER_WIDTH = 16.0  # 4096 channels at the widest layer; more is a typo
+MAX_IMAGE_SIZE = 4096
 
 # Per-data-set default radius: the paper's 0.03 for CIFAR and 0.05 for SVHN; 0.2 on the
 # 8x8 digits, where a plain CNN keeps ~60 % under PGD-10 at 0.1 but ~7 % at 0.2, so 0.2
@@ -59,7 +65,9 @@ class TrainConfig:
     image_size: int | None = None
     val_size: float = 0.1
     split_seed: int = 0
+    train_size: int | None = None  # train on the first N training images only (a random subset)
     augment: bool = True
+    on_bad_image: str = "skip"  # folder files that cannot be decoded: skip (with a warning) or fail
     # model and method
     model: str = "smallcnn"
     method: str = "plain"
@@ -98,6 +106,7 @@ class TrainConfig:
     val_robust_n: int = 512  # validation images attacked with PGD-10 each epoch (0: none)
     checkpoint_every: int = 0  # also save every N steps (0: only at epoch ends)
     progress: bool = True
+    on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
 
     # ---- derived values: resolved once, never stored twice ---------------------------
     @property
@@ -134,6 +143,11 @@ class TrainConfig:
         _choice("optimizer", c.optimizer, OPTIMIZERS)
         _choice("grad-norm", c.grad_norm, GRAD_NORMS)
         _choice("l2l-update", c.l2l_update, L2L_UPDATES)
+        _choice("on-bad-image", c.on_bad_image, ON_BAD_IMAGE)
+        _choice("on-nonfinite", c.on_nonfinite, ON_NONFINITE)
+        from .models.attackers import ATTACKERS
+
+        _choice("attacker", c.attacker, ATTACKERS)
         if c.attacker_optimizer is not None:
             _choice("attacker-optimizer", c.attacker_optimizer, OPTIMIZERS)
         if c.eps is not None and not (0.0 <= c.eps <= 1.0):
@@ -144,18 +158,22 @@ class TrainConfig:
         _positive_int("attacker-steps", c.attacker_steps)
         _non_negative_int("val-robust-n", c.val_robust_n)
         _non_negative_int("checkpoint-every", c.checkpoint_every)
-        for name in ("lr", "attacker_lr", "step_size"):
+        for name in ("seed", "split_seed"):
             value = getattr(c, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+            if not isinstance(value, int) or not (0 <= value <= MAX_SEED):
+                raise UserError(f"--{name.replace('_', '-')} must be an integer in [0, 2^63), got {value}")
+        for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", 1.0)):
+            value = getattr(c, name)
+            if value is not None and not (math.isfinite(value) and 0 < value <= top):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number <= {top:g}, got {value}")
         for name in ("momentum", "attacker_momentum"):
             value = getattr(c, name)
             if value is not None and not (0 <= value < 1):
                 raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
         for name in ("weight_decay", "attacker_weight_decay"):
             value = getattr(c, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+            if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_LR):
+                raise UserError(f"--{name.replace('_', '-')} must lie in [0, {MAX_LR:g}], got {value}")
         if not (0 < c.lr_gamma <= 1):
             raise UserError(f"--lr-gamma must lie in (0, 1], got {c.lr_gamma}")
         if any(not (0 <= b < 1) for b in c.betas) or len(c.betas) != 2:
@@ -168,11 +186,15 @@ class TrainConfig:
             raise UserError(f"--clean-weight must lie in [0, 1], got {c.clean_weight}")
         if c.is_l2l and c.clean_weight is not None and c.clean_weight >= 1:
             raise UserError("--clean-weight 1 leaves the learned attacker nothing to learn; use < 1")
-        if not (math.isfinite(c.attacker_width) and c.attacker_width > 0):
-            raise UserError(f"--attacker-width must be positive, got {c.attacker_width}")
+        if not (math.isfinite(c.attacker_width) and 0 < c.attacker_width <= MAX_ATTACKER_WIDTH):
+            raise UserError(f"--attacker-width must lie in (0, {MAX_ATTACKER_WIDTH:g}], got {c.attacker_width}")
         if c.image_size is not None:
             _positive_int("image-size", c.image_size)
-        if c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
+            if c.image_size > MAX_IMAGE_SIZE:
+                raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {c.image_size}")
+        if c.train_size is not None:
+            _positive_int("train-size", c.train_size)
+        if not math.isfinite(c.val_size) or c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
             raise UserError(f"--val-size must be a fraction in (0, 1) or a count >= 1, got {c.val_size}")
         if c.random_start and c.method != "fgsm" and c.method != "pgd":
             raise UserError("--random-start applies to --method fgsm or pgd only")
@@ -186,9 +208,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise UserError(f"a config must be a JSON object, got {type(d).__name__}")
         unknown = set(d) - names
         if unknown:
             raise UserError(f"config has unknown fields {sorted(unknown)} (written by a newer version?)")
+        for f in dataclasses.fields(cls):
+            if f.name in d and not _has_type(d[f.name], f.type):
+                raise UserError(f"config field '{f.name}' should be {f.type}, got {d[f.name]!r:.80}")
         c = cls(**d)
         c.betas = tuple(c.betas)
         return c
@@ -200,8 +227,30 @@ class TrainConfig:
     def load(cls, path: Path) -> TrainConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
+        except (OSError, ValueError, TypeError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
             raise UserError(f"cannot read run config {path}: {e}") from None
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation such as 'float | None' or 'list[int]'."""
+    for kind in annotation.split(" | "):
+        if kind == "None" and value is None:
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue  # JSON true is not a number
+        if kind == "int" and isinstance(value, int):
+            return True
+        if kind == "float" and isinstance(value, (int, float)):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind == "list[int]" and isinstance(value, list):
+            return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if kind == "tuple[float, float]" and isinstance(value, (list, tuple)) and len(value) == 2:
+            return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return False
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -158,8 +158,11 @@ def _split_off_val(data: ImageData, val_size: float | int,
     if n_val >= n:
         raise UserError(f"validation size {val_size} leaves no training images out of {n}; "
                         "use a smaller --val-size")
+    # Both parts keep the random order, so "the first n images" of either (eval --n,
+    # --train-size, the per-epoch robust check) is a random, class-balanced-in-expectation
+    # subset even for folders, whose files come sorted by class.
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
     return (ImageData(data.images[train_idx], data.labels[train_idx]),
             ImageData(data.images[val_idx], data.labels[val_idx]))
 
@@ -276,13 +279,13 @@ def _load_folder(root: Path, data_dir: Path, image_size: int | None, on_bad_imag
     if not (root / "train").is_dir():
         raise UserError(f"'{root}' has no train/ folder; folder:PATH expects "
                         "PATH/train/<class>/<image files> (and optionally PATH/test/<class>/...)")
-    splits = {"train": _list_class_files(root / "train")}
+    splits = {"train": _list_class_files(root / "train", on_bad_image)}
     classes = list(splits["train"])
     if len(classes) < 2:
         raise UserError(f"'{root / 'train'}' needs one subfolder per class, at least two; "
                         f"found {classes or 'none'}")
     if (root / "test").is_dir():
-        splits["test"] = _list_class_files(root / "test")
+        splits["test"] = _list_class_files(root / "test", on_bad_image)
         if list(splits["test"]) != classes:
             raise UserError(f"the class folders of '{root / 'test'}' {list(splits['test'])} "
                             f"differ from those of '{root / 'train'}' {classes}; "
@@ -314,10 +317,11 @@ def _load_folder(root: Path, data_dir: Path, image_size: int | None, on_bad_imag
     return _Source(train, test, classes, flip=True, crop_padding=size // 8)
 
 
-def _list_class_files(split_dir: Path) -> dict[str, list[Path]]:
+def _list_class_files(split_dir: Path, on_bad_image: str = "fail") -> dict[str, list[Path]]:
     """{class name: sorted image files}, recursing into subfolders but not symlinked ones.
 
-    Hidden files and folders (.DS_Store, ._x.jpg, .ipynb_checkpoints) are not data.
+    Hidden files and folders (.DS_Store, ._x.jpg, .ipynb_checkpoints) are not data. A class
+    folder without image files is an error, or with on_bad_image="skip" left out (warning).
     """
     classes = sorted(e.name for e in os.scandir(split_dir)
                      if e.is_dir() and not e.name.startswith("."))
@@ -328,9 +332,14 @@ def _list_class_files(split_dir: Path) -> dict[str, list[Path]]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [Path(dirpath, f) for f in sorted(filenames)
                       if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        if not found and on_bad_image == "skip":
+            print(f"warning: left out class folder '{split_dir / name}': it has no image files",
+                  file=sys.stderr)
+            continue
         if not found:
             raise UserError(f"class folder '{split_dir / name}' has no image files "
-                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove it")
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove it, "
+                            "or pass --on-bad-image skip")
         files[name] = found
     return files
 

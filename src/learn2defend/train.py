@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -47,8 +48,13 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+    mps = device.type == "mps" and torch.backends.mps.is_available()
+    if device.type not in ("cpu", "cuda") and not mps:
+        raise UserError(f"device '{name}' is not supported here; use auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -99,6 +105,8 @@ def make_optimizer(
 
 def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
     """load_state_dict, with a mismatch turned into one clear line."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{what} holds no weights; the file is damaged or from another program")
     try:
         module.load_state_dict(weights)
     except RuntimeError as e:
@@ -127,15 +135,35 @@ def load_run(path: str | Path, which: str = "last", device: str | torch.device =
     if which not in ("last", "best"):
         raise UserError(f"--which must be last or best, got '{which}'")
     config = TrainConfig.load(path / CONFIG)
+    config.validate()
     state = ckpt.load_state(path / (LAST if which == "last" else BEST), device=device)
-    meta = state["data"]
+    meta = _checked_meta(state, path / (LAST if which == "last" else BEST))
     model = build_classifier(config, meta)
     load_weights(model, state["model"], f"checkpoint {path}")
     attacker = build_attacker(config, meta)
     if attacker is not None:
         load_weights(attacker, state["attacker"], f"attacker in {path}")
         attacker.to(device).eval()
-    return Run(path, config, meta, model.to(device).eval(), attacker, state["epoch"], state.get("history", []))
+    return Run(path, config, meta, model.to(device).eval(), attacker, state.get("epoch", 0), state.get("history", []))
+
+
+def _checked_meta(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The data description of a checkpoint, checked before a model is built from it: a
+    tampered file must not make us allocate a network for 10^6 x 10^6 images."""
+    meta = state.get("data")
+    try:
+        c, h, w = meta["image_shape"]
+        ok = (
+            all(isinstance(v, int) and 1 <= v <= 4096 for v in (c, h, w)) and c <= 64
+            and isinstance(meta["classes"], list) and 1 <= len(meta["classes"]) <= 100_000
+            and all(len(meta[k]) == c and all(isinstance(v, (int, float)) for v in meta[k]) for k in ("mean", "std"))
+            and isinstance(state.get("model"), dict)
+        )
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"checkpoint {path} is damaged or not a learn2defend run checkpoint (bad data description)")
+    return meta
 
 
 def load(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> nn.Module:
@@ -187,7 +215,13 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
         raise UserError("--resume and --overwrite contradict each other; pick one")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a folder")
-    existing = out.is_dir() and any(out.iterdir())
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create the run folder '{out}': '{parent}' is not a writable folder")
+    try:  # temp files of a run killed while writing do not make a folder "existing"
+        existing = out.is_dir() and any(not ckpt.is_temp_file(p.name) for p in out.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot read the run folder '{out}': {e.strerror}") from None
     if existing and not (resume or overwrite):
         raise UserError(f"run folder '{out}' already exists and is not empty; pass --resume to continue it or --overwrite to replace it")
     if resume and existing and not (out / CONFIG).is_file():
@@ -196,7 +230,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
 
 
 # Fields a resumed run may change: they do not alter what is being computed.
-RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download"}
+RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite"}
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
@@ -219,7 +253,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     data = load_dataset(
         cfg.dataset, cfg.data_dir, val_size=cfg.val_size if cfg.val_size < 1 else int(cfg.val_size),
         split_seed=cfg.split_seed, download=cfg.download, image_size=cfg.image_size,
+        on_bad_image=cfg.on_bad_image,
     )
+    if cfg.train_size is not None:
+        data.train = ImageData(data.train.images[: cfg.train_size], data.train.labels[: cfg.train_size])
     meta = data_meta(data)
 
     torch.manual_seed(cfg.seed)
@@ -246,18 +283,16 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     )
     if len(loader) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} leaves no batch of {len(data.train)} training images")
-
-    # Nothing was written so far; from here on the run folder is ours.
-    if overwrite and out.is_dir():
-        for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
-            child.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    _preflight(model, attacker, cfg, meta, device)
 
     ctx = StepContext(model, optimizer, cfg, attacker, attacker_optimizer)
     step_fn = STEPS[cfg.method]
     epoch, start_batch, history, sums, best = 0, 0, [], {}, -1.0
 
+    # The continuation state: with it, a resumed run computes bit for bit what an
+    # uninterrupted one would. Data order and augmentation need no entry: DeviceLoader
+    # derives them from (seed, epoch, batch). An AMP GradScaler, once there is one,
+    # belongs here as "scaler" (its state_dict) and in the restore below.
     def state(epoch: int, batch: int) -> dict[str, Any]:
         s = {
             "data": meta, "epoch": epoch, "batch": batch, "history": history, "best": best,
@@ -271,15 +306,38 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
 
     if continuing:
         s = ckpt.load_state(out / LAST, device=device)
-        load_weights(model, s["model"], f"checkpoint {out / LAST}")
-        optimizer.load_state_dict(s["optimizer"])
-        scheduler.load_state_dict(s["scheduler"])
-        if attacker is not None:
-            load_weights(attacker, s["attacker"], f"attacker in {out / LAST}")
-            attacker_optimizer.load_state_dict(s["attacker_optimizer"])
-            attacker_scheduler.load_state_dict(s["attacker_scheduler"])
-        epoch, start_batch, history, sums, best = s["epoch"], s["batch"], s["history"], s["sums"], s["best"]
-        ckpt.set_rng_state(s["rng"])
+        _checked_meta(s, out / LAST)
+        try:
+            load_weights(model, s["model"], f"checkpoint {out / LAST}")
+            optimizer.load_state_dict(s["optimizer"])
+            scheduler.load_state_dict(s["scheduler"])
+            if attacker is not None:
+                load_weights(attacker, s["attacker"], f"attacker in {out / LAST}")
+                attacker_optimizer.load_state_dict(s["attacker_optimizer"])
+                attacker_scheduler.load_state_dict(s["attacker_scheduler"])
+            epoch, start_batch, history, sums, best = s["epoch"], s["batch"], s["history"], s["sums"], s["best"]
+            if not (0 <= epoch <= cfg.epochs and 0 <= start_batch <= len(loader)):
+                raise ValueError(f"epoch {epoch}, batch {start_batch} is outside this run")
+            ckpt.set_rng_state(s["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"checkpoint {out / LAST} does not fit this run ({e!r:.200}); "
+                            "start over with --overwrite") from None
+        if s["data"]["classes"] != meta["classes"] or s["data"]["image_shape"] != meta["image_shape"]:
+            raise UserError(f"checkpoint {out / LAST} was trained on other data than {cfg.dataset}")
+
+    # Nothing was written so far; from here on the run folder is ours.
+    try:
+        if overwrite and out.is_dir():
+            for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
+                child.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_temp_files(out)  # left by a run killed while writing
+        ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if continuing:  # a run killed between its checkpoint and its metrics line
+            ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    except OSError as e:
+        raise UserError(f"cannot write the run folder '{out}': {e}") from None
+    if continuing:
         _log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch}")
 
     stop = _StopFlag()
