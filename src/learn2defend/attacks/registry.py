@@ -1,0 +1,87 @@
+"""Attack names -> attack objects: `make_attack("pgd10", eps=8/255)`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from learn2defend.errors import UserError
+
+from .auto import AutoAttack
+from .base import FGSM, PGD, Attack, check_eps
+from .cw import CWLinf
+
+ATTACK_FORMS: dict[str, str] = {
+    "fgsm": "FGSM, one step of size eps",
+    "pgdK": "PGD, K steps, random start, step 2.5*eps/K (Madry); e.g. pgd10, pgd50",
+    "pgmK": "the paper's PGM: K steps from zero, step eps/3 (0.01 at eps 0.03); e.g. pgm10",
+    "cwpgdK": "PGD with the CW margin loss, random start, step 2.5*eps/K; e.g. cwpgd20",
+    "cw": "the paper's CW-linf (least-norm, c auto-tuned, at most 100 iterations)",
+    "autoattack": "standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)",
+    "autoattack-fast": "APGD-CE + APGD-T only",
+    "l2l:DIR": "the learned attacker saved in run folder DIR (needs its loader registered)",
+}
+
+AttackFactory = Callable[..., Attack]  # factory(rest_of_name, eps, **options) -> Attack
+_PREFIXES: dict[str, AttackFactory] = {}
+
+
+def register_attack_prefix(prefix: str, factory: AttackFactory) -> None:
+    """Let another module handle names starting with `prefix` (e.g. "l2l:").
+
+    `factory(rest, eps, **options)` gets the name without the prefix.
+    """
+    _PREFIXES[prefix.lower()] = factory
+
+
+def list_attack_names() -> list[str]:
+    """The accepted name forms (K = a positive number of steps)."""
+    return list(ATTACK_FORMS)
+
+
+def _forms() -> str:
+    return "; ".join(f"{k} ({v})" for k, v in ATTACK_FORMS.items())
+
+
+def _options(name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        ok = ", ".join(allowed) or "none"
+        raise UserError(f"attack {name!r} does not take option(s) {', '.join(bad)}; it takes: {ok}")
+    return options
+
+
+def make_attack(name: str, eps: float, **options: Any) -> Attack:
+    """Build an attack from its name; options (step_size, random_start, restarts, steps,
+    and seed/batch_size for AutoAttack) override the name's defaults where they apply."""
+    if not isinstance(name, str):
+        raise UserError(f"attack name must be a string, got {name!r}")
+    key = name.strip().lower()
+    for prefix, factory in _PREFIXES.items():
+        if key.startswith(prefix):
+            return factory(name.strip()[len(prefix) :], check_eps(eps), **options)
+    if key.startswith("l2l:"):
+        raise UserError(
+            "l2l attacks need the learned-attacker loader, which is not registered: import the "
+            "module that provides it (it calls "
+            "learn2defend.attacks.register_attack_prefix('l2l:', factory))"
+        )
+    eps = check_eps(eps)
+    if key == "fgsm":
+        return FGSM(eps, **_options(key, options, ("step_size", "random_start")))
+    if key == "cw":
+        return CWLinf(eps, **_options(key, options, ("steps", "step_size")))
+    if key in ("autoattack", "autoattack-fast"):
+        opts = _options(key, options, ("seed", "batch_size"))
+        return AutoAttack(eps, "standard" if key == "autoattack" else "fast", **opts)
+    m = re.fullmatch(r"(cwpgd|pgd|pgm)([0-9]+)", key)
+    if m and int(m[2]) >= 1:
+        kind, steps = m[1], int(m[2])
+        opts = _options(key, options, ("steps", "step_size", "random_start", "restarts"))
+        steps = opts.pop("steps", steps)
+        if kind == "pgm":  # the paper's PGM: zero start, eta = 0.01 at eps = 0.03
+            opts = {"random_start": False, "step_size": eps / 3} | opts
+        loss = "margin" if kind == "cwpgd" else "ce"
+        return PGD(eps, steps, **opts, loss=loss, name=key)
+    raise UserError(f"unknown attack {name!r}; valid forms: {_forms()}")
