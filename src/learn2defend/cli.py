@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,8 @@ HELP = {
     "val_robust_n": "validation images attacked with PGD-10 after each epoch (0: none)",
     "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
     "progress": "progress bar on a terminal",
+    "on_bad_image": "folder image files that cannot be decoded: skip (warn, count) | fail",
+    "on_nonfinite": "non-finite loss: stop (keep the last good checkpoint, exit 2) | skip (drop that step)",
 }
 
 
@@ -80,7 +83,7 @@ def _number(text: str) -> float:
 
 def _val_size(text: str) -> float:
     value = _number(text)
-    return int(value) if value >= 1 and value == int(value) else value
+    return int(value) if math.isfinite(value) and value >= 1 and value == int(value) else value
 
 
 _TYPES = {"int": int, "float": _number, "str": str, "list[int]": _int_list, "tuple[float, float]": _float_pair}
@@ -133,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated methods (default: all)")
     p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="attacks to evaluate with")
     p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from (default: --epochs)")
+    p.add_argument("--n", type=int, help="evaluate on the first N validation images (default: all)")
     p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
@@ -180,7 +184,7 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
         base = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
         methods, attacks, plain_epochs = args.methods, args.attacks, args.plain_epochs
-    rows = compare(base, methods, attacks, args.out, plain_epochs)
+    rows = compare(base, methods, attacks, args.out, plain_epochs, n=getattr(args, "n", None))
     if getattr(args, "json", False):
         return {"rows": rows}
     eps = rows[0]["eps"]
@@ -255,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare,
                     "bench": _bench}
         result = commands[args.command](args)
-    except UserError as e:
-        print(f"learn2defend: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line, even when the message quotes a file name with a newline
+        print(f"learn2defend: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("learn2defend: interrupted", file=sys.stderr)
