@@ -92,7 +92,8 @@ def test_load_returns_plain_module(tmp_path):
 def test_l2l_run_saves_attacker_and_both_optimizers(tmp_path):
     run = train(cfg(tmp_path, method="2step-l2l", epochs=1))
     state = load_state(run.path / "last.safetensors")
-    assert {"model", "attacker", "optimizer", "attacker_optimizer", "scheduler", "attacker_scheduler", "rng"} <= set(state)
+    expected = {"model", "attacker", "optimizer", "attacker_optimizer", "scheduler", "attacker_scheduler", "rng"}
+    assert expected <= set(state)
     assert run.attacker is not None
     assert state["optimizer"]["state"]  # momentum buffers are really there
     assert isinstance(next(iter(state["optimizer"]["state"])), int)  # int keys survive the codec

@@ -107,7 +107,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="learn2defend", description="Adversarial training with learned attackers, and honest evaluation.")
+    parser = _Parser(prog="learn2defend",
+                     description="Adversarial training with learned attackers, and honest evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a classifier with one of the methods")
@@ -178,7 +179,8 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from .compare import compare, markdown_table
 
     if args.command == "demo":
-        base, methods, attacks, plain_epochs = TrainConfig(**DEMO, device=args.device), list(METHODS), ["fgsm", "pgd10"], None
+        base, methods, attacks = TrainConfig(**DEMO, device=args.device), list(METHODS), ["fgsm", "pgd10"]
+        plain_epochs = None
         print(f"training {len(methods)} methods on digits ({DEMO}) into {args.out} ...", file=sys.stderr)
     else:
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
