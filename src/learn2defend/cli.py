@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+    p.add_argument("--checks", action="store_true",
+                   help="sanity checks for gradient masking (Carlini et al. 2019) on the same images")
+    p.add_argument("--surrogate", help="run folder: with --checks, compare white-box PGD with PGD transferred from it")
+    p.add_argument("--attack-state", action=argparse.BooleanOptionalAction, default=True,
+                   help="save AutoAttack's progress under DIR/eval-state/ and resume an interrupted eval from it")
+    _add_eval_commands(sub)
 
     p = sub.add_parser("compare", help="train several methods alike and tabulate clean and robust accuracy")
     _add_dataclass_options(p, TrainConfig, skip={"out", "method", "init"})
@@ -208,11 +214,118 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluate import EvalConfig, evaluate
 
-    return evaluate(EvalConfig(
+    result = evaluate(EvalConfig(
         checkpoint=args.checkpoint, attacks=args.attacks, dataset=args.dataset, split=args.split,
         n=args.n, batch_size=args.batch_size, eps=args.eps, which=args.which, device=args.device,
-        data_dir=args.data_dir, seed=args.seed,
+        data_dir=args.data_dir, seed=args.seed, checks=args.checks, surrogate=args.surrogate,
+        attack_state=args.attack_state,
     ))
+    return _eval_report(result, args.json)
+
+
+def _add_eval_commands(sub) -> None:
+    """transfer, sweep, show: the evaluation commands besides eval."""
+    def common(p: argparse.ArgumentParser, n_help: str = "use the first N images of the split") -> None:
+        p.add_argument("--dataset", help="another data set with the same classes")
+        p.add_argument("--split", default="val", help="val (default) or test")
+        p.add_argument("--n", type=int, help=n_help)
+        p.add_argument("--which", default="last", help="last (default) or best checkpoint")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--data-dir", default="data")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+
+    p = sub.add_parser("transfer", help="black-box: attacks crafted on a surrogate run, accuracy of a target run")
+    p.add_argument("--surrogate", required=True, help="run folder the attacks are computed on")
+    p.add_argument("--target", required=True, help="run folder that is measured")
+    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="comma-separated (default: fgsm,pgd10)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--eps", type=_number, help="attack radius (default: the target's training eps)")
+    common(p)
+
+    p = sub.add_parser("sweep", help="accuracy against PGD iterations or eps (the paper's Figures 3 and 4): CSV + PNG")
+    p.add_argument("--checkpoint", nargs="+", required=True, help="run folder(s); differences are to the first")
+    p.add_argument("--over", nargs=2, required=True, metavar=("pgd-steps|eps", "VALUES"),
+                   help="what to vary and its comma-separated values, e.g. --over pgd-steps 1,2,5,10,20,50")
+    p.add_argument("--attack", type=_names, help="fgsm, pgd (random start), pgm (paper: zero start, step eps/3); "
+                   "default: pgm over pgd-steps, fgsm,pgm over eps")
+    p.add_argument("--steps", type=int, default=10, help="PGD/PGM iterations of an eps sweep (default: 10)")
+    p.add_argument("--eps", type=_number, help="radius of a pgd-steps sweep (default: the first run's training eps)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", required=True, help="file prefix: writes PREFIX.csv and PREFIX.png")
+    common(p)
+
+    p = sub.add_parser("show", help="a PNG grid of clean images, perturbations and adversarial images (Figure 5)")
+    p.add_argument("--checkpoint", required=True, help="run folder")
+    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="comma-separated (default: fgsm,pgd10)")
+    p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    common(p)
+    p.set_defaults(n=6)
+
+
+def _eval_report(result: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """JSON: the result as is. Text: results on stdout, one line per check and a FLAGGED
+    line, AutoAttack's warnings on stderr (stdout stays results only)."""
+    if as_json:
+        return result
+    for warning in result.pop("warnings", []):
+        print(f"learn2defend: warning: {warning}", file=sys.stderr)
+    checks, flagged = result.pop("checks", None), result.pop("flagged", False)
+    _print_result(result, False)
+    for name, check in (checks or {}).items():
+        status = "skipped" if check["passed"] is None else ("pass" if check["passed"] else "FAIL")
+        print(f"check {name}: {status}: {check['detail']}")
+    if flagged:
+        failed = ", ".join(k for k, c in checks.items() if c["passed"] is False)
+        print(f"FLAGGED: sanity checks failed ({failed}); the robust accuracies likely overestimate robustness")
+    return {}
+
+
+def _transfer(args: argparse.Namespace) -> dict[str, Any]:
+    from .evaluate import TransferConfig, transfer
+
+    result = transfer(TransferConfig(
+        surrogate=args.surrogate, target=args.target, attacks=args.attacks, dataset=args.dataset,
+        split=args.split, n=args.n, batch_size=args.batch_size, eps=args.eps, which=args.which,
+        device=args.device, data_dir=args.data_dir, seed=args.seed,
+    ))
+    return _eval_report(result, args.json)
+
+
+def _sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from .figures import SweepConfig, sweep
+
+    over, text = args.over
+    values = [parse_fraction(v) for v in text.split(",") if v.strip()]
+    result = sweep(SweepConfig(
+        checkpoints=args.checkpoint, over=over, values=values, out=args.out, attacks=args.attack,
+        steps=args.steps, eps=args.eps, dataset=args.dataset, split=args.split, n=args.n,
+        batch_size=args.batch_size, which=args.which, device=args.device, data_dir=args.data_dir, seed=args.seed,
+    ))
+    if args.json:
+        return result
+    print(f"wrote {result['csv']} and {result['png']} (n={result['n']})")
+    for r in result["rows"]:
+        print(f"{r['label']:>20} {r['attack']:>5} eps {r['eps']:<8.4g} steps {r['steps']:<5} "
+              f"{100 * r['accuracy']:6.2f}%")
+    return {}
+
+
+def _show(args: argparse.Namespace) -> dict[str, Any]:
+    from .figures import ShowConfig, show
+
+    result = show(ShowConfig(
+        checkpoint=args.checkpoint, out=args.out, attacks=args.attacks, n=args.n, dataset=args.dataset,
+        split=args.split, eps=args.eps, which=args.which, device=args.device, data_dir=args.data_dir,
+        seed=args.seed,
+    ))
+    if args.json:
+        return result
+    print(f"wrote {result['out']}")
+    for image in result["images"]:
+        print(" ".join(f"{k} {v}" for k, v in image.items()))
+    return {}
 
 
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(list_models(args.pattern)))
             return 0
         commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare,
-                    "bench": _bench}
+                    "bench": _bench, "transfer": _transfer, "sweep": _sweep, "show": _show}
         result = commands[args.command](args)
     except UserError as e:  # one line, even when the message quotes a file name with a newline
         print(f"learn2defend: error: {' '.join(str(e).split())}", file=sys.stderr)

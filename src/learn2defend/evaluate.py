@@ -1,23 +1,41 @@
-"""Accuracy of a trained run under attacks, with the per-sample worst case.
+"""Accuracy of a trained run under attacks, with the per-sample worst case; transfer
+(black-box) attacks from a surrogate run.
 
 Robust accuracy is only meaningful against the strongest attack tried, so besides
 one number per attack we report `worst`: the fraction of images that survive
 *every* attack that was run on them.
+
+Attacks run batch by batch (the batches are AutoAttack's chunks too), so a data set
+of any size never sits on the device as float images at once. AutoAttack is slow
+enough to be worth resuming: by default each chunk's progress is saved under
+`<run>/eval-state/<key>/`, where the key hashes everything the result depends on
+(checkpoint file, data, eps, seed, batch size, attack). An interrupted `eval` run again
+with the same arguments picks up where it stopped; a finished one removes its state,
+so the next evaluation computes afresh instead of silently reusing old results.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import shutil
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from .attacks import make_attack
+from . import learned_attack  # noqa: F401 - registers the "l2l:DIR" attack names
+from .attacks import Attack, AutoAttack, make_attack
 from .config import parse_fraction
 from .data import Dataset, DeviceLoader, ImageData, load_dataset
 from .errors import UserError
-from .train import Run, load_run, resolve_device
+from .train import BEST, LAST, Run, load_run, resolve_device
+
+STATE_DIR = "eval-state"
 
 
 @dataclass
@@ -34,6 +52,9 @@ class EvalConfig:
     data_dir: str = "data"
     seed: int = 0
     progress: bool = True
+    checks: bool = False  # run the sanity checks of learn2defend.checks on the same images
+    surrogate: str | None = None  # run folder for the checks' transfer comparison
+    attack_state: bool = True  # save AutoAttack's progress under <run>/eval-state/ and resume from it
 
     def validate(self) -> None:
         if self.eps is not None and not (0 <= self.eps <= 1):
@@ -44,6 +65,10 @@ class EvalConfig:
             raise UserError(f"--batch-size must be a positive integer, got {self.batch_size}")
         if self.split not in ("train", "val", "test"):
             raise UserError(f"--split must be val or test (or train), got '{self.split}'")
+        if self.which not in ("last", "best"):
+            raise UserError(f"--which must be last or best, got '{self.which}'")
+        if self.surrogate and not self.checks:
+            raise UserError("--surrogate is used by --checks; add --checks, or use learn2defend transfer")
 
 
 def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
@@ -54,26 +79,71 @@ def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
         split_seed=c.split_seed, image_size=c.image_size,
     )
     if len(data.classes) != len(run.meta["classes"]):
-        raise UserError(f"{data.name} has {len(data.classes)} classes but the model was trained on {len(run.meta['classes'])}")
+        raise UserError(f"{data.name} has {len(data.classes)} classes but the model was trained on "
+                        f"{len(run.meta['classes'])}")
     if list(data.image_shape) != list(run.meta["image_shape"]):
-        raise UserError(f"{data.name} has images of shape {list(data.image_shape)} but the model takes {run.meta['image_shape']}; use --image-size")
+        raise UserError(f"{data.name} has images of shape {list(data.image_shape)} but the model takes "
+                        f"{run.meta['image_shape']}; use --image-size")
     return data
 
 
+def fraction(flags: Tensor) -> float:
+    """Share of True entries, exact (count / n in float64, not a float32 mean)."""
+    return int(flags.sum()) / len(flags) if len(flags) else 0.0
+
+
+def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
+    images = data.split(split)
+    if n is not None:
+        images = ImageData(images.images[:n], images.labels[:n])
+    return images
+
+
+def build_attacks(names: list[str], eps: float, batch_size: int) -> list[Attack]:
+    """Attack objects, duplicates dropped (they would count twice); bad names fail here,
+    before any work."""
+    attacks = []
+    for name in dict.fromkeys(names):
+        attack = make_attack(name, eps)
+        if isinstance(attack, AutoAttack):
+            attack.batch_size = batch_size  # one chunk = one of our batches
+        attacks.append(attack)
+    return attacks
+
+
+def check_same_task(a: Run, b: Run, what: str) -> None:
+    """Two runs whose models can be compared on the same images (transfer, sweeps)."""
+    if list(a.meta["classes"]) != list(b.meta["classes"]):
+        raise UserError(f"{what}: {a.path} and {b.path} were trained on different classes "
+                        f"({len(a.meta['classes'])} vs {len(b.meta['classes'])}: {a.meta['classes'][:3]}... vs "
+                        f"{b.meta['classes'][:3]}...)")
+    if list(a.meta["image_shape"]) != list(b.meta["image_shape"]):
+        raise UserError(f"{what}: {a.path} takes {a.meta['image_shape']} images but {b.path} takes "
+                        f"{b.meta['image_shape']}")
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Clean accuracy, accuracy under each attack, and the per-sample worst case."""
+    """Clean accuracy, accuracy under each attack, and the per-sample worst case; with
+    `config.checks`, the sanity checks ("checks", "flagged")."""
     config.validate()
     device = resolve_device(config.device)
     run = load_run(config.checkpoint, config.which, device)
     eps = run.config.eps if config.eps is None else config.eps
-    attacks = [make_attack(name, eps) for name in config.attacks]  # bad names fail before any work
+    if config.checks and not eps > 0:
+        raise UserError("--checks attack the model, so they need eps > 0")
+    attacks = build_attacks(config.attacks, eps, config.batch_size)
+    surrogate = load_run(config.surrogate, "last", device) if config.surrogate else None
+    if surrogate is not None:
+        check_same_task(run, surrogate, "--surrogate")
     data = eval_data(run, config.dataset, config.data_dir)
-    images = data.split(config.split)
-    if config.n is not None:
-        images = ImageData(images.images[: config.n], images.labels[: config.n])
-    counts = attack_accuracy(run.model, images, attacks, config.batch_size, device, config.seed, config.progress)
+    images = first_n(data, config.split, config.n)
+    # Only AutoAttack keeps state (the checks may run autoattack-fast).
+    resumable = config.checks or any(isinstance(a, AutoAttack) for a in attacks)
+    state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
+    correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
+                             config.progress, state)
     n = len(images)
-    accuracy = {name: count / n for name, count in counts.items()}
+    accuracy = {name: fraction(ok) for name, ok in correct.items()}
     if not attacks:
         del accuracy["worst"]  # the worst case over no attack is just clean accuracy
     result: dict[str, Any] = {
@@ -87,14 +157,91 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "model": run.config.model,
         "method": run.config.method,
     }
-    warnings = [w for a in attacks for w in getattr(a, "warnings", [])]
+    if config.checks:
+        from .checks import sanity_checks
+
+        report = sanity_checks(
+            run.model, images, eps, device=device, batch_size=config.batch_size, seed=config.seed,
+            known=correct, surrogate=surrogate.model if surrogate else None, progress=config.progress,
+            state_dir=state,
+        )
+        result["checks"], result["flagged"] = report["checks"], report["flagged"]
+        attacks += report["attacks"]
+    warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
     if warnings:
         result["warnings"] = warnings
+    if state is not None:  # finished: the next evaluation starts afresh
+        shutil.rmtree(state, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            state.parent.rmdir()  # only if no other evaluation's state is left there
     return result
 
 
+def attack_correct(
+    model: nn.Module,
+    images: ImageData,
+    attacks: list[Attack],
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = False,
+    state_dir: Path | None = None,
+    source: nn.Module | None = None,
+    source_correct: dict[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample correctness (bool, CPU, one entry per image): clean, per attack, and
+    `worst` (correct under every attack).
+
+    `source`: the model the attacks are computed on (default: `model` itself, white-box);
+    another model makes them transfer attacks, and `model` is only ever queried for
+    predictions; `source_correct`, if given, is filled with the source's own correctness
+    on the same adversarial images. `state_dir`: AutoAttack saves each chunk's progress
+    there and resumes from it.
+    """
+    torch.manual_seed(seed)
+    model.eval()
+    transfer = source is not None and source is not model
+    source = source.eval() if transfer else model
+    names = ["clean"] + [a.name for a in attacks] + ["worst"]
+    correct: dict[str, list[Tensor]] = {name: [] for name in names}
+    own: dict[str, list[Tensor]] = {name: [] for name in names}
+    batches = DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False)
+    bar = _bar(progress and bool(attacks), len(batches) * len(attacks))
+    try:
+        for i, (x, y) in enumerate(batches):
+            with torch.no_grad():
+                survived = model(x).argmax(1) == y
+                own_survived = source(x).argmax(1) == y if transfer else survived
+            correct["clean"].append(survived.cpu())
+            own["clean"].append(own_survived.cpu())
+            for attack in attacks:
+                if bar is not None:
+                    bar.set_postfix_str(attack.name, refresh=False)
+                if isinstance(attack, AutoAttack) and state_dir is not None:
+                    path = state_dir / f"{_safe(attack.name)}-chunk{i:05d}.pt"
+                    adv = attack(source, x, y, state_path=path)
+                else:
+                    adv = attack(source, x, y)
+                with torch.no_grad():
+                    ok = model(adv).argmax(1) == y
+                    own_ok = source(adv).argmax(1) == y if transfer else ok
+                correct[attack.name].append(ok.cpu())
+                own[attack.name].append(own_ok.cpu())
+                survived, own_survived = survived & ok, own_survived & own_ok
+                if bar is not None:
+                    bar.update()
+            correct["worst"].append(survived.cpu())
+            own["worst"].append(own_survived.cpu())
+    finally:
+        if bar is not None:
+            bar.close()
+    if source_correct is not None:
+        source_correct.update({name: torch.cat(parts) for name, parts in own.items()})
+    return {name: torch.cat(parts) for name, parts in correct.items()}
+
+
 def attack_accuracy(
-    model: torch.nn.Module,
+    model: nn.Module,
     images: ImageData,
     attacks: list,
     batch_size: int,
@@ -103,28 +250,115 @@ def attack_accuracy(
     progress: bool = False,
 ) -> dict[str, int]:
     """Correct counts: clean, per attack, and `worst` (correct under every attack)."""
-    torch.manual_seed(seed)
-    model.eval()
-    names = ["clean"] + [a.name for a in attacks]
-    correct = {name: torch.zeros((), dtype=torch.long, device=device) for name in names + ["worst"]}
-    batches = DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False)
-    iterator = iter(batches)
-    if progress and sys.stderr.isatty() and attacks:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, total=len(batches), desc="attacking", leave=False, file=sys.stderr)
-    for x, y in iterator:
-        with torch.no_grad():
-            survived = model(x).argmax(1) == y
-        correct["clean"] += survived.sum()
-        for attack in attacks:
-            adv = attack(model, x, y)
-            with torch.no_grad():
-                ok = model(adv).argmax(1) == y
-            correct[attack.name] += ok.sum()
-            survived &= ok
-        correct["worst"] += survived.sum()
-    return {name: int(count.item()) for name, count in correct.items()}
+    correct = attack_correct(model, images, attacks, batch_size, device, seed, progress)
+    return {name: int(ok.sum()) for name, ok in correct.items()}
 
 
-__all__ = ["EvalConfig", "evaluate", "attack_accuracy", "eval_data", "parse_fraction"]
+def transfer_accuracy(
+    surrogate: nn.Module,
+    target: nn.Module,
+    images: ImageData,
+    attacks: list,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, int]:
+    """Black-box transfer attack (Liu et al. 2016): each attack is computed on the
+    surrogate; the counts are the *target's* correct predictions on those images
+    (clean: the target on the clean images; worst: correct under every transferred attack)."""
+    correct = attack_correct(target, images, attacks, batch_size, device, seed, progress, source=surrogate)
+    return {name: int(ok.sum()) for name, ok in correct.items()}
+
+
+@dataclass
+class TransferConfig:
+    surrogate: str
+    target: str
+    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd10"])
+    dataset: str | None = None  # None: the target run's data set and validation split
+    split: str = "val"
+    n: int | None = None
+    batch_size: int = 256
+    eps: float | None = None  # None: the target run's training eps
+    which: str = "last"
+    device: str = "auto"
+    data_dir: str = "data"
+    seed: int = 0
+    progress: bool = True
+
+
+def transfer(config: TransferConfig) -> dict[str, Any]:
+    """Accuracy of the target run on adversarial examples crafted on the surrogate run.
+
+    "accuracy" is the target's; "surrogate_accuracy" the surrogate's own (white-box)
+    accuracy on the same examples, which tells a weak transfer from a weak attack.
+    """
+    EvalConfig(checkpoint=config.target, split=config.split, n=config.n, batch_size=config.batch_size,
+               eps=config.eps, which=config.which).validate()
+    device = resolve_device(config.device)
+    target = load_run(config.target, config.which, device)
+    surrogate = load_run(config.surrogate, config.which, device)
+    check_same_task(surrogate, target, "transfer")
+    eps = target.config.eps if config.eps is None else config.eps
+    attacks = build_attacks(config.attacks, eps, config.batch_size)
+    if not attacks:
+        raise UserError("transfer needs at least one attack, e.g. --attacks fgsm,pgd10")
+    images = first_n(eval_data(target, config.dataset, config.data_dir), config.split, config.n)
+    own: dict[str, Tensor] = {}
+    correct = attack_correct(target.model, images, attacks, config.batch_size, device, config.seed,
+                             config.progress, source=surrogate.model, source_correct=own)
+    n = len(images)
+    result: dict[str, Any] = {
+        "accuracy": {k: fraction(v) for k, v in correct.items()},
+        "surrogate_accuracy": {k: fraction(v) for k, v in own.items()},
+        "surrogate": str(surrogate.path),
+        "target": str(target.path),
+        "n": n,
+        "eps": eps,
+        "split": config.split,
+    }
+    warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
+    if warnings:
+        result["warnings"] = warnings
+    return result
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def _bar(enabled: bool, total: int):
+    """A tqdm bar over (batch, attack) pairs on a terminal, or None."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="attacking", unit="batch-attack", leave=False, file=sys.stderr)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) -> Path | None:
+    """<run>/eval-state/<key>: the key changes whenever the result could (another
+    checkpoint file, data, eps, seed or chunking), so stale state is never reused.
+    None when the run folder is read-only: the evaluation then simply is not resumable."""
+    ckpt = run.path / (LAST if config.which == "last" else BEST)
+    stat = ckpt.stat()
+    key = json.dumps([str(ckpt.resolve()), stat.st_size, stat.st_mtime_ns, data.name, config.split, n,
+                      config.batch_size, eps, config.seed])
+    path = run.path / STATE_DIR / hashlib.sha256(key.encode()).hexdigest()[:16]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if any(path.iterdir()):
+        print(f"learn2defend: resuming AutoAttack from {path}", file=sys.stderr)
+    return path
+
+
+__all__ = [
+    "EvalConfig", "TransferConfig", "evaluate", "transfer", "attack_accuracy", "attack_correct",
+    "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
+]

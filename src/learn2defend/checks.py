@@ -1,0 +1,189 @@
+"""Sanity checks of a robustness evaluation (Carlini et al. 2019, "On Evaluating
+Adversarial Robustness", section 5; Croce & Hein 2020 for the AutoAttack comparison).
+
+A defense that masks gradients looks robust to gradient attacks without being robust.
+None of these checks proves robustness; each one that fails proves the reported numbers
+overestimate it. All run on the same images (the evaluation's first n), with the
+evaluation's eps. "Noise" is the binomial sampling error of an accuracy measured on n
+images: 2 standard errors plus one sample, `noise(p, n) = 2 sqrt(p (1 - p) / n) + 1/n`,
+with p the mean of the two accuracies compared. The checks:
+
+- `more_steps`: PGD-50 is not more accurate than PGD-10, nor PGD-50 with 3 restarts
+  than PGD-50 or PGD-10, beyond noise (more iterations and restarts can only help an
+  attack that follows useful gradients).
+- `large_eps`: at eps 0.5 (or the evaluation eps, if larger) every image can be turned
+  into the same all-gray image, so no model can beat its majority-class share there;
+  PGD-20 must leave at most max(10 %, the majority-class share) + noise.
+- `iterative_vs_single_step`: PGD-10 is not more accurate than FGSM beyond noise.
+- `whitebox_vs_transfer`: white-box PGD-10 is not more accurate than PGD-10 transferred
+  from a surrogate model beyond noise (only with a surrogate; a transfer "from the model
+  itself with another random start" is just white-box PGD, so without one it is skipped).
+- `autoattack_vs_pgd`: AutoAttack (the evaluation's, or the fast version APGD-CE +
+  APGD-T) is not more than max(10 points, noise) below the per-sample worst case of the
+  PGD runs. A few points are normal (AutoAttack is the stronger attack); a larger gap
+  means PGD's gradients mislead it, which is masking.
+- `gradients`: the input gradient of the loss is finite and not all zero on more than
+  95 % of the images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attacks import PGD, Attack, make_attack
+from .data import DeviceLoader, ImageData
+from .errors import UserError
+
+LARGE_EPS = 0.5  # the all-gray image lies within 0.5 of every [0, 1] image
+LARGE_EPS_FLOOR = 0.10  # the accuracy bound at LARGE_EPS is max(this, majority-class share)
+AUTOATTACK_GAP = 0.10  # PGD above AutoAttack by more than this (and noise) flags masking
+BAD_GRADIENT_LIMIT = 0.05  # fraction of images with zero or non-finite input gradients
+
+
+def noise(p: float, n: int) -> float:
+    """Tolerance for an accuracy p measured on n images: 2 standard errors + 1 sample."""
+    p = min(max(p, 0.0), 1.0)
+    return 2 * math.sqrt(p * (1 - p) / n) + 1 / n
+
+
+def input_gradient_ok(model: nn.Module, images: ImageData, batch_size: int, device: torch.device) -> Tensor:
+    """Per image (bool, CPU): the cross-entropy's input gradient is finite and not all zero."""
+    model.eval()
+    ok = []
+    for x, y in DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+        g = grad.flatten(1)
+        ok.append((torch.isfinite(g).all(1) & (g != 0).any(1)).cpu())
+    return torch.cat(ok)
+
+
+def _check(passed: bool, detail: str, **values: float) -> dict[str, Any]:
+    return {"passed": bool(passed), "detail": detail, "values": {k: round(v, 4) for k, v in values.items()}}
+
+
+def _pct(p: float) -> str:
+    return f"{100 * p:.1f}%"
+
+
+def sanity_checks(
+    model: nn.Module,
+    images: ImageData,
+    eps: float,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    seed: int = 0,
+    known: dict[str, Tensor] | None = None,
+    surrogate: nn.Module | None = None,
+    progress: bool = False,
+    state_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run the checks on `model` (an nn.Module taking [0, 1] images) and the given images.
+
+    `known`: per-sample correctness the evaluation already computed on the same images
+    (attack name -> bool tensor, as `evaluate.attack_correct` returns it); attacks found
+    there are not run again. Returns {"checks": {name: {"passed": bool | None,
+    "detail": str, "values": {...}}}, "flagged": bool, "accuracy": {attack: accuracy},
+    "attacks": [the Attack objects run, for their warnings]}.
+    """
+    from .evaluate import attack_correct, fraction  # evaluate imports this module lazily; no cycle
+
+    if not eps > 0:
+        raise UserError("the sanity checks attack the model, so they need eps > 0")
+    device = torch.device(device)
+    n = len(images)
+    correct = dict(known or {})
+    large_eps = max(LARGE_EPS, eps)
+    wanted: dict[str, Attack] = {
+        "fgsm": make_attack("fgsm", eps),
+        "pgd10": make_attack("pgd10", eps),
+        "pgd50": make_attack("pgd50", eps),
+        "pgd50x3": make_attack("pgd50", eps, restarts=3),
+        "large_eps_pgd20": PGD(large_eps, steps=20),
+    }
+    aa_name = next((a for a in ("autoattack", "autoattack-fast") if a in correct), "autoattack-fast")
+    if aa_name not in correct:
+        wanted[aa_name] = make_attack(aa_name, eps, batch_size=batch_size)
+    missing = []
+    for name, attack in wanted.items():
+        attack.name = name  # e.g. the restarted PGD-50 is "pgd50x3", not "pgd50"
+        if name not in correct:
+            missing.append(attack)
+    if missing:
+        correct.update(attack_correct(model, images, missing, batch_size, device, seed, progress, state_dir))
+    if surrogate is not None:
+        transfer = make_attack("pgd10", eps)
+        transfer.name = "transfer_pgd10"
+        missing.append(transfer)
+        correct.update(attack_correct(model, images, [transfer], batch_size, device, seed, progress,
+                                      source=surrogate))
+    acc = {name: fraction(ok) for name, ok in correct.items() if name != "worst"}
+
+    def tol(a: float, b: float) -> float:
+        return noise((a + b) / 2, n)
+
+    checks: dict[str, dict[str, Any]] = {}
+
+    # 1. more steps and restarts
+    pairs = [("pgd50", "pgd10"), ("pgd50x3", "pgd50"), ("pgd50x3", "pgd10")]
+    worse = [(m, f) for m, f in pairs if acc[m] > acc[f] + tol(acc[m], acc[f])]
+    line = f"pgd10 {_pct(acc['pgd10'])}, pgd50 {_pct(acc['pgd50'])}, pgd50 x3 restarts {_pct(acc['pgd50x3'])}"
+    checks["more_steps"] = _check(
+        not worse,
+        line + ("; " + ", ".join(f"{m} above {f} beyond noise" for m, f in worse) if worse else ""),
+        pgd10=acc["pgd10"], pgd50=acc["pgd50"], pgd50x3=acc["pgd50x3"],
+    )
+
+    # 2. large eps
+    counts = torch.bincount(images.labels.long())
+    limit = max(LARGE_EPS_FLOOR, float(counts.max()) / n)
+    bound = limit + noise(limit, n)
+    a = acc["large_eps_pgd20"]
+    checks["large_eps"] = _check(
+        a <= bound, f"pgd20 at eps {large_eps:g}: {_pct(a)} (must be <= {_pct(bound)})", accuracy=a, bound=bound,
+    )
+
+    # 3. iterative vs single step
+    a, b = acc["pgd10"], acc["fgsm"]
+    checks["iterative_vs_single_step"] = _check(
+        a <= b + tol(a, b), f"pgd10 {_pct(a)} vs fgsm {_pct(b)} (noise {_pct(tol(a, b))})", pgd10=a, fgsm=b,
+    )
+
+    # 4. white box vs transfer
+    if surrogate is None:
+        checks["whitebox_vs_transfer"] = {"passed": None, "skipped": True,
+                                          "detail": "needs a surrogate model (--surrogate DIR)"}
+    else:
+        a, b = acc["pgd10"], acc["transfer_pgd10"]
+        checks["whitebox_vs_transfer"] = _check(
+            a <= b + tol(a, b), f"white-box pgd10 {_pct(a)} vs transferred pgd10 {_pct(b)} (noise {_pct(tol(a, b))})",
+            whitebox=a, transfer=b,
+        )
+
+    # 5. AutoAttack vs the worst case of the PGD runs
+    pgd_worst = fraction(correct["pgd10"] & correct["pgd50"] & correct["pgd50x3"])
+    aa = acc[aa_name]
+    gap = max(AUTOATTACK_GAP, tol(pgd_worst, aa))
+    detail = f"{aa_name} {_pct(aa)} vs PGD worst case {_pct(pgd_worst)} (allowed gap {_pct(gap)})"
+    if pgd_worst - aa > gap:  # say what it means: the cause may be masking or just CE's weak gradients
+        detail += "; PGD's cross-entropy gradients mislead it here, so PGD-based accuracies overestimate robustness"
+    checks["autoattack_vs_pgd"] = _check(pgd_worst - aa <= gap, detail, autoattack=aa, pgd=pgd_worst)
+
+    # 6. gradients
+    bad = 1 - fraction(input_gradient_ok(model, images, batch_size, device))
+    checks["gradients"] = _check(
+        bad < BAD_GRADIENT_LIMIT,
+        f"{_pct(bad)} of the images have an all-zero or non-finite input gradient "
+        f"(must be < {_pct(BAD_GRADIENT_LIMIT)})",
+        bad_fraction=bad,
+    )
+    flagged = any(c["passed"] is False for c in checks.values())
+    return {"checks": checks, "flagged": flagged, "accuracy": acc, "attacks": missing}

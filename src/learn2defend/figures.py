@@ -1,0 +1,292 @@
+"""The paper's evaluation figures: accuracy sweeps (Figures 3 and 4) and a grid of
+adversarial examples (Figure 5).
+
+- `sweep`: accuracy against the number of PGD iterations at a fixed eps (Figure 3), or
+  against eps for FGSM and PGD (Figure 4); with several runs, a second row of panels
+  shows each run's accuracy minus the first run's (the paper's "Grad L2L minus PGM Net").
+  Writes PREFIX.csv (one row per run, attack and value) and PREFIX.png.
+- `show`: clean images, their perturbations and the adversarial images, with true and
+  predicted class names.
+
+The sweep attacks: "pgm" is the paper's PGM (zero start, step eps/3: its 0.01 at 0.03),
+the default, as in the paper's figures; "pgd" is Madry's (random start, step 2.5 eps/K);
+"fgsm" one step of size eps. An eps sweep uses K = `steps` (10) iterations; eps 0 and 0
+iterations are the clean accuracy. Every point uses the same images and seed.
+
+Plots are drawn on a bare matplotlib Figure (Agg canvas): no pyplot, no global backend
+switch, nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attacks import Attack, make_attack
+from .data import DeviceLoader
+from .errors import UserError
+from .evaluate import EvalConfig, attack_correct, build_attacks, check_same_task, eval_data, first_n, fraction
+from .train import Run, load_run, resolve_device
+
+SWEEP_OVER = ("pgd-steps", "eps")
+SWEEP_ATTACKS = ("fgsm", "pgd", "pgm")
+CSV_COLUMNS = ("label", "checkpoint", "method", "attack", "eps", "steps", "accuracy", "n")
+MAX_SWEEP_STEPS = 10_000
+_TITLES = {"fgsm": "FGSM", "pgd": "PGD (random start, step 2.5 eps/K)", "pgm": "PGM (zero start, step eps/3)"}
+
+
+@dataclass
+class SweepConfig:
+    checkpoints: list[str]
+    over: str  # "pgd-steps" (Figure 3) or "eps" (Figure 4)
+    values: list[float]
+    out: str  # prefix: PREFIX.csv and PREFIX.png are written
+    attacks: list[str] | None = None  # None: ["pgm"] over pgd-steps, ["fgsm", "pgm"] over eps
+    steps: int = 10  # PGD/PGM iterations of an eps sweep
+    eps: float | None = None  # radius of a pgd-steps sweep; None: the first run's training eps
+    dataset: str | None = None
+    split: str = "val"
+    n: int | None = None
+    batch_size: int = 256
+    which: str = "last"
+    device: str = "auto"
+    data_dir: str = "data"
+    seed: int = 0
+    progress: bool = True
+
+    def resolved_attacks(self) -> list[str]:
+        if self.attacks:
+            return list(dict.fromkeys(self.attacks))
+        return ["pgm"] if self.over == "pgd-steps" else ["fgsm", "pgm"]
+
+    def validate(self) -> None:
+        EvalConfig(checkpoint="", split=self.split, n=self.n, batch_size=self.batch_size, eps=self.eps,
+                   which=self.which).validate()
+        if not self.checkpoints:
+            raise UserError("sweep needs at least one --checkpoint run folder")
+        if self.over not in SWEEP_OVER:
+            raise UserError(f"--over must be one of {', '.join(SWEEP_OVER)}, got '{self.over}'")
+        if not self.values:
+            raise UserError(f"--over {self.over} needs values, e.g. 1,2,5,10 (steps) or 0,0.05,0.1 (eps)")
+        for v in self.values:
+            if self.over == "eps" and not (math.isfinite(v) and 0 <= v <= 1):
+                raise UserError(f"sweep eps values must lie in [0, 1] (pixel units), got {v:g}")
+            if self.over == "pgd-steps" and not (v == int(v) and 0 <= v <= MAX_SWEEP_STEPS):
+                raise UserError(f"sweep step counts must be integers in [0, {MAX_SWEEP_STEPS}], got {v:g}")
+        for a in self.resolved_attacks():
+            if a not in SWEEP_ATTACKS:
+                raise UserError(f"unknown sweep attack '{a}'; choose from {', '.join(SWEEP_ATTACKS)}")
+        if self.over == "pgd-steps" and "fgsm" in self.resolved_attacks():
+            raise UserError("fgsm has one step; sweep it --over eps (pgd-steps takes --attack pgd or pgm)")
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= MAX_SWEEP_STEPS):
+            raise UserError(f"--steps must be an integer in [1, {MAX_SWEEP_STEPS}], got {self.steps}")
+        _writable_prefix(self.out)
+
+
+def _writable_prefix(out: str) -> Path:
+    prefix = Path(out)
+    if not prefix.name or prefix.name in (".", ".."):
+        raise UserError(f"--out '{out}' must name a file prefix, e.g. figures/fig3")
+    parent = next((p for p in (prefix.parent.absolute(), *prefix.parent.absolute().parents) if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise UserError(f"cannot write under '{prefix.parent}': '{parent}' is not a folder")
+    return prefix
+
+
+def _sweep_attack(kind: str, over: str, value: float, eps: float, steps: int) -> Attack | None:
+    """The attack of one sweep point; None where it is the identity (eps 0 or 0 steps)."""
+    e, k = (value, steps) if over == "eps" else (eps, int(value))
+    if e == 0 or k == 0:
+        return None
+    attack = make_attack("fgsm" if kind == "fgsm" else f"{kind}{k}", e)
+    attack.name = f"{kind}@{value:g}"
+    return attack
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """The run folder names; parent/name where names repeat; full paths as a last resort."""
+    for make in (lambda r: r.path.name, lambda r: f"{r.path.parent.name}/{r.path.name}", lambda r: str(r.path)):
+        labels = [make(r) for r in runs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}: {r.path}" for i, r in enumerate(runs)]
+
+
+def sweep(config: SweepConfig) -> dict[str, Any]:
+    """Accuracy of each run at each sweep value; writes PREFIX.csv and PREFIX.png."""
+    config.validate()
+    device = resolve_device(config.device)
+    runs = [load_run(c, config.which, device) for c in config.checkpoints]
+    for other in runs[1:]:
+        check_same_task(runs[0], other, "sweep")
+    eps = runs[0].config.eps if config.eps is None else config.eps
+    if config.over == "pgd-steps" and eps == 0:
+        raise UserError("a pgd-steps sweep at eps 0 is just clean accuracy; give --eps > 0")
+    images = first_n(eval_data(runs[0], config.dataset, config.data_dir), config.split, config.n)
+    kinds = config.resolved_attacks()
+    labels = run_labels(runs)
+    rows: list[dict[str, Any]] = []
+    for run, label in zip(runs, labels, strict=True):
+        points = {(k, v): _sweep_attack(k, config.over, v, eps, config.steps) for k in kinds for v in config.values}
+        attacks = [a for a in points.values() if a is not None]
+        correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed, config.progress)
+        for (kind, value), attack in points.items():
+            ok = correct["clean" if attack is None else attack.name]
+            e, k = (value, config.steps) if config.over == "eps" else (eps, int(value))
+            rows.append({
+                "label": label, "checkpoint": str(run.path), "method": run.config.method, "attack": kind,
+                "eps": e, "steps": 0 if (attack is None) else (1 if kind == "fgsm" else k),
+                "accuracy": fraction(ok), "n": len(images),
+            })
+    prefix = _writable_prefix(config.out)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".png")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_sweep(rows, config.over, kinds, labels, png_path, eps if config.over == "pgd-steps" else None)
+    return {"csv": str(csv_path), "png": str(png_path), "over": config.over, "attacks": kinds,
+            "eps": eps if config.over == "pgd-steps" else None, "n": len(images), "rows": rows}
+
+
+def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], labels: list[str], path: Path,
+               eps: float | None = None) -> None:
+    """Accuracy panels (one per attack) and, with several runs, difference panels below."""
+    from matplotlib.figure import Figure
+
+    diff = len(labels) > 1
+    fig = Figure(figsize=(4.5 * len(kinds), 3.6 * (2 if diff else 1)), layout="constrained")
+    axes = fig.subplots(2 if diff else 1, len(kinds), squeeze=False)
+    x_key, x_label = ("eps", "eps (pixel units)") if over == "eps" else ("steps", "PGD iterations")
+
+    def series(label: str, kind: str) -> tuple[list[float], list[float]]:
+        pts = [r for r in rows if r["label"] == label and r["attack"] == kind]
+        xs = [r[x_key] if over == "eps" else r["steps"] for r in pts]
+        return xs, [100 * r["accuracy"] for r in pts]
+
+    for j, kind in enumerate(kinds):
+        ax = axes[0][j]
+        for i, label in enumerate(labels):  # one color per run in both rows
+            xs, ys = series(label, kind)
+            ax.plot(xs, ys, marker="o", label=label, color=f"C{i % 10}")
+        title = _TITLES[kind] + (f", eps {eps:g}" if eps is not None else "")
+        ax.set(title=title, xlabel=x_label, ylabel="accuracy (%)", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        if diff:
+            ax = axes[1][j]
+            _, base = series(labels[0], kind)
+            for i, label in enumerate(labels[1:], start=1):
+                xs, ys = series(label, kind)
+                ax.plot(xs, [y - b for y, b in zip(ys, base, strict=True)], marker="o", label=f"{label} - {labels[0]}",
+                        color=f"C{i % 10}")
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set(title=f"{_TITLES[kind]}: difference to {labels[0]}", xlabel=x_label,
+                   ylabel="accuracy difference (points)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    fig.savefig(path, format="png", dpi=110)
+
+
+# ---- Figure 5 ----------------------------------------------------------------------------
+
+
+@dataclass
+class ShowConfig:
+    checkpoint: str
+    out: str  # the PNG file to write
+    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd10"])
+    n: int = 6
+    dataset: str | None = None
+    split: str = "val"
+    eps: float | None = None
+    which: str = "last"
+    device: str = "auto"
+    data_dir: str = "data"
+    seed: int = 0
+
+    def validate(self) -> None:
+        EvalConfig(checkpoint=self.checkpoint, split=self.split, n=self.n, eps=self.eps, which=self.which).validate()
+        if self.n > 64:
+            raise UserError(f"--n {self.n} is too many images for one picture; use at most 64")
+        if not self.attacks:
+            raise UserError("show needs at least one attack, e.g. --attacks fgsm,pgd10")
+        _writable_prefix(self.out)
+
+
+def show(config: ShowConfig) -> dict[str, Any]:
+    """A PNG grid like the paper's Figure 5: per column an image; rows: the clean image,
+    then per attack its perturbation (0.5 + delta / (2 eps), gray = unchanged) and the
+    adversarial image, each titled with true and predicted class names."""
+    config.validate()
+    device = resolve_device(config.device)
+    run = load_run(config.checkpoint, config.which, device)
+    eps = run.config.eps if config.eps is None else config.eps
+    attacks = build_attacks(config.attacks, eps, config.n)
+    images = first_n(eval_data(run, config.dataset, config.data_dir), config.split, config.n)
+    classes = [str(c) for c in run.meta["classes"]]
+    torch.manual_seed(config.seed)
+    x, y = next(iter(DeviceLoader(images, len(images), device, shuffle=False, drop_last=False)))
+    model = run.model.eval()
+    with torch.no_grad():
+        clean_pred = model(x).argmax(1)
+    advs, preds = {}, {}
+    for attack in attacks:
+        advs[attack.name] = attack(model, x, y)
+        with torch.no_grad():
+            preds[attack.name] = model(advs[attack.name]).argmax(1)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _plot_grid(x.cpu(), y.cpu(), clean_pred.cpu(), {k: v.cpu() for k, v in advs.items()},
+               {k: v.cpu() for k, v in preds.items()}, classes, eps, run.path.name, out)
+    table = []
+    for i in range(len(y)):
+        entry = {"index": i, "label": classes[int(y[i])], "clean": classes[int(clean_pred[i])]}
+        entry.update({name: classes[int(p[i])] for name, p in preds.items()})
+        table.append(entry)
+    return {"out": str(out), "checkpoint": str(run.path), "eps": eps, "n": len(y),
+            "attacks": [a.name for a in attacks], "images": table}
+
+
+def _as_image(t: torch.Tensor):
+    return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
+
+
+def _plot_grid(x, y, clean_pred, advs, preds, classes, eps, title, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    n, names = len(y), list(advs)
+    rows = 1 + 2 * len(names)
+    fig = Figure(figsize=(1.7 * n + 0.6, 1.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, n, squeeze=False)
+    gray = {"cmap": "gray", "vmin": 0, "vmax": 1} if x.shape[1] == 1 else {}
+
+    def cell(ax, img, text, color="black", ylabel=None):
+        ax.imshow(_as_image(img.clamp(0, 1)), interpolation="nearest", **gray)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(text, fontsize=8, color=color)
+        if ylabel:
+            ax.set_ylabel(ylabel, fontsize=8)
+
+    for i in range(n):
+        true = classes[int(y[i])]
+        ok = bool(clean_pred[i] == y[i])
+        cell(axes[0][i], x[i], f"true {true}\npred {classes[int(clean_pred[i])]}", "green" if ok else "red",
+             "clean" if i == 0 else None)
+        for j, name in enumerate(names):
+            delta = advs[name][i] - x[i]
+            shown = 0.5 + delta / (2 * eps) if eps > 0 else torch.full_like(delta, 0.5)
+            cell(axes[1 + 2 * j][i], shown, f"max |delta| {float(delta.abs().max()):.3f}", "black",
+                 f"{name}\nperturbation" if i == 0 else None)
+            ok = bool(preds[name][i] == y[i])
+            cell(axes[2 + 2 * j][i], advs[name][i], f"true {true}\npred {classes[int(preds[name][i])]}",
+                 "green" if ok else "red", f"{name}\nadversarial" if i == 0 else None)
+    fig.suptitle(f"{title}: eps {eps:g} (perturbations shown as 0.5 + delta / (2 eps))", fontsize=9)
+    fig.savefig(path, format="png", dpi=110)
