@@ -232,6 +232,8 @@ def test_folder_structure_errors(tree, tmp_path):
         load_tree(tree, tmp_path)
     (tree / "train" / "bird").mkdir()
     with pytest.raises(UserError, match="has no image files"):
+        load_tree(tree, tmp_path, on_bad_image="fail")
+    with pytest.raises(UserError, match="class folders .* differ"):  # skip leaves train/bird out
         load_tree(tree, tmp_path)
 
 

@@ -8,13 +8,21 @@ what `state_dict()` gave. Nothing is ever unpickled.
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, then
 renamed over the old file: a reader sees the old checkpoint or the new one, never
-half of one.
+half of one. A process killed mid-write leaves only a hidden `.NAME.tmp-PID` file
+behind, which `is_temp_file` recognizes and `remove_temp_files` clears.
+
+Test hook: with the environment variable LEARN2DEFEND_TEST_SLOW_WRITE=SECONDS set,
+every write sleeps that long between fsync and rename, so a test can kill a run
+while a checkpoint is being written (tests/test_reliability.py). Unset, it costs one
+dictionary lookup per write.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +69,25 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+SLOW_WRITE_ENV = "LEARN2DEFEND_TEST_SLOW_WRITE"
+_TEMP_NAME = re.compile(r"\..+\.tmp-\d+")
+
+
+def is_temp_file(name: str) -> bool:
+    """True for the `.NAME.tmp-PID` files `atomic_write_bytes` writes before renaming."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete temp files a killed writer left in `folder`; return how many there were."""
+    removed = 0
+    for child in Path(folder).iterdir():
+        if is_temp_file(child.name) and child.is_file():
+            child.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` holds either the old or the new content."""
     path = Path(path)
@@ -70,6 +97,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        slow = os.environ.get(SLOW_WRITE_ENV)
+        if slow:  # test hook, see the module docstring
+            time.sleep(float(slow))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -107,7 +137,13 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]
         raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({e})") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not a learn2defend checkpoint")
-    return _decode(json.loads(metadata["tree"]), tensors)
+    try:
+        state = _decode(json.loads(metadata["tree"]), tensors)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:  # tampered
+        raise UserError(f"checkpoint {path} is damaged: its metadata does not match its tensors ({e!r})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} is damaged: it holds no state dictionary")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

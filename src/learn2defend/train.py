@@ -10,8 +10,8 @@ A run folder holds:
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import os
 import signal
 import sys
@@ -36,6 +36,11 @@ LAST, BEST, CONFIG, METRICS = "last.safetensors", "best.safetensors", "config.js
 
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; the run was saved and can be resumed."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became non-finite (on_nonfinite="stop"); the last good
+    checkpoint was kept. A UserError: the CLI prints one line and exits 2."""
 
 
 # ---- building blocks -----------------------------------------------------------------
@@ -111,7 +116,8 @@ def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str)
         module.load_state_dict(weights)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise UserError(f"{what} does not fit this architecture ({first[1].strip() if len(first) > 1 else first[0]})") from None
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"{what} does not fit this architecture ({detail})") from None
 
 
 @dataclass
@@ -182,7 +188,9 @@ def _clean_correct(model: nn.Module, data: ImageData, device: torch.device, batc
     return correct
 
 
-def _robust_correct(model: nn.Module, data: ImageData, eps: float, device: torch.device, batch: int = 256) -> torch.Tensor:
+def _robust_correct(
+    model: nn.Module, data: ImageData, eps: float, device: torch.device, batch: int = 256
+) -> torch.Tensor:
     """PGD-10 (random start, step eps/4) on the given images; the model must be in eval mode."""
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
@@ -223,7 +231,8 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
     except OSError as e:
         raise UserError(f"cannot read the run folder '{out}': {e.strerror}") from None
     if existing and not (resume or overwrite):
-        raise UserError(f"run folder '{out}' already exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+        raise UserError(f"run folder '{out}' already exists and is not empty; "
+                        "pass --resume to continue it or --overwrite to replace it")
     if resume and existing and not (out / CONFIG).is_file():
         raise UserError(f"cannot resume '{out}': it holds no {CONFIG}")
     return resume and (out / LAST).is_file()
@@ -231,6 +240,30 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
 
 # Fields a resumed run may change: they do not alter what is being computed.
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite"}
+
+
+def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: TrainConfig, meta: dict[str, Any],
+               device: torch.device) -> None:
+    """Run the classifier and the attacker once on two blank images, so that a network
+    that cannot take these images fails before the run folder is touched. Eval mode and
+    no gradients: no weight, statistic or random state changes."""
+    c, h, w = meta["image_shape"]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(torch.zeros(2, c, h, w, device=device))
+            if attacker is not None:
+                attacker.eval()
+                attacker(torch.zeros(2, attacker_in_channels(cfg.method, c), h, w, device=device), cfg.eps)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {cfg.model} (or its attacker) cannot take {c}x{h}x{w} images: {first}") from None
+    finally:
+        model.train()
+        if attacker is not None:
+            attacker.train()
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
@@ -276,13 +309,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             cfg.attacker_optimizer, attacker.parameters(), cfg.attacker_lr,
             cfg.attacker_momentum, cfg.attacker_weight_decay, cfg.betas,
         )
-        attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma)
+        attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma
+        )
     loader = DeviceLoader(
         data.train, cfg.batch_size, device, shuffle=True, drop_last=len(data.train) >= cfg.batch_size,
         augment=cfg.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.seed,
     )
     if len(loader) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} leaves no batch of {len(data.train)} training images")
+    if min(cfg.batch_size, len(data.train)) < 2:  # batch norm cannot train on a single image
+        raise UserError(f"training needs batches of at least 2 images; got --batch-size {cfg.batch_size} "
+                        f"and {len(data.train)} training image(s)")
     _preflight(model, attacker, cfg, meta, device)
 
     ctx = StepContext(model, optimizer, cfg, attacker, attacker_optimizer)
@@ -315,8 +353,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                 load_weights(attacker, s["attacker"], f"attacker in {out / LAST}")
                 attacker_optimizer.load_state_dict(s["attacker_optimizer"])
                 attacker_scheduler.load_state_dict(s["attacker_scheduler"])
+            for opt in (optimizer, attacker_optimizer):  # e.g. Adam state loaded into SGD
+                if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
+                    raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
             epoch, start_batch, history, sums, best = s["epoch"], s["batch"], s["history"], s["sums"], s["best"]
-            if not (0 <= epoch <= cfg.epochs and 0 <= start_batch <= len(loader)):
+            if not (0 <= epoch and 0 <= start_batch <= len(loader)):
                 raise ValueError(f"epoch {epoch}, batch {start_batch} is outside this run")
             ckpt.set_rng_state(s["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -341,6 +382,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         _log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch}")
 
     stop = _StopFlag()
+    # on_nonfinite: "stop" costs nothing per step (the loss sums are checked at checkpoints,
+    # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
+    guard = _SkipGuard([model, attacker], [optimizer, attacker_optimizer]) if cfg.on_nonfinite == "skip" else None
+    saved_at = (epoch, start_batch) if continuing else None  # what LAST holds, for messages
     model.train()
     if attacker is not None:
         attacker.train()
@@ -350,17 +395,34 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             started = time.perf_counter()
             batches = _progress(loader.iterate(start_batch), len(loader) - start_batch, epoch, cfg)
             for i, (x, y) in enumerate(batches, start=start_batch + 1):
-                for k, v in step_fn(ctx, x, y).items():
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-                sums["n"] = sums.get("n", 0) + len(y)
-                if stop.requested or (cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)):
-                    _save_last(out, state(epoch, i), model)
+                if guard is not None:
+                    guard.snapshot()
+                metrics = step_fn(ctx, x, y)
+                if guard is not None and not guard.finite(metrics["loss"]):
+                    guard.restore()  # as if this batch had not been drawn
+                    sums["skipped"] = sums.get("skipped", 0) + 1
+                else:
+                    for k, v in metrics.items():
+                        sums[k] = sums[k] + v if k in sums else v.clone()
+                    sums["n"] = sums.get("n", 0) + len(y)
+                periodic = cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)
+                checkpoint = stop.requested or periodic
+                if checkpoint or i % NONFINITE_CHECK_EVERY == 0:
+                    _check_finite(sums, out, f"epoch {epoch + 1} by batch {i}", saved_at)
+                if checkpoint:
+                    _save(out / LAST, state(epoch, i))
+                    saved_at = (epoch, i)
                     if stop.requested:
-                        raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, batch {i}; saved to {out}; continue with --resume")
+                        raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, batch {i}; saved to {out}; "
+                                                  "continue with --resume")
             seconds = time.perf_counter() - started
+            if not sums.get("n"):
+                raise TrainingDiverged(f"every step of epoch {epoch + 1} had a non-finite loss and was skipped; "
+                                       f"{_holds(out, saved_at)}; start over with a lower --lr (--overwrite)")
+            _check_finite(sums, out, f"epoch {epoch + 1}", saved_at)
             record = _epoch_record(epoch, sums, optimizer, seconds)
-            if not math.isfinite(record["train_loss"]):
-                raise UserError(f"training diverged in epoch {epoch + 1} (non-finite loss); {out} keeps the last good checkpoint; lower --lr")
+            if guard is not None:
+                record["skipped_steps"] = sums.get("skipped", 0)
             record.update(validate(model, data, cfg, device))
             history.append(record)
             scheduler.step()
@@ -370,21 +432,85 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             score = record.get("val_pgd10_acc", record["val_clean_acc"])
             if score > best:
                 best = score
-                _save(out / BEST, state(epoch, 0), model)
-            _save_last(out, state(epoch, 0), model)
+                _save(out / BEST, state(epoch, 0))
+            _save(out / LAST, state(epoch, 0))
+            saved_at = (epoch, 0)
             ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
             _log(_format_record(record, cfg.epochs))
+            if stop.requested and epoch < cfg.epochs:
+                raise TrainingInterrupted(f"interrupted after epoch {epoch}; saved to {out}; continue with --resume")
     return load_run(out, "last", device)
 
 
-def _save(path: Path, state: dict[str, Any], model: nn.Module) -> None:
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"the model has non-finite weights; {path} was not overwritten; lower --lr")
-    ckpt.save_state(path, state)
+NONFINITE_CHECK_EVERY = 50  # steps between checks of the loss sums with on_nonfinite=stop
 
 
-def _save_last(out: Path, state: dict[str, Any], model: nn.Module) -> None:
-    _save(out / LAST, state, model)
+def _holds(out: Path, saved_at: tuple[int, int] | None) -> str:
+    if saved_at is None:
+        return f"no checkpoint was written to {out}"
+    epoch, batch = saved_at
+    where = f"the end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
+    return f"{out / LAST} still holds {where}"
+
+
+def _check_finite(sums: dict[str, Any], out: Path, where: str, saved_at: tuple[int, int] | None) -> None:
+    """Stop (TrainingDiverged) when the loss summed so far is not finite; one host sync."""
+    loss = sums.get("loss")
+    if loss is not None and not bool(torch.isfinite(loss)):
+        raise TrainingDiverged(
+            f"training diverged: non-finite loss in {where}; {_holds(out, saved_at)}; "
+            "resume with --on-nonfinite skip to skip such steps, or start over with a lower --lr (--overwrite)"
+        )
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint, unless its weights are not finite: a diverged model never
+    replaces a good checkpoint."""
+    for part in ("model", "attacker"):
+        for name, t in (state.get(part) or {}).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TrainingDiverged(f"training diverged: the {part}'s {name} is not finite; {path} was not "
+                                       "overwritten; resume with --on-nonfinite skip, or start over with a lower --lr")
+    try:
+        ckpt.save_state(path, state)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e}); the previous checkpoint is intact") from None
+
+
+class _SkipGuard:
+    """on_nonfinite="skip": undo a training step whose loss or new weights are not finite.
+
+    The step functions update the weights themselves, so the guard copies the weights,
+    buffers and optimizer states before every step and puts them back after a step that
+    went non-finite. Cost per step: one copy of that state and one host-device sync for
+    the check; small next to a forward and backward pass, but not free, which is why
+    "stop", the default, checks only at checkpoints, every NONFINITE_CHECK_EVERY steps
+    and at epoch ends.
+    """
+
+    def __init__(self, modules: list[nn.Module | None], optimizers: list[torch.optim.Optimizer | None]) -> None:
+        self.modules = [m for m in modules if m is not None]
+        self.optimizers = [o for o in optimizers if o is not None]
+        self._saved: tuple[list, list] = ([], [])
+
+    def snapshot(self) -> None:
+        self._saved = (
+            [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules],
+            [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+        )
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        flags = [torch.isfinite(loss).all()]
+        tensors = [t for m in self.modules for t in m.state_dict().values() if t.is_floating_point()]
+        flags += [torch.isfinite(t).all() for t in tensors]
+        return bool(torch.stack(flags).all())
+
+    def restore(self) -> None:
+        weights, optimizer_states = self._saved
+        for m, w in zip(self.modules, weights, strict=True):
+            m.load_state_dict(w)
+        for o, s in zip(self.optimizers, optimizer_states, strict=True):
+            o.load_state_dict(s)
 
 
 def _epoch_record(epoch: int, sums: dict[str, Any], optimizer: torch.optim.Optimizer, seconds: float) -> dict[str, Any]:
@@ -405,6 +531,8 @@ def _format_record(r: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {r['epoch']}/{epochs}", f"loss {r['train_loss']:.4f}", f"train acc {r['train_acc']:.3f}"]
     if "attack_success" in r:
         parts.append(f"attack success {r['attack_success']:.3f}")
+    if r.get("skipped_steps"):
+        parts.append(f"skipped {r['skipped_steps']} non-finite steps")
     parts.append(f"val clean {r['val_clean_acc']:.3f}")
     if "val_pgd10_acc" in r:
         parts.append(f"val pgd10 {r['val_pgd10_acc']:.3f}")
