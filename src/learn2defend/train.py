@@ -379,7 +379,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     except OSError as e:
         raise UserError(f"cannot write the run folder '{out}': {e}") from None
     if continuing:
-        _log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch}")
+        if epoch < cfg.epochs:
+            _log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch}")
+        else:
+            _log(f"{out} has finished its {epoch} epochs; nothing to train")
 
     stop = _StopFlag()
     # on_nonfinite: "stop" costs nothing per step (the loss sums are checked at checkpoints,
