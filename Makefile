@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
 test: $(STAMP) lint
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
