@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    _add_reproduce_commands(sub)
+
     p = sub.add_parser("models", help="list the registered classifiers")
     p.add_argument("pattern", nargs="?", default="*")
     return parser
@@ -343,6 +345,45 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _add_reproduce_commands(sub) -> None:
+    """reproduce (the paper's tables and figures) and plot (training curves)."""
+    from .reproduce import EXPERIMENTS, PRESETS_PUBLIC
+
+    p = sub.add_parser("reproduce", help="the paper's Tables 2-7 and Figures 3-5: runs, tables (ours vs paper), PNGs")
+    p.add_argument("experiment", choices=[*EXPERIMENTS, "all"], metavar="EXPERIMENT",
+                   help=f"{', '.join(EXPERIMENTS)} or all")
+    p.add_argument("--preset", default="cpu", choices=PRESETS_PUBLIC,
+                   help="paper (WRN-34-4, 40 epochs, 5 seeds; a GPU) | cpu (small CNN, few epochs; default)")
+    p.add_argument("--out", required=True, help="folder for runs, cached evaluations, tables and figures")
+    p.add_argument("--dataset", type=_names, help="data set(s) instead of the paper's, e.g. digits or folder:PATH")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--download", action="store_true", help="fetch torchvision data sets into --data-dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object (files and raw rows)")
+
+    p = sub.add_parser("plot", help="training curves (loss, accuracy, attack success per epoch) of run folders")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders (their metrics.jsonl)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+
+
+def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
+    from .reproduce import reproduce, summary
+
+    report = reproduce(args.experiment, args.preset, args.out, datasets=args.dataset, device=args.device,
+                       data_dir=args.data_dir, download=args.download,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.json:
+        return report
+    print(summary(report))
+    return {}
+
+
+def _plot(args: argparse.Namespace) -> dict[str, Any]:
+    from .reproduce import plot_curves
+
+    return {"out": plot_curves(args.runs, args.out)}
+
+
 def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if not result:
         return
@@ -372,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(list_models(args.pattern)))
             return 0
         commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare,
-                    "bench": _bench, "transfer": _transfer, "sweep": _sweep, "show": _show}
+                    "bench": _bench, "transfer": _transfer, "sweep": _sweep, "show": _show,
+                    "reproduce": _reproduce, "plot": _plot}
         result = commands[args.command](args)
     except UserError as e:  # one line, even when the message quotes a file name with a newline
         print(f"learn2defend: error: {' '.join(str(e).split())}", file=sys.stderr)

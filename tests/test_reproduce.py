@@ -1,0 +1,114 @@
+"""learn2defend reproduce / plot end to end, at the hidden "tiny" preset (1 epoch, 64
+digits, 16 evaluation images), sharing one output folder across the module."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from learn2defend import reproduce as rp
+from learn2defend.cli import main
+
+DATASET = "digits"
+
+
+class Stop(Exception):
+    """Stands for a kill: raised by the patched train after a few runs."""
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("repro")
+
+
+@pytest.fixture(scope="module")
+def interrupted(out: Path) -> dict:
+    """table2 stopped after 3 runs, then started again; the second report and the mtimes."""
+    real_train = rp.train
+    calls = []
+
+    def dying_train(config, **kw):
+        if len(calls) == 3:
+            raise Stop()
+        calls.append(config.out)
+        return real_train(config, **kw)
+
+    rp.train = dying_train
+    try:
+        with pytest.raises(Stop):
+            rp.reproduce("table2", "tiny", out, datasets=[DATASET])
+    finally:
+        rp.train = real_train
+    mtimes = {c: (Path(c) / "last.safetensors").stat().st_mtime_ns for c in calls}
+    report = rp.reproduce("table2", "tiny", out, datasets=[DATASET])
+    return {"first": calls, "mtimes": mtimes, "report": report}
+
+
+def test_resume_skips_finished_runs(interrupted: dict) -> None:
+    first, report = interrupted["first"], interrupted["report"]
+    assert len(first) == 3
+    assert not set(first) & set(report["trained"])  # finished runs were not trained again
+    for run, mtime in interrupted["mtimes"].items():
+        assert (Path(run) / "last.safetensors").stat().st_mtime_ns == mtime
+    assert len(report["trained"]) == 9 - 3  # 9 methods (plain included: the others start from it), 1 seed
+
+
+def test_rerun_is_cached(out: Path, interrupted: dict) -> None:
+    evals = sorted((out / "evals").rglob("*.json"))
+    before = {p: p.stat().st_mtime_ns for p in evals}
+    report = rp.reproduce("table2", "tiny", out, datasets=[DATASET])
+    assert report["trained"] == []
+    assert {p: p.stat().st_mtime_ns for p in sorted((out / "evals").rglob("*.json"))} == before
+
+
+def test_table2_outputs(out: Path, interrupted: dict) -> None:
+    files = interrupted["report"]["experiments"]["table2"][DATASET]["files"]
+    md = Path(files["md"]).read_text()
+    assert "preset tiny" in md
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert lines[0].split("|")[1:-1] == [" method ", " clean ", " FGSM ", " PGM10 ", " CW ", " AutoAttack-fast ",
+                                         " worst ", " flagged "]
+    assert len(lines) == 2 + 9  # header, rule, 9 methods
+    assert "(paper 40.69)" in md  # PGM Net's PGM10 on CIFAR-10 beside ours
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert len(rows) == 9
+    assert {"method", "attacker", "seed", "preset", "acc_clean", "acc_fgsm", "acc_pgm10", "acc_cw",
+            "acc_autoattack-fast", "acc_worst", "flagged", "paper_pgm10"} <= set(rows[0])
+    assert all(r["preset"] == "tiny" for r in rows)
+    data = json.loads(Path(files["json"]).read_text())
+    assert data["preset"] == "tiny" and len(data["rows"]) == 9
+
+
+def test_other_experiments(out: Path, interrupted: dict) -> None:
+    report = rp.reproduce("all", "tiny", out, datasets=[DATASET])
+    exps = report["experiments"]
+    assert set(exps) == set(rp.EXPERIMENTS)
+    for name in ("table3", "table6", "table7"):
+        files = exps[name][DATASET]["files"]
+        lines = [line for line in Path(files["md"]).read_text().splitlines() if line.startswith("|")]
+        assert len(lines) == 2 + 6 and len(lines[0].split("|")) == 2 + 1 + 6
+        assert len(list(csv.DictReader(open(files["csv"])))) == 6 * 3 * 2
+    t4 = list(csv.DictReader(open(exps["table4"][DATASET]["files"]["csv"])))
+    assert len(t4) == 9 and all(float(r["seconds_mean"]) > 0 for r in t4)
+    t5 = exps["table5"][DATASET]["files"]
+    assert "adam" in json.loads(Path(t5["json"]).read_text())["rows"][0]["run"]
+    for name in ("fig3", "fig4"):
+        assert Path(exps[name][DATASET]["files"]["png"]).is_file()
+        assert Path(exps[name][DATASET]["files"]["csv"]).is_file()
+    assert len(exps["fig5"][DATASET]["files"]) == 3
+    assert all(Path(p).is_file() for p in exps["fig5"][DATASET]["files"].values())
+    # table2's runs were shared: "all" trained only surrogates and the Adam (table5/table7) runs
+    assert all("digits-sgd" not in t or "-s1000" in t for t in report["trained"])
+
+
+def test_cli_plot_and_reproduce(out: Path, interrupted: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = out / "runs" / "digits-sgd"
+    png = out / "curves.png"
+    assert main(["plot", str(runs / "plain-s0"), str(runs / "grad-l2l-slim-s0"), "--out", str(png)]) == 0
+    assert png.is_file()
+    capsys.readouterr()
+    assert main(["reproduce", "table5", "--preset", "paper", "--dataset", "nosuch", "--out", str(out / "x")]) == 2
+    assert "nosuch" in capsys.readouterr().err
