@@ -51,6 +51,7 @@ HELP = {
     "progress": "progress bar on a terminal",
     "on_bad_image": "folder image files that cannot be decoded: skip (warn, count) | fail",
     "on_nonfinite": "non-finite loss: stop (keep the last good checkpoint, exit 2) | skip (drop that step)",
+    "sync_bn": "under torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm)",
 }
 
 
@@ -222,7 +223,9 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
         data_dir=args.data_dir, seed=args.seed, checks=args.checks, surrogate=args.surrogate,
         attack_state=args.attack_state,
     ))
-    return _eval_report(result, args.json)
+    from .distributed import is_main
+
+    return _eval_report(result, args.json) if is_main() else {}  # under torchrun, rank 0 reports
 
 
 def _add_eval_commands(sub) -> None:
@@ -407,6 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a malformed option (already printed as one line)
         return e.code if isinstance(e.code, int) else 0
     try:
+        from . import distributed
+
+        if distributed.launched() and args.command not in ("train", "eval"):  # see docs/distributed.md
+            raise UserError(f"'{args.command}' does not run under torchrun; only train and eval do: "
+                            "run it as one process")
+        distributed.init_from_env(getattr(args, "device", "auto"))
         if args.command == "models":
             from .models import list_models
 
@@ -427,5 +436,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"learn2defend: {e}", file=sys.stderr)
         return 130
-    _print_result(result, getattr(args, "json", False))
+    if distributed.is_main():  # under torchrun, rank 0 alone reports
+        _print_result(result, getattr(args, "json", False))
     return 0

@@ -107,6 +107,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save every N steps (0: only at epoch ends)
     progress: bool = True
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
+    sync_bn: bool = False  # under torchrun: batch norm with statistics over all processes (SyncBatchNorm)
 
     # ---- derived values: resolved once, never stored twice ---------------------------
     @property

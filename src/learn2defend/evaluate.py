@@ -126,7 +126,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Clean accuracy, accuracy under each attack, and the per-sample worst case; with
     `config.checks`, the sanity checks ("checks", "flagged")."""
     config.validate()
-    device = resolve_device(config.device)
+    from . import distributed
+
+    world = distributed.world_size()
+    if world > 1 and config.checks:
+        raise UserError("--checks do not run under torchrun; run eval --checks as one process")
+    device = distributed.local_device(resolve_device(config.device))
     run = load_run(config.checkpoint, config.which, device)
     eps = run.config.eps if config.eps is None else config.eps
     if config.checks and not eps > 0:
@@ -137,13 +142,20 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         check_same_task(run, surrogate, "--surrogate")
     data = eval_data(run, config.dataset, config.data_dir)
     images = first_n(data, config.split, config.n)
-    # Only AutoAttack keeps state (the checks may run autoattack-fast).
-    resumable = config.checks or any(isinstance(a, AutoAttack) for a in attacks)
+    n = len(images)
+    if world > 1:  # under torchrun: rank r attacks images r, r + world, ...; the counts are added up
+        r = distributed.rank()
+        images = ImageData(images.images[r::world], images.labels[r::world])
+    # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
+    resumable = world == 1 and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
     correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
-                             config.progress, state)
-    n = len(images)
-    accuracy = {name: fraction(ok) for name, ok in correct.items()}
+                             config.progress and distributed.is_main(), state)
+    if world > 1:
+        counts = distributed.sum_counts([int(ok.sum()) for ok in correct.values()])
+        accuracy = {name: c / n for name, c in zip(correct, counts, strict=True)}
+    else:
+        accuracy = {name: fraction(ok) for name, ok in correct.items()}
     if not attacks:
         del accuracy["worst"]  # the worst case over no attack is just clean accuracy
     result: dict[str, Any] = {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed
 from .attacks import pgd_delta
 from .config import TrainConfig
 from .data import Dataset, DeviceLoader, ImageData, load_dataset
@@ -279,10 +280,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     continuing = _prepare_out(out, resume, overwrite)
     if continuing:
         stored = TrainConfig.load(out / CONFIG)
-        changed = sorted(k for k, v in stored.to_dict().items() if k not in RESUMABLE_CHANGES and cfg.to_dict()[k] != v)
+        changed = sorted(k for k, v in stored.to_dict().items()
+                         if k not in RESUMABLE_CHANGES | {"batch_size"} and cfg.to_dict()[k] != v)
         if changed:
             raise UserError(f"cannot resume '{out}' with different settings: {', '.join(changed)}")
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
+    rank, world = distributed.rank(), distributed.world_size()
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
+                        "leave it out (each process then normalizes with its own batch statistics)")
     data = load_dataset(
         cfg.dataset, cfg.data_dir, val_size=cfg.val_size if cfg.val_size < 1 else int(cfg.val_size),
         split_seed=cfg.split_seed, download=cfg.download, image_size=cfg.image_size,
@@ -300,6 +306,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         if init.meta["classes"] != meta["classes"] or init.config.model != cfg.model:
             raise UserError(f"--init {cfg.init} is a {init.config.model} for other classes; it cannot start this run")
         model.load_state_dict(init.model.state_dict())
+    if attacker is not None:
+        attacker.to(device)
+    # Identical starting weights everywhere (the seed gives them already; this makes sure).
+    distributed.broadcast_modules([model, attacker])
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
     attacker_optimizer = attacker_scheduler = None
@@ -312,9 +324,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(
             attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma
         )
+    # Every later optimizer step first averages its gradients over the processes.
+    distributed.install_gradient_sync([optimizer, attacker_optimizer])
+    # Under torchrun --batch-size is per process; rank r takes every world-th image of the
+    # epoch's permutation, so global batch i is the same images for any world size.
     loader = DeviceLoader(
-        data.train, cfg.batch_size, device, shuffle=True, drop_last=len(data.train) >= cfg.batch_size,
+        data.train, cfg.batch_size, device, shuffle=True,
+        drop_last=len(data.train) // world >= cfg.batch_size,
         augment=cfg.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.seed,
+        rank=rank, world_size=world,
     )
     if len(loader) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} leaves no batch of {len(data.train)} training images")
@@ -331,11 +349,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     # uninterrupted one would. Data order and augmentation need no entry: DeviceLoader
     # derives them from (seed, epoch, batch). An AMP GradScaler, once there is one,
     # belongs here as "scaler" (its state_dict) and in the restore below.
-    def state(epoch: int, batch: int) -> dict[str, Any]:
+    def state(epoch: int, batch: int, sums: dict[str, Any]) -> dict[str, Any]:
         s = {
             "data": meta, "epoch": epoch, "batch": batch, "history": history, "best": best,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
+            "world_size": world,
         }
         if attacker is not None:
             s.update(attacker=attacker.state_dict(), attacker_optimizer=attacker_optimizer.state_dict(),
@@ -357,6 +376,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                 if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
                     raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
             epoch, start_batch, history, sums, best = s["epoch"], s["batch"], s["history"], s["sums"], s["best"]
+            saved_world = s.get("world_size", 1)
+            if not (isinstance(saved_world, int) and saved_world >= 1):
+                raise ValueError(f"world_size {saved_world!r}")
+            start_batch, sums = _rescale_position(start_batch, sums, stored.batch_size * saved_world,
+                                                  cfg.batch_size * world)
             if not (0 <= epoch and 0 <= start_batch <= len(loader)):
                 raise ValueError(f"epoch {epoch}, batch {start_batch} is outside this run")
             ckpt.set_rng_state(s["rng"])
@@ -365,17 +389,24 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                             "start over with --overwrite") from None
         if s["data"]["classes"] != meta["classes"] or s["data"]["image_shape"] != meta["image_shape"]:
             raise UserError(f"checkpoint {out / LAST} was trained on other data than {cfg.dataset}")
+        # --batch-size is per process: it may change on resume only so that the global batch stays
+        if cfg.batch_size != stored.batch_size and cfg.batch_size * world != stored.batch_size * saved_world:
+            raise UserError(f"cannot resume '{out}' with a different --batch-size: it was trained with "
+                            f"{saved_world} process(es) x {stored.batch_size}; keep --batch-size {stored.batch_size}, "
+                            f"or keep the global batch {stored.batch_size * saved_world} (batch x processes)")
 
-    # Nothing was written so far; from here on the run folder is ours.
+    # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
+    distributed.barrier()  # every rank has read the folder before rank 0 changes it
     try:
-        if overwrite and out.is_dir():
-            for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
-                child.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_temp_files(out)  # left by a run killed while writing
-        ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if continuing:  # a run killed between its checkpoint and its metrics line
-            ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        if rank == 0:
+            if overwrite and out.is_dir():
+                for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
+                    child.unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_temp_files(out)  # left by a run killed while writing
+            ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+            if continuing:  # a run killed between its checkpoint and its metrics line
+                ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
     except OSError as e:
         raise UserError(f"cannot write the run folder '{out}': {e}") from None
     if continuing:
@@ -409,16 +440,22 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                         sums[k] = sums[k] + v if k in sums else v.clone()
                     sums["n"] = sums.get("n", 0) + len(y)
                 periodic = cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)
-                checkpoint = stop.requested or periodic
+                stopping = distributed.any_rank(stop.requested) if world > 1 else stop.requested
+                checkpoint = stopping or periodic
                 if checkpoint or i % NONFINITE_CHECK_EVERY == 0:
-                    _check_finite(sums, out, f"epoch {epoch + 1} by batch {i}", saved_at)
+                    total = distributed.reduce_sums(sums) if world > 1 else sums  # all ranks' sums so far
+                    _check_finite(total, out, f"epoch {epoch + 1} by batch {i}", saved_at)
                 if checkpoint:
-                    _save(out / LAST, state(epoch, i))
+                    distributed.broadcast_buffers([model, attacker])
+                    if rank == 0:
+                        _save(out / LAST, state(epoch, i, total))
                     saved_at = (epoch, i)
-                    if stop.requested:
+                    if stopping:
                         raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, batch {i}; saved to {out}; "
                                                   "continue with --resume")
             seconds = time.perf_counter() - started
+            if world > 1:
+                sums = distributed.reduce_sums(sums)  # all ranks' sums: one all-reduce per epoch
             if not sums.get("n"):
                 raise TrainingDiverged(f"every step of epoch {epoch + 1} had a non-finite loss and was skipped; "
                                        f"{_holds(out, saved_at)}; start over with a lower --lr (--overwrite)")
@@ -426,26 +463,53 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             record = _epoch_record(epoch, sums, optimizer, seconds)
             if guard is not None:
                 record["skipped_steps"] = sums.get("skipped", 0)
-            record.update(validate(model, data, cfg, device))
+            distributed.broadcast_buffers([model, attacker])  # rank 0's batch-norm statistics everywhere
+            if rank == 0:  # the others go on and wait for it at their first gradient sync
+                record.update(validate(model, data, cfg, device))
             history.append(record)
             scheduler.step()
             if attacker_scheduler is not None:
                 attacker_scheduler.step()
             epoch, start_batch, sums = epoch + 1, 0, {}
-            score = record.get("val_pgd10_acc", record["val_clean_acc"])
-            if score > best:
-                best = score
-                _save(out / BEST, state(epoch, 0))
-            _save(out / LAST, state(epoch, 0))
+            if rank == 0:
+                score = record.get("val_pgd10_acc", record["val_clean_acc"])
+                if score > best:
+                    best = score
+                    _save(out / BEST, state(epoch, 0, sums))
+                _save(out / LAST, state(epoch, 0, sums))
+                ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+                _log(_format_record(record, cfg.epochs))
             saved_at = (epoch, 0)
-            ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-            _log(_format_record(record, cfg.epochs))
-            if stop.requested and epoch < cfg.epochs:
+            stopping = distributed.any_rank(stop.requested) if world > 1 else stop.requested
+            if stopping and epoch < cfg.epochs:
                 raise TrainingInterrupted(f"interrupted after epoch {epoch}; saved to {out}; continue with --resume")
+    if world > 1:
+        distributed.barrier()  # rank 0 has written everything
+        if rank:  # the same weights as rank 0's, without every process reading the folder
+            model.eval()
+            if attacker is not None:
+                attacker.eval()
+            return Run(out, cfg, meta, model, attacker, epoch, history)
     return load_run(out, "last", device)
 
 
 NONFINITE_CHECK_EVERY = 50  # steps between checks of the loss sums with on_nonfinite=stop
+
+
+def _rescale_position(batch: int, sums: dict[str, Any], saved_global: int, global_batch: int
+                      ) -> tuple[int, dict[str, Any]]:
+    """Where a run that saved `batch` global batches of `saved_global` images into an epoch
+    continues with global batches of `global_batch` (= --batch-size x processes). Rank r
+    takes every world-th image of the epoch's permutation, so the first k global batches
+    are the first k x global-batch images of the permutation for any number of processes:
+    the position carries over whenever it is a whole number of new batches; otherwise the
+    epoch starts over (its metric sums too). The checkpoint's sums (all ranks' together)
+    continue on rank 0."""
+    if batch * saved_global % global_batch:
+        _log(f"the checkpoint is {batch * saved_global} images into an epoch, no whole number of global batches "
+             f"of {global_batch}: the epoch starts over")
+        return 0, {}
+    return batch * saved_global // global_batch, sums if distributed.is_main() else {}
 
 
 def _holds(out: Path, saved_at: tuple[int, int] | None) -> str:
@@ -506,7 +570,7 @@ class _SkipGuard:
         flags = [torch.isfinite(loss).all()]
         tensors = [t for m in self.modules for t in m.state_dict().values() if t.is_floating_point()]
         flags += [torch.isfinite(t).all() for t in tensors]
-        return bool(torch.stack(flags).all())
+        return not distributed.any_rank(not bool(torch.stack(flags).all()))  # every rank skips, or none
 
     def restore(self) -> None:
         weights, optimizer_states = self._saved
@@ -544,12 +608,14 @@ def _format_record(r: dict[str, Any], epochs: int) -> str:
 
 
 def _log(message: str) -> None:
+    if not distributed.is_main():
+        return
     print(message, file=sys.stderr, flush=True)
 
 
 def _progress(batches, total: int, epoch: int, cfg: TrainConfig):
     """A tqdm bar on a terminal; nothing (the per-epoch line) otherwise."""
-    if not (cfg.progress and sys.stderr.isatty()):
+    if not (cfg.progress and sys.stderr.isatty()) or not distributed.is_main():
         return batches
     from tqdm import tqdm
 

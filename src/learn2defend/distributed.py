@@ -1,0 +1,207 @@
+"""Data-parallel training across processes (torchrun): one process per GPU, or several
+CPU processes with gloo.
+
+No DistributedDataParallel wrapper: the classifier is called several times per step
+(the gradient query with `autograd.grad`, the clean forward, the adversarial forward)
+and the L2L methods take one backward through classifier and attacker together, which
+DDP's reducer hooks handle badly. Instead every optimizer gets a step pre-hook
+(`sync_gradients`) that averages the gradients of its parameters across processes in
+one flattened all-reduce right before it steps. Every `.step()` the training methods
+take (the joint update, the alternating update, the extra attacker steps) goes through
+it, so classifier and attacker stay identical on every rank as long as they start
+identical (`broadcast_modules` at the start).
+
+Buffers (batch-norm running statistics) are local: each rank normalizes with its own
+batch statistics and updates its own running averages. They are broadcast from rank 0
+before every validation and checkpoint (`broadcast_buffers`), so rank 0's statistics
+are the ones validated and saved, and all ranks continue from the same ones.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .errors import UserError
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+
+
+def launched() -> bool:
+    """True when this process was started by torchrun (or a launcher setting its variables)
+    with more than one process."""
+    return all(k in os.environ for k in TORCHRUN_ENV) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on the CPU); return
+    True when this call created it (the caller then calls `shutdown`)."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed; run without torchrun")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} under torchrun, but CUDA is not available; use --device cpu")
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank()} but this machine has {torch.cuda.device_count()} GPU(s); "
+                            "use --nproc_per_node <= the number of GPUs")
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
+    else:
+        dist.init_process_group("gloo")
+    atexit.register(shutdown)
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under a process group, a CUDA device means this process's GPU (cuda:LOCAL_RANK)."""
+    if active() and device.type == "cuda":
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def _comm_device() -> torch.device:
+    """Where collectives' tensors must live: the GPU for nccl, anywhere for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _allreduce_mean(tensors: list[torch.Tensor]) -> None:
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
+        t.copy_(synced)
+
+
+def sync_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Average the gradients of `optimizer`'s parameters across ranks, in one bucket.
+
+    A parameter without a gradient on some rank would make the ranks disagree about the
+    bucket's layout, so missing gradients take part as zeros (an optimizer treats a zero
+    gradient almost like none; SGD and Adam with weight decay or momentum differ, so the
+    gradient is only materialized where another rank has one)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_comm_device())
+    dist.all_reduce(has)
+    synced = []
+    for p, n in zip(params, has.tolist(), strict=True):
+        if n and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if n:
+            synced.append(p.grad)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in synced:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for grads in by_dtype.values():
+        _allreduce_mean(grads)
+
+
+def install_gradient_sync(optimizers: list[torch.optim.Optimizer | None]) -> None:
+    """Every later `optimizer.step()` first averages its gradients across ranks."""
+    if not active():
+        return
+    for opt in optimizers:
+        if opt is not None:
+            opt.register_step_pre_hook(lambda o, args, kwargs: sync_gradients(o))
+
+
+def _broadcast(tensors: list[torch.Tensor]) -> None:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors([t.detach() for t in group])
+        dist.broadcast(flat, src=0)
+        with torch.no_grad():
+            for t, v in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+                t.copy_(v)
+
+
+def broadcast_modules(modules: list[nn.Module | None]) -> None:
+    """Rank 0's parameters and buffers on every rank."""
+    if active():
+        _broadcast([t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())])
+
+
+def broadcast_buffers(modules: list[nn.Module | None]) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank."""
+    if active():
+        _broadcast([b for m in modules if m is not None for b in m.buffers()])
+
+
+SUM_KEYS = ("loss", "correct", "attack_success", "n", "skipped")
+
+
+def reduce_sums(sums: dict) -> dict:
+    """The training loop's metric sums added over ranks (a new dict; floats for all)."""
+    if not active():
+        return dict(sums)
+    values = [float(sums[k]) if k in sums else 0.0 for k in SUM_KEYS]
+    present = [1.0 if k in sums else 0.0 for k in SUM_KEYS]
+    t = torch.tensor(values + present, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    out = {}
+    for i, k in enumerate(SUM_KEYS):
+        if t[len(SUM_KEYS) + i] > 0:
+            v = t[i].item()
+            out[k] = int(v) if k in ("n", "skipped") else torch.tensor(v, dtype=torch.float64)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on at least one rank."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def sum_counts(counts: list[int]) -> list[int]:
+    """Integer counts added over ranks."""
+    if not active():
+        return counts
+    t = torch.tensor(counts, dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
