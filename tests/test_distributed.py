@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from learn2defend.checkpoint import load_state
@@ -130,3 +131,18 @@ def test_commands_other_than_train_and_eval_refuse_torchrun(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "torchrun" in done.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_resume_keeps_the_global_batch(tmp_path):
+    from learn2defend import TrainConfig, train
+    from learn2defend.errors import UserError
+
+    def config(batch, epochs):
+        return TrainConfig(out=str(tmp_path / "run"), dataset="fake:1x8x8:4", train_size=64, val_size=16,
+                           model="smallcnn", epochs=epochs, batch_size=batch, val_robust_n=0, progress=False,
+                           device="cpu", data_dir=str(tmp_path / "data"))
+
+    train(config(16, 1))
+    with pytest.raises(UserError, match="trained with 1 process.* x 16; keep --batch-size 16"):
+        train(config(8, 2), resume=True)  # one process: the global batch would change
+    assert train(config(16, 2), resume=True).epoch == 2
