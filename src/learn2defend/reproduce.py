@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import statistics
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -499,9 +500,11 @@ def _label_png(png: Path, text: str) -> None:
 
     img = plt.imread(png)
     h, w = img.shape[:2]
-    fig = plt.figure(figsize=(w / 100, h / 100 + 0.4), dpi=100)
-    fig.text(0.5, 1 - 0.2 / (h / 100 + 0.4), text, ha="center", va="center", fontsize=10)
-    ax = fig.add_axes((0, 0, 1, (h / 100) / (h / 100 + 0.4)))
+    lines = textwrap.wrap(text, width=max(30, int(w / 6.5)))  # ~6.5 px per character at 9 pt: fit narrow figures
+    band = 0.2 * len(lines) + 0.1  # inches of title band
+    fig = plt.figure(figsize=(w / 100, h / 100 + band), dpi=100)
+    fig.text(0.5, 1 - band / 2 / (h / 100 + band), "\n".join(lines), ha="center", va="center", fontsize=9)
+    ax = fig.add_axes((0, 0, 1, (h / 100) / (h / 100 + band)))
     ax.imshow(img)
     ax.axis("off")
     fig.savefig(png, dpi=100)
