@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     _add_reproduce_commands(sub)
@@ -340,7 +341,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, dataset=args.dataset, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, methods=args.methods, attacker=args.attacker,
         attacker_width=args.attacker_width, eps=args.eps, clean_weight=args.clean_weight,
-        device=args.device, data_dir=args.data_dir, seed=args.seed,
+        device=args.device, data_dir=args.data_dir, seed=args.seed, threads=args.threads,
     ))
     if args.json:
         return result

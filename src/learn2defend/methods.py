@@ -24,6 +24,7 @@ from .attacks import fgsm_delta, pgd_delta
 from .config import TrainConfig
 
 Metrics = dict[str, Tensor]
+Grads = list[Tensor | None]  # one entry per classifier parameter, in optimizer order
 
 
 @dataclass
@@ -40,15 +41,32 @@ class StepContext:
 # ---- shared pieces -------------------------------------------------------------------
 
 
-def update(ctx: StepContext, loss: Tensor) -> None:
-    """One backward and one step of every optimizer that has gradients to apply."""
+def update(ctx: StepContext, loss: Tensor, clean_grads: Grads | None = None) -> None:
+    """One backward and one step of every optimizer that has gradients to apply.
+
+    `clean_grads`: the classifier's gradients of the clean term, when
+    `clean_forward_with_grad` already took them; they are added before the step.
+    """
     optimizers = [ctx.optimizer] + ([ctx.attacker_optimizer] if ctx.attacker_optimizer else [])
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     loss.backward(inputs=params)  # inputs=: no gradient is wasted on the images
+    _add_grads(_params(ctx.optimizer), clean_grads)
     for opt in optimizers:
         opt.step()
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _add_grads(params: list[Tensor], grads: Grads | None) -> None:
+    if grads is None:
+        return
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
 
 
 def mixed_loss(ctx: StepContext, logits_adv: Tensor, y: Tensor, logits_clean: Tensor | None) -> Tensor:
@@ -68,18 +86,29 @@ def batch_metrics(loss: Tensor, logits: Tensor, y: Tensor, adversarial: bool) ->
     return metrics
 
 
-def clean_forward_with_grad(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits of the clean batch and the input gradient of its loss (no weight gradients).
+def clean_forward_with_grad(
+    ctx: StepContext, x: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor, Grads | None]:
+    """Logits of the clean batch (detached), the input gradient of its summed loss and,
+    when the clean loss is trained on (clean_weight w > 0), the classifier's gradients of
+    its share w * CE(clean): one forward and one backward serve the attack and the clean
+    term.
 
-    The graph is kept when the clean loss is also trained on, so this one forward
-    serves both the attack and the clean term.
+    Taking the weight gradients here, together with the input gradient, walks the clean
+    graph back once instead of twice (once for the attack, again in the final backward)
+    and frees it before the adversarial forward: an FGSM step costs ~6 classifier forwards
+    instead of ~7 (measured ~15 % faster; docs/performance.md).
     """
     x = x.detach().requires_grad_(True)
     logits = ctx.model(x)
-    (grad,) = torch.autograd.grad(
-        F.cross_entropy(logits, y, reduction="sum"), x, retain_graph=bool(ctx.config.clean_weight)
-    )
-    return logits, grad
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    w = ctx.config.clean_weight
+    if not w:  # input gradient only
+        (grad,) = torch.autograd.grad(loss, x)
+        return logits.detach(), grad, None
+    grad, *param_grads = torch.autograd.grad(loss, [x, *_params(ctx.optimizer)], allow_unused=True)
+    scale = w / len(y)  # gradient of w * mean CE from that of the summed CE
+    return logits.detach(), grad, [None if g is None else g.mul_(scale) for g in param_grads]
 
 
 # ---- hand-designed attacks ---------------------------------------------------------------
@@ -94,15 +123,16 @@ def plain_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
 
 def fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     c = ctx.config
+    clean_grads = None
     if c.random_start:  # FGSM-RS (Wong et al. 2020): the gradient is taken at a random point
         delta = fgsm_delta(ctx.model, x, y, c.eps, step_size=c.step_size, random_start=True)
         logits_clean = ctx.model(x) if c.clean_weight else None
     else:  # the gradient at x comes from the clean forward we train on anyway
-        logits_clean, grad = clean_forward_with_grad(ctx, x, y)
+        logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
         delta = (c.step_size * grad.sign()).clamp(-c.eps, c.eps)
     logits = ctx.model((x + delta).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
-    update(ctx, loss)
+    update(ctx, loss, clean_grads)
     return batch_metrics(loss, logits, y, adversarial=True)
 
 
@@ -197,35 +227,37 @@ def _extra_attacker_updates(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor
 def l2l_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     c = ctx.config
     if c.method == "naive-l2l":
-        grad = None
+        grad = clean_grads = None
         logits_clean = ctx.model(x) if c.clean_weight else None
     else:
-        logits_clean, grad = clean_forward_with_grad(ctx, x, y)
+        logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
     if c.attacker_steps > 1:
         _extra_attacker_updates(ctx, x, y, grad)
     delta = learned_perturbation(ctx, x, y, grad)
 
     if c.l2l_update == "alternating":
-        return _alternating_update(ctx, x, y, delta, logits_clean)
+        return _alternating_update(ctx, x, y, delta, logits_clean, clean_grads)
 
     # The clean term does not depend on the attacker, so the attacker's gradient is
     # (1 - w) * dL_adv/dphi; the reversal scale undoes that factor.
     scale = 1.0 / (1.0 - c.clean_weight)
     logits = ctx.model((x + reverse_gradient(delta, scale)).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
-    update(ctx, loss)
+    update(ctx, loss, clean_grads)
     return batch_metrics(loss, logits, y, adversarial=True)
 
 
 def _alternating_update(
-    ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor, logits_clean: Tensor | None
+    ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor, logits_clean: Tensor | None,
+    clean_grads: Grads | None = None,
 ) -> Metrics:
     """The authors' public code: classifier step on the detached perturbation, then an
     attacker step on -CE with the classifier's batch norm frozen (eval mode)."""
     logits = ctx.model((x + delta.detach()).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
     ctx.optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=[p for g in ctx.optimizer.param_groups for p in g["params"]])
+    loss.backward(inputs=_params(ctx.optimizer))
+    _add_grads(_params(ctx.optimizer), clean_grads)
     ctx.optimizer.step()
 
     ctx.model.eval()

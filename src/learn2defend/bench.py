@@ -1,0 +1,263 @@
+"""Seconds per training step of each method, measured alike.
+
+Every method runs the very step function training runs (`learn2defend.methods.STEPS`)
+on a `StepContext` built as `learn2defend.train.train` builds it, on one fixed batch.
+All methods live in one process and are timed round-robin (the starting method rotates
+each round), so a noisy neighbour or a thermal dip slows every method alike instead of
+whichever happened to run at that moment. Warm-up rounds (allocator, oneDNN/cuDNN
+kernel choice, lazy init) are run but not recorded; the median of the timed rounds is
+reported.
+
+Besides the training methods, `attacker-only` times the learned attacker alone
+(forward, backward and optimizer step on the grad-l2l input, image and gradient): the
+part of an L2L step that FGSM training does not have.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import METHODS, TrainConfig
+from .data import DeviceLoader, load_dataset
+from .errors import UserError
+from .methods import STEPS, StepContext
+from .models import ATTACKERS, list_models
+from .train import build_attacker, build_classifier, data_meta, make_optimizer, resolve_device
+
+ATTACKER_ONLY = "attacker-only"
+BENCH_METHODS = (*METHODS, ATTACKER_ONLY)
+
+# The paper's Table 4: seconds per CIFAR-10 epoch (WRN, one GTX 1080 Ti), slim (S) and
+# wide (W) attackers. Only its ratios are comparable with a step time measured here.
+_PAPER_BASELINES = {"plain": 36.68, "fgsm": 104.87, "pgd": 421.56}
+PAPER_SECONDS_PER_EPOCH: dict[str, dict[str, float]] = {
+    "slim": {**_PAPER_BASELINES, "naive-l2l": 117.85, "grad-l2l": 120.48, "2step-l2l": 230.56},
+    "wide": {**_PAPER_BASELINES, "naive-l2l": 147.63, "grad-l2l": 152.11, "2step-l2l": 290.61},
+}
+
+
+@dataclass
+class BenchConfig:
+    """What to time; every method gets the same model, data, batch and attacker."""
+
+    model: str = "smallcnn"
+    dataset: str = "fake:3x32x32:10"
+    batch_size: int = 128
+    steps: int = 10  # timed rounds; the reported time is their median
+    warmup: int = 2  # untimed rounds first
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    attacker: str = "slim"
+    attacker_width: float = 1.0
+    eps: float | None = None  # None: the data set's default, as in training
+    clean_weight: float | None = None  # None: each method's training default
+    device: str = "auto"
+    data_dir: str = "data"
+    seed: int = 0
+    threads: int | None = None  # CPU threads for the run (None: torch's default)
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise UserError(f"--methods is empty; choose from: {', '.join(BENCH_METHODS)}")
+        for m in self.methods:
+            if m not in BENCH_METHODS:
+                raise UserError(f"unknown method '{m}'; choose from: {', '.join(BENCH_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise UserError("--methods names a method twice")
+        if self.model not in list_models():
+            known = ", ".join(list_models())
+            raise UserError(f"unknown model '{self.model}'; choose one of: {known}")
+        if self.attacker not in ATTACKERS:
+            known = ", ".join(ATTACKERS)
+            raise UserError(f"unknown attacker '{self.attacker}'; choose one of: {known}")
+        for name, low in (("steps", 1), ("warmup", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be an integer >= {low}, got {value}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise UserError(f"--threads must be a positive integer, got {self.threads}")
+
+    def train_config(self, method: str) -> TrainConfig:
+        """The resolved training configuration this method is timed with."""
+        config = TrainConfig(
+            dataset=self.dataset, data_dir=self.data_dir, model=self.model,
+            method="grad-l2l" if method == ATTACKER_ONLY else method,
+            batch_size=self.batch_size, eps=self.eps, clean_weight=self.clean_weight,
+            attacker=self.attacker, attacker_width=self.attacker_width, device=self.device,
+            seed=self.seed,
+        )
+        config.validate()  # eps, width, clean weight: the same checks and messages as training
+        return config.resolved()
+
+
+Step = Callable[[], Any]
+CPU_MEMORY_KIND = "none: the CPU has no per-step allocator peak (RSS high-water is process-wide)"
+
+
+def _training_step(
+    config: TrainConfig, meta: dict[str, Any], device: torch.device, x: Tensor, y: Tensor
+) -> Step:
+    """One training step of `config.method`, set up as train.train sets it up."""
+    torch.manual_seed(config.seed)  # every method starts from the same weights
+    model = build_classifier(config, meta).to(device)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.momentum,
+                               config.weight_decay, config.betas)
+    attacker = build_attacker(config, meta)
+    attacker_optimizer = None
+    if attacker is not None:
+        attacker.to(device)
+        attacker_optimizer = _attacker_optimizer(config, attacker)
+        attacker.train()
+    model.train()
+    ctx = StepContext(model, optimizer, config, attacker, attacker_optimizer)
+    step_fn = STEPS[config.method]
+    return lambda: step_fn(ctx, x, y)
+
+
+def _attacker_optimizer(config: TrainConfig, attacker: torch.nn.Module) -> torch.optim.Optimizer:
+    return make_optimizer(config.attacker_optimizer, attacker.parameters(), config.attacker_lr,
+                          config.attacker_momentum, config.attacker_weight_decay, config.betas)
+
+
+def _attacker_only_step(
+    config: TrainConfig, meta: dict[str, Any], device: torch.device, x: Tensor
+) -> Step:
+    """The grad-l2l attacker's forward, backward and optimizer step, and nothing else.
+
+    Its input is the image and a (sample-normalized) gradient-shaped tensor; the backward
+    starts from a fixed random upstream gradient, standing in for the one the classifier
+    sends back through the gradient reversal.
+    """
+    torch.manual_seed(config.seed)
+    attacker = build_attacker(config, meta).to(device).train()
+    optimizer = _attacker_optimizer(config, attacker)
+    params = list(attacker.parameters())
+    grad = torch.randn_like(x)
+    a = torch.cat([x, grad / grad.abs().amax(dim=(1, 2, 3), keepdim=True)], dim=1)
+    upstream = torch.randn_like(x)
+
+    def step() -> None:
+        delta = attacker(a, config.eps)
+        optimizer.zero_grad(set_to_none=True)
+        delta.backward(upstream, inputs=params)
+        optimizer.step()
+
+    return step
+
+
+def bench(config: BenchConfig) -> dict[str, Any]:
+    """Time each method's training step; return medians, ratios and peak memory."""
+    config.validate()
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _bench(config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench(config: BenchConfig) -> dict[str, Any]:
+    configs = {m: config.train_config(m) for m in config.methods}
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, config.data_dir)
+    meta = data_meta(data)
+    if len(data.train) < config.batch_size:
+        raise UserError(f"--batch-size {config.batch_size} exceeds the {len(data.train)} "
+                        f"training images of {config.dataset}")
+    x, y = next(iter(DeviceLoader(data.train, config.batch_size, device, shuffle=False)))
+
+    steps: dict[str, Step] = {}
+    for m, c in configs.items():
+        steps[m] = (_attacker_only_step(c, meta, device, x) if m == ATTACKER_ONLY
+                    else _training_step(c, meta, device, x, y))
+
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    cpu_times: dict[str, list[float]] = {m: [] for m in steps}
+    peaks: dict[str, int] = dict.fromkeys(steps, 0)
+    order = list(steps)
+    for r in range(config.warmup + config.steps):
+        shift = r % len(order)  # rotate who goes first: no method always follows the same one
+        for m in order[shift:] + order[:shift]:
+            if cuda:
+                torch.cuda.synchronize(device)  # the benchmark may sync; the training loop must not
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            steps[m]()
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            if r >= config.warmup:
+                times[m].append(seconds)
+                cpu_times[m].append(time.process_time() - cpu_start)
+                if cuda:
+                    # above what was resident at the start: every benchmarked method's weights
+                    # and optimizer state live on the device at once and would mask the step's own
+                    peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated(device) - resident)
+
+    median = {m: statistics.median(t) for m, t in times.items()}
+
+    def ratios(ref: str) -> dict[str, float] | None:
+        return {m: t / median[ref] for m, t in median.items()} if ref in median else None
+
+    return {
+        "seconds_per_step": median,
+        "seconds_min": {m: min(t) for m, t in times.items()},
+        # CPU time of the whole process (all threads): on a shared machine, waiting for a
+        # core does not count, so it tracks the work done better than the wall clock does
+        "cpu_seconds_per_step": {m: statistics.median(t) for m, t in cpu_times.items()},
+        "ratio_to_pgd": ratios("pgd"),
+        "ratio_to_fgsm": ratios("fgsm"),
+        "peak_memory_bytes": peaks if cuda else dict.fromkeys(steps),
+        "memory_kind": "cuda_max_allocated_above_step_start" if cuda else CPU_MEMORY_KIND,
+        "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
+        "threads": torch.get_num_threads(),
+        "model": config.model,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "attacker": config.attacker,
+        "attacker_width": config.attacker_width,
+        "eps": configs[config.methods[0]].eps,
+        "steps": config.steps,
+        "warmup": config.warmup,
+        "torch": torch.__version__,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A readable table, with the paper's Table 4 ratios beside the measured ones."""
+    paper = PAPER_SECONDS_PER_EPOCH[result["attacker"]]
+    res = result
+    head = (f"{res['model']} on {res['dataset']}, batch {res['batch_size']}, {res['device']}, "
+            f"{res['threads']} threads, attacker {res['attacker']} x{res['attacker_width']:g}, "
+            f"median of {res['steps']} steps after {res['warmup']} warm-up")
+    cols = ["method", "s/step", "min s", "cpu s", "x fgsm", "x pgd", "paper x fgsm",
+            "paper x pgd", "peak MiB"]
+
+    def measured(m: str, ref: str) -> str:
+        ratios = res[f"ratio_to_{ref}"]
+        return f"{ratios[m]:.2f}" if ratios else "-"
+
+    def published(m: str, ref: str) -> str:
+        return f"{paper[m] / paper[ref]:.2f}" if m in paper else "-"
+
+    rows = []
+    for m, t in res["seconds_per_step"].items():
+        peak = res["peak_memory_bytes"][m]
+        mib = "-" if peak is None else f"{peak / 2**20:.0f}"
+        rows.append([m, f"{t:.4f}", f"{res['seconds_min'][m]:.4f}",
+                     f"{res['cpu_seconds_per_step'][m]:.4f}", measured(m, "fgsm"),
+                     measured(m, "pgd"), published(m, "fgsm"), published(m, "pgd"), mib])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)

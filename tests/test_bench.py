@@ -1,0 +1,126 @@
+"""The bench command's output contract and its refusals; no timing is asserted (shared CI
+machines make any time bound flaky)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from learn2defend.cli import main
+from learn2defend.config import METHODS
+
+TINY = ["bench", "--model", "smallcnn", "--dataset", "fake:1x8x8:4", "--batch-size", "8",
+        "--steps", "2", "--warmup", "1", "--attacker-width", "0.0625", "--device", "cpu"]
+
+
+def test_bench_json_contract(capsys):
+    assert main([*TINY, "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out)  # stdout is exactly one JSON object
+    for key in ("seconds_per_step", "ratio_to_pgd", "ratio_to_fgsm", "peak_memory_bytes",
+                "device", "model", "batch_size", "attacker", "steps", "memory_kind",
+                "cpu_seconds_per_step"):
+        assert key in result
+    assert list(result["seconds_per_step"]) == list(METHODS)
+    assert all(t > 0 for t in result["seconds_per_step"].values())
+    assert result["ratio_to_pgd"]["pgd"] == pytest.approx(1.0)
+    assert result["ratio_to_fgsm"]["fgsm"] == pytest.approx(1.0)
+    assert set(result["peak_memory_bytes"]) == set(METHODS)
+    assert (result["model"], result["batch_size"], result["steps"]) == ("smallcnn", 8, 2)
+    assert result["device"] == "cpu" and result["attacker"] == "slim"
+
+
+def test_bench_ratios_only_for_timed_references_and_table(capsys):
+    assert main([*TINY, "--methods", "plain,grad-l2l,attacker-only", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads"] == 1
+    assert list(result["seconds_per_step"]) == ["plain", "grad-l2l", "attacker-only"]
+    assert result["ratio_to_pgd"] is None and result["ratio_to_fgsm"] is None
+
+    assert main([*TINY, "--methods", "fgsm,grad-l2l"]) == 0
+    table = capsys.readouterr().out
+    assert "grad-l2l" in table and "x fgsm" in table
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "fgsm,nope"], "unknown method 'nope'"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--steps", "0"], "--steps must be"),
+    (["--threads", "0"], "--threads must be"),
+    (["--attacker", "nope"], "unknown attacker 'nope'"),
+])
+def test_bench_bad_input_is_one_line_and_exit_2(capsys, extra, message):
+    assert main([*TINY, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err and captured.err.count("\n") == 1
+
+
+# ---- the fast step: one backward of the clean graph serves the attack and the clean term ----
+
+def _ctx(method: str, clean_weight: float):
+    from learn2defend.config import TrainConfig
+    from learn2defend.methods import StepContext, attacker_in_channels
+    from learn2defend.models import create_attacker, create_model
+    from learn2defend.train import make_optimizer
+
+    cfg = TrainConfig(method=method, eps=0.1, lr=0.05, clean_weight=clean_weight,
+                      attacker_width=0.125).resolved()
+    torch.manual_seed(0)
+    model = create_model("smallcnn", num_classes=2, in_channels=1, image_size=8)
+    opt = make_optimizer("sgd", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
+                         cfg.betas)
+    attacker = attacker_opt = None
+    if cfg.is_l2l:
+        attacker = create_attacker("slim", in_channels=attacker_in_channels(method, 1),
+                                   out_channels=1, width=cfg.attacker_width)
+        attacker_opt = make_optimizer("sgd", attacker.parameters(), cfg.lr, cfg.momentum,
+                                      cfg.weight_decay, cfg.betas)
+    return StepContext(model, opt, cfg, attacker, attacker_opt)
+
+
+def _reference_step(ctx, x, y) -> None:
+    """The same update the slow way: the clean graph is kept and walked back twice."""
+    from learn2defend.methods import learned_perturbation
+
+    c, w = ctx.config, ctx.config.clean_weight
+    x_q = x.clone().requires_grad_(True)
+    logits_clean = ctx.model(x_q)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits_clean, y, reduction="sum"), x_q,
+                               retain_graph=True)
+    if c.method == "fgsm":
+        delta = (c.step_size * g.sign()).clamp(-c.eps, c.eps)
+    else:
+        delta = learned_perturbation(ctx, x, y, g)
+    adv = F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
+    params = list(ctx.model.parameters())
+    clean = F.cross_entropy(logits_clean, y)
+    grads = torch.autograd.grad((1 - w) * adv + w * clean, params, retain_graph=True)
+    if ctx.attacker is not None:  # the attacker ascends the adversarial loss
+        att_params = list(ctx.attacker.parameters())
+        for p, gp in zip(att_params, torch.autograd.grad(adv, att_params), strict=True):
+            p.grad = -gp
+        ctx.attacker_optimizer.step()
+    for p, gp in zip(params, grads, strict=True):
+        p.grad = gp
+    ctx.optimizer.step()
+
+
+@pytest.mark.parametrize("method", ["fgsm", "grad-l2l"])
+def test_single_clean_backward_gives_the_same_update(method):
+    from learn2defend.methods import STEPS
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(16) % 2
+    x = (0.3 + 0.4 * y.view(-1, 1, 1, 1) + 0.1 * torch.randn(16, 1, 8, 8, generator=g)).clamp(0, 1)
+    fast, slow = _ctx(method, 0.5), _ctx(method, 0.5)
+    for _ in range(2):
+        STEPS[method](fast, x, y)
+        _reference_step(slow, x, y)
+    fast_state, slow_state = fast.model.state_dict(), slow.model.state_dict()
+    for a, b in zip(fast_state.values(), slow_state.values(), strict=True):  # BN stats too
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if method != "fgsm":
+        for a, b in zip(fast.attacker.parameters(), slow.attacker.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
