@@ -72,6 +72,17 @@ def test_parameter_counts_match_references(name, expected):
     assert abs(n_params(cifar_model(name)) - expected) / expected < 0.005
 
 
+def test_smallcnn_pooled_same_weights_quarter_resolution():
+    # The same layers and weights; only the resolution differs: the last conv sees 8x8, not 16x16.
+    small, pooled = cifar_model("smallcnn"), cifar_model("smallcnn-pooled")
+    assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in pooled.state_dict().items()}
+    seen = []
+    pooled.conv3.register_forward_hook(lambda m, i, o: seen.append(o.shape[-2:]))
+    with torch.no_grad():
+        pooled.eval()(torch.rand(1, 3, 32, 32))
+    assert seen == [(8, 8)]
+
+
 def test_normalize_inside_model():
     torch.manual_seed(0)
     mean, std = (0.1, 0.2, 0.3), (0.2, 0.25, 0.5)
@@ -105,7 +116,8 @@ def test_unknown_model():
         create_model("resnet9000", num_classes=10)
 
 
-@pytest.mark.parametrize("name, size", [("preact-resnet18", 4), ("wrn-16-4", 2), ("smallcnn", 1)])
+@pytest.mark.parametrize("name, size", [("preact-resnet18", 4), ("wrn-16-4", 2), ("smallcnn", 1),
+                                              ("smallcnn-pooled", 3)])
 def test_too_small_image(name, size):
     with pytest.raises(UserError, match="too small"):
         create_model(name, num_classes=10, image_size=size)

@@ -112,3 +112,15 @@ def test_cli_plot_and_reproduce(out: Path, interrupted: dict, capsys: pytest.Cap
     capsys.readouterr()
     assert main(["reproduce", "table5", "--preset", "paper", "--dataset", "nosuch", "--out", str(out / "x")]) == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_cpu_preset_scales_down_for_large_data_sets(tmp_path: Path) -> None:
+    cpu = rp.PRESETS["cpu"]
+    assert cpu.for_dataset("digits") is cpu
+    large = cpu.for_dataset("folder:/data/cifar")
+    assert (large.model, large.n, large.large_data) == ("smallcnn-pooled", 200, {})
+    assert "smallcnn-pooled" in large.title and "n=200" in large.title
+    cfg = rp.Reproduction(large, tmp_path).config("cifar10", "sgd", rp.RunSpec("grad-l2l", 0, "slim"))
+    assert (cfg.model, cfg.train_size, cfg.attacker) == ("smallcnn-pooled", 5000, "slim")
+    small = rp.Reproduction(cpu, tmp_path).config("digits", "sgd", rp.RunSpec("plain", 0))
+    assert (small.model, small.train_size) == ("smallcnn", None)

@@ -26,30 +26,35 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 def small_cnn(
-    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
+    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], *, pool_each: bool = False
 ) -> nn.Sequential:
-    """Three conv layers and one pooling: trains on 8x8 digits in seconds on a CPU."""
+    """Three conv layers (32, 64, 128 channels), global average pooling and a linear layer.
+
+    smallcnn pools once, after the second conv: it trains on 8x8 digits in seconds on a CPU.
+    smallcnn-pooled halves the resolution after the first and the second conv instead: on
+    32x32 images that is 10 instead of 39 million multiply-adds per image (3.7x cheaper),
+    which is what makes CIFAR-sized experiments possible on a CPU.
+    """
 
     def conv_bn(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(_conv3x3(cin, cout), nn.BatchNorm2d(cout), nn.ReLU())
 
-    return nn.Sequential(
-        OrderedDict(
-            normalize=Normalize(mean, std),
-            conv1=conv_bn(in_channels, 32),
-            conv2=conv_bn(32, 64),
-            pool=nn.MaxPool2d(2),
-            conv3=conv_bn(64, 128),
-            gap=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(),
-            fc=nn.Linear(128, num_classes),
-        )
-    )
+    layers: list[tuple[str, nn.Module]] = [("normalize", Normalize(mean, std)), ("conv1", conv_bn(in_channels, 32))]
+    if pool_each:
+        layers.append(("pool1", nn.MaxPool2d(2)))
+    layers += [("conv2", conv_bn(32, 64)), ("pool", nn.MaxPool2d(2)), ("conv3", conv_bn(64, 128)),
+               ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(128, num_classes))]
+    return nn.Sequential(OrderedDict(layers))
 
 
 @register_model("smallcnn", min_image_size=2)
 def _smallcnn(*, num_classes, in_channels, image_size, mean, std) -> nn.Module:
     return small_cnn(num_classes, in_channels, mean, std)
+
+
+@register_model("smallcnn-pooled", min_image_size=4)
+def _smallcnn_pooled(*, num_classes, in_channels, image_size, mean, std) -> nn.Module:
+    return small_cnn(num_classes, in_channels, mean, std, pool_each=True)
 
 
 # --- pre-activation ResNets ------------------------------------------------------------------
