@@ -319,6 +319,7 @@ BAD = [
     (["eval", "--checkpoint", "{pgd}", "--eps", "-0.1"], "eps"),
     (["eval", "--checkpoint", "{pgd}", "--checks", "--eps", "0"], "eps"),
     (["eval", "--checkpoint", "{pgd}", "--surrogate", "{plain}"], "--checks"),
+    (["eval", "--checkpoint", "{pgd}", "--attacks", "pgm10", "--pgm-step", "0"], "--pgm-step"),
     (["transfer", "--surrogate", "{plain}", "--target", "{pgd}", "--attacks", "nope"], "attack"),
     (["transfer", "--surrogate", "{plain}", "--target", "{pgd}", "--eps", "2"], "eps"),
     (["sweep", "--checkpoint", "{pgd}", "--over", "eps", "0,1.5", "--out", "{tmp}/s"], "eps"),
@@ -338,3 +339,13 @@ def test_bad_input_exits_2_with_one_line(runs, tmp_path, capsys, argv, word):
     names = {"pgd": runs / "pgd", "plain": runs / "plain", "fake3": runs / "fake3", "tmp": tmp_path}
     _one_line_exit_2(capsys, [a.format(**names) for a in argv], word)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_pgm_step_replaces_eps_over_3_for_pgm_only():
+    from learn2defend.evaluate import build_attacks
+
+    (default,) = build_attacks(["pgm10"], 0.05, 64)
+    paper, pgd = build_attacks(["pgm10", "pgd10"], 0.05, 64, pgm_step=0.01)
+    assert default.step_size == pytest.approx(0.05 / 3)
+    assert paper.step_size == 0.01
+    assert pgd.step_size is None or pgd.step_size != 0.01  # pgdK keeps its own (2.5 eps / K)

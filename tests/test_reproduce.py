@@ -124,3 +124,10 @@ def test_cpu_preset_scales_down_for_large_data_sets(tmp_path: Path) -> None:
     assert (cfg.model, cfg.train_size, cfg.attacker) == ("smallcnn-pooled", 5000, "slim")
     small = rp.Reproduction(cpu, tmp_path).config("digits", "sgd", rp.RunSpec("plain", 0))
     assert (small.model, small.train_size) == ("smallcnn", None)
+
+
+def test_paper_preset_uses_the_papers_pgm_step_on_its_data_sets(tmp_path: Path) -> None:
+    paper = rp.Reproduction(rp.PRESETS["paper"], tmp_path)
+    assert paper.pgm_step("svhn") == 0.01 and paper.pgm_step("digits") is None
+    assert paper.config("svhn", "adam", rp.RunSpec("pgd", 0)).step_size == 0.01
+    assert rp.Reproduction(rp.PRESETS["cpu"], tmp_path).pgm_step("svhn") is None  # the cpu preset: eps/3

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pgm-step", type=_number, help="step of the pgmK attacks (default eps/3; the paper: 0.01)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--checks", action="store_true",
                    help="sanity checks for gradient masking (Carlini et al. 2019) on the same images")
@@ -221,7 +222,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate(EvalConfig(
         checkpoint=args.checkpoint, attacks=args.attacks, dataset=args.dataset, split=args.split,
         n=args.n, batch_size=args.batch_size, eps=args.eps, which=args.which, device=args.device,
-        data_dir=args.data_dir, seed=args.seed, checks=args.checks, surrogate=args.surrogate,
+        data_dir=args.data_dir, seed=args.seed, checks=args.checks, surrogate=args.surrogate, pgm_step=args.pgm_step,
         attack_state=args.attack_state,
     ))
     from .distributed import is_main

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class EvalConfig:
     checks: bool = False  # run the sanity checks of learn2defend.checks on the same images
     surrogate: str | None = None  # run folder for the checks' transfer comparison
     attack_state: bool = True  # save AutoAttack's progress under <run>/eval-state/ and resume from it
+    pgm_step: float | None = None  # step of the pgmK attacks; None: eps/3 (the paper's 0.01 at eps 0.03)
 
     def validate(self) -> None:
         if self.eps is not None and not (0 <= self.eps <= 1):
@@ -67,6 +69,8 @@ class EvalConfig:
             raise UserError(f"--split must be val or test (or train), got '{self.split}'")
         if self.which not in ("last", "best"):
             raise UserError(f"--which must be last or best, got '{self.which}'")
+        if self.pgm_step is not None and not (0 < self.pgm_step <= 1):
+            raise UserError(f"--pgm-step must lie in (0, 1] (pixel units), got {self.pgm_step}")
         if self.surrogate and not self.checks:
             raise UserError("--surrogate is used by --checks; add --checks, or use learn2defend transfer")
 
@@ -99,12 +103,13 @@ def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
     return images
 
 
-def build_attacks(names: list[str], eps: float, batch_size: int) -> list[Attack]:
+def build_attacks(names: list[str], eps: float, batch_size: int, pgm_step: float | None = None) -> list[Attack]:
     """Attack objects, duplicates dropped (they would count twice); bad names fail here,
-    before any work."""
+    before any work. `pgm_step` replaces the pgmK attacks' default step of eps/3."""
     attacks = []
     for name in dict.fromkeys(names):
-        attack = make_attack(name, eps)
+        is_pgm = re.fullmatch(r"pgm[0-9]+", name.strip().lower()) is not None
+        attack = make_attack(name, eps, **({"step_size": pgm_step} if is_pgm and pgm_step is not None else {}))
         if isinstance(attack, AutoAttack):
             attack.batch_size = batch_size  # one chunk = one of our batches
         attacks.append(attack)
@@ -136,7 +141,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     eps = run.config.eps if config.eps is None else config.eps
     if config.checks and not eps > 0:
         raise UserError("--checks attack the model, so they need eps > 0")
-    attacks = build_attacks(config.attacks, eps, config.batch_size)
+    attacks = build_attacks(config.attacks, eps, config.batch_size, config.pgm_step)
     surrogate = load_run(config.surrogate, "last", device) if config.surrogate else None
     if surrogate is not None:
         check_same_task(run, surrogate, "--surrogate")
@@ -169,6 +174,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "model": run.config.model,
         "method": run.config.method,
     }
+    if config.pgm_step is not None:
+        result["pgm_step"] = config.pgm_step
     if config.checks:
         from .checks import sanity_checks
 

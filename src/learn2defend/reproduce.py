@@ -185,6 +185,11 @@ class Reproduction:
         self.log = log or (lambda s: None)
         self.trained: list[str] = []  # run folders this process trained or resumed (for tests and logs)
 
+    def pgm_step(self, dataset: str) -> float | None:
+        """The paper's PGM step, 0.01 on every data set (its 3.1) for training and evaluation: eps/3
+        at CIFAR's 0.03, less than that at SVHN's 0.05. Other presets and data sets keep eps/3."""
+        return 0.01 if self.preset.name == "paper" and dataset in ("cifar10", "cifar100", "svhn") else None
+
     # ---- training -------------------------------------------------------------------
     def run_dir(self, dataset: str, recipe: str, spec: RunSpec) -> Path:
         return self.out / "runs" / f"{_dataset_tag(dataset)}-{recipe}" / spec.name
@@ -204,10 +209,8 @@ class Reproduction:
         common.update(method=spec.method, init=init, epochs=p.epochs)
         if spec.attacker:
             common.update(attacker=spec.attacker, attacker_width=p.attacker_width)
-        if spec.method == "pgd" and p.name == "paper" and dataset in ("cifar10", "cifar100", "svhn"):
-            # the paper trains with PGM10 of step 0.01 on every data set (3.1): eps/3 at CIFAR's
-            # 0.03, but less than SVHN's 0.05/3. (The evaluation's pgm10 keeps eps/3.)
-            common.update(step_size=0.01)
+        if spec.method == "pgd" and self.pgm_step(dataset) is not None:
+            common.update(step_size=self.pgm_step(dataset))
         milestones = _scaled(p.l2l_milestones, p.epochs)
         if recipe == "adam":  # paper 3.3: Adam (0.9, 0.99), wd 1e-4, lr / 10 after 30 of 40; attacker lr fixed
             extra: dict[str, Any] = dict(optimizer="adam", betas=(0.9, 0.99), lr=p.adam_lr, weight_decay=1e-4,
@@ -255,17 +258,21 @@ class Reproduction:
         ckpt.atomic_write_text(path, json.dumps({"key": key, "result": result}, indent=1) + "\n")
         return result
 
-    def white_box(self, path: Path, attacks: list[str], checks: bool) -> dict[str, Any]:
+    def white_box(self, path: Path, attacks: list[str], checks: bool, pgm_step: float | None) -> dict[str, Any]:
         settings = {"attacks": attacks, "n": self.preset.n, "checks": checks}
+        if pgm_step is not None:
+            settings["pgm_step"] = pgm_step
 
         def compute() -> dict[str, Any]:
             self.log(f"evaluating {path} under {', '.join(attacks)}{' + checks' if checks else ''}")
             return evaluate(EvalConfig(checkpoint=str(path), attacks=attacks, n=self.preset.n, device=self.device,
-                                       data_dir=self.data_dir, progress=False, checks=checks))
+                                       data_dir=self.data_dir, progress=False, checks=checks, pgm_step=pgm_step))
         return self.cached("white", [path], settings, compute)
 
-    def transfer(self, surrogate: Path, target: Path, attacks: list[str]) -> dict[str, Any]:
-        settings = {"attacks": attacks, "n": self.preset.n}
+    def transfer(self, surrogate: Path, target: Path, attacks: list[str], pgm_step: float | None) -> dict[str, Any]:
+        settings: dict[str, Any] = {"attacks": attacks, "n": self.preset.n}
+        if pgm_step is not None:
+            settings["pgm_step"] = pgm_step
 
         def compute() -> dict[str, Any]:
             self.log(f"transferring {', '.join(attacks)} from {surrogate} to {target}")
@@ -273,7 +280,7 @@ class Reproduction:
             s, t = load_run(surrogate, device=device), load_run(target, device=device)
             check_same_task(s, t, "transfer")
             images = first_n(eval_data(t, None, self.data_dir), "val", self.preset.n)
-            counts = transfer_accuracy(s.model, t.model, images, build_attacks(attacks, t.config.eps, 256),
+            counts = transfer_accuracy(s.model, t.model, images, build_attacks(attacks, t.config.eps, 256, pgm_step),
                                        256, device)
             return {"accuracy": {k: v / len(images) for k, v in counts.items()}, "n": len(images),
                     "eps": t.config.eps}
@@ -353,7 +360,7 @@ def _white_box_table(r: Reproduction, experiment: str, dataset: str) -> dict[str
     for spec in specs:
         path = r.ensure(dataset, recipe, spec)
         checks = p.checks and (p.checks_all_seeds or spec.seed == 0)
-        results.setdefault(spec.key, []).append((spec, r.white_box(path, attacks, checks)))
+        results.setdefault(spec.key, []).append((spec, r.white_box(path, attacks, checks, r.pgm_step(dataset))))
     paper_ds = _paper_dataset(experiment, dataset)
     same = paper_ds == dataset
     paper = paper_results()[experiment][paper_ds]
@@ -388,7 +395,8 @@ def _white_box_table(r: Reproduction, experiment: str, dataset: str) -> dict[str
              f"flagged: evaluate's sanity checks for gradient masking (learn2defend.checks) failed on "
              f"{'some seed' if p.checks_all_seeds else 'seed 0 (the only seed checked at this preset)'}; "
              "the row's robust accuracies then likely overestimate robustness.",
-             "PGM10: the paper's PGD (10 steps of eps/3, zero start); CW: the paper's CW-linf (100 iterations)."]
+             f"PGM10: the paper's PGD (10 steps of {r.pgm_step(dataset) or 'eps/3'}, zero start); "
+             "CW: the paper's CW-linf (100 iterations)."]
     files = _write_outputs(r.out / experiment, f"{experiment}-{_dataset_tag(dataset)}", title, header, lines, raw,
                            {"experiment": experiment, "preset": p.name, "preset_title": p.title, "dataset": dataset,
                             "paper_dataset": paper_ds}, notes)
@@ -410,7 +418,7 @@ def _black_box_table(r: Reproduction, experiment: str, dataset: str) -> dict[str
         path = r.ensure(dataset, recipe, spec)
         row = [ROW_LABELS[spec.method] + (f" ({attacker[0].upper()})" if spec.attacker else "")]
         for s in SURROGATES:
-            res = r.transfer(surrogates[s], path, list(BLACKBOX_ATTACKS))
+            res = r.transfer(surrogates[s], path, list(BLACKBOX_ATTACKS), r.pgm_step(dataset))
             for a in BLACKBOX_ATTACKS:
                 ref = paper[spec.method][f"{s}/{a}"]
                 acc = res["accuracy"][a]
