@@ -110,6 +110,12 @@ def test_every_attack_stays_in_eps_ball_and_image_box(name, mlp, digits):
     assert accuracy(mlp, adv, y) <= accuracy(mlp, x, y)
 
 
+@pytest.mark.parametrize("name", ["fgsm", "pgd10", "pgm10", "cwpgd10", "cw", "autoattack-fast"])
+def test_eps_zero_returns_the_images(name, mlp, digits):
+    x, y = digits[2][:8], digits[3][:8]
+    assert torch.equal(make_attack(name, 0.0)(mlp, x, y), x)
+
+
 def test_pgd_at_large_eps_breaks_a_plain_model(mlp, digits):
     x, y = digits[2][:200], digits[3][:200]
     assert accuracy(mlp, x, y) > 0.85
@@ -279,9 +285,9 @@ def test_bad_options():
 
 
 def test_l2l_prefix_hook(monkeypatch):
+    monkeypatch.setattr(attack_registry, "_PREFIXES", {})  # as if learn2defend.learned_attack were not imported
     with pytest.raises(UserError, match="l2l attacks need"):
         make_attack("l2l:runs/grad-l2l", 0.03)
-    monkeypatch.setattr(attack_registry, "_PREFIXES", {})
     seen = {}
 
     def factory(rest, eps, **options):

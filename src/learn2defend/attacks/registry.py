@@ -81,7 +81,7 @@ def make_attack(name: str, eps: float, **options: Any) -> Attack:
         opts = _options(key, options, ("steps", "step_size", "random_start", "restarts"))
         steps = opts.pop("steps", steps)
         if kind == "pgm":  # the paper's PGM: zero start, eta = 0.01 at eps = 0.03
-            opts = {"random_start": False, "step_size": eps / 3} | opts
+            opts = {"random_start": False, "step_size": eps / 3 if eps > 0 else None} | opts
         loss = "margin" if kind == "cwpgd" else "ce"
         return PGD(eps, steps, **opts, loss=loss, name=key)
     raise UserError(f"unknown attack {name!r}; valid forms: {_forms()}")
