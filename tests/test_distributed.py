@@ -101,11 +101,12 @@ def _assert_close(a, b, exact=False):
 
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    # 2 processes x 16 images, SIGTERM on rank 0 alone 3 batches into epoch 2: both stop there
+    # 2 processes x 16 images, SIGTERM on rank 0 alone 3 batches into epoch 2: both stop at the
+    # next step where the ranks agree on stopping (here the periodic checkpoint after batch 4)
     rank0, rank1 = _run(tmp_path, "two", batch=16, epochs=2, procs=2, stop_at=6 + 3)
     _assert_close(rank0, rank1, exact=True)  # the ranks never drift apart
     state = load_state(tmp_path / "two" / "last.safetensors")
-    assert (state["epoch"], state["batch"], state["world_size"], state["sums"]["n"]) == (1, 3, 2, 96)
+    assert (state["epoch"], state["batch"], state["world_size"], state["sums"]["n"]) == (1, 4, 2, 128)
 
     (single,) = _run(tmp_path, "one", batch=32, epochs=2, procs=1)
     # continued as one process with the same global batch (1 x 32): as if it had been one

@@ -151,3 +151,22 @@ def test_condition_gradient_modes():
     assert b.abs().max() == 1.0 and b[0].abs().max() < 1e-3
     assert set(condition_gradient(g, "sign").unique().tolist()) <= {-1.0, 0.0, 1.0}
     assert torch.equal(condition_gradient(g, "none"), g)
+
+
+@pytest.mark.parametrize("method, overrides", [(m, {}) for m in METHODS] + [
+    (m, {"l2l_update": "alternating", "attacker_scale": True, "attacker_steps": 2}) for m in L2L_METHODS])
+def test_every_step_gives_every_optimized_parameter_a_gradient(method, overrides):
+    # distributed.sync_gradients relies on it: the ranks' gradient buckets agree without asking
+    ctx = make_ctx(method, **overrides)
+    missing, steps = [], []
+
+    def hook(opt, args, kwargs):
+        steps.append(opt)
+        missing.extend(p.shape for g in opt.param_groups for p in g["params"] if p.grad is None)
+
+    for opt in (ctx.optimizer, ctx.attacker_optimizer):
+        if opt is not None:
+            opt.register_step_pre_hook(hook)
+    for _ in range(2):
+        STEPS[method](ctx, *toy_batch())
+    assert missing == [] and len(steps) >= 2

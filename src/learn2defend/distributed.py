@@ -110,24 +110,20 @@ def _allreduce_mean(tensors: list[torch.Tensor]) -> None:
 
 
 def sync_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Average the gradients of `optimizer`'s parameters across ranks, in one bucket.
+    """Average the gradients of `optimizer`'s parameters across ranks, in one bucket per dtype.
 
-    A parameter without a gradient on some rank would make the ranks disagree about the
-    bucket's layout, so missing gradients take part as zeros (an optimizer treats a zero
-    gradient almost like none; SGD and Adam with weight decay or momentum differ, so the
-    gradient is only materialized where another rank has one)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_comm_device())
-    dist.all_reduce(has)
-    synced = []
-    for p, n in zip(params, has.tolist(), strict=True):
-        if n and p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if n:
-            synced.append(p.grad)
+    Every parameter takes part, so the bucket's layout is the same on every rank without
+    asking the others (no extra collective, no host sync). A parameter without a gradient
+    takes part as zeros. Every method's step gives every parameter of its optimizers a
+    gradient at every step (tests/test_distributed.py checks this), so that case does not
+    arise here; were a parameter unused on every rank, it would get a zero gradient where a
+    single process leaves it at None, which momentum or weight decay would then act on."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in synced:
-        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         _allreduce_mean(grads)
 

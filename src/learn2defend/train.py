@@ -440,7 +440,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                         sums[k] = sums[k] + v if k in sums else v.clone()
                     sums["n"] = sums.get("n", 0) + len(y)
                 periodic = cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)
-                stopping = distributed.any_rank(stop.requested) if world > 1 else stop.requested
+                if world > 1:  # agreeing costs a collective and a host sync: every few steps, the same on all ranks
+                    stopping = bool(periodic or i % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested)
+                else:
+                    stopping = stop.requested
                 checkpoint = stopping or periodic
                 if checkpoint or i % NONFINITE_CHECK_EVERY == 0:
                     total = distributed.reduce_sums(sums) if world > 1 else sums  # all ranks' sums so far
@@ -493,6 +496,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     return load_run(out, "last", device)
 
 
+STOP_CHECK_EVERY = 10  # under torchrun: steps between the ranks' agreement on a SIGINT/SIGTERM
 NONFINITE_CHECK_EVERY = 50  # steps between checks of the loss sums with on_nonfinite=stop
 
 
