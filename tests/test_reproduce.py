@@ -131,3 +131,24 @@ def test_paper_preset_uses_the_papers_pgm_step_on_its_data_sets(tmp_path: Path) 
     assert paper.pgm_step("svhn") == 0.01 and paper.pgm_step("digits") is None
     assert paper.config("svhn", "adam", rp.RunSpec("pgd", 0)).step_size == 0.01
     assert rp.Reproduction(rp.PRESETS["cpu"], tmp_path).pgm_step("svhn") is None  # the cpu preset: eps/3
+
+
+def test_a_run_another_process_trains_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    r = rp.Reproduction(rp.PRESETS["tiny"], tmp_path)
+    plain = r.run_dir(DATASET, "sgd", rp.RunSpec("plain", 0))
+    plain.mkdir(parents=True)
+    fd = os.open(plain, os.O_RDONLY)  # "another reproduce" holds the plain run
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    waits = []
+
+    def sleep(seconds: float) -> None:  # the other process finishes while we wait
+        waits.append(seconds)
+        os.close(fd)
+
+    monkeypatch.setattr(rp.time, "sleep", sleep)
+    assert r.ensure(DATASET, "sgd", rp.RunSpec("plain", 0)) == plain
+    assert waits == [rp.BUSY_WAIT_SECONDS]
+    assert r.trained == [str(plain)] and (plain / "last.safetensors").is_file()

@@ -107,6 +107,27 @@ def test_existing_folder_needs_resume_or_overwrite(tmp_path):
     assert json.loads((run.path / "config.json").read_text())["lr"] == 0.01
 
 
+def test_a_run_folder_in_use_is_refused_and_left_alone(tmp_path):
+    import fcntl
+    import os
+
+    from learn2defend.train import RunFolderBusy
+
+    run = train(cfg(tmp_path, epochs=1))
+    before = {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()}
+    fd = os.open(run.path, os.O_RDONLY)  # another process training into it holds this lock
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(RunFolderBusy, match="another process"):
+            train(cfg(tmp_path, epochs=2), resume=True)
+        with pytest.raises(RunFolderBusy):
+            train(cfg(tmp_path, epochs=1), overwrite=True)
+    finally:
+        os.close(fd)
+    assert {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()} == before
+    assert train(cfg(tmp_path, epochs=2), resume=True).epoch == 2  # free again
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     train(cfg(tmp_path, epochs=1))
     with pytest.raises(UserError, match="lr"):

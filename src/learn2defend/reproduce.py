@@ -32,11 +32,12 @@ from . import checkpoint as ckpt
 from .config import L2L_METHODS, TrainConfig, default_eps
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
-from .train import load_run, resolve_device, train
+from .train import RunFolderBusy, load_run, resolve_device, train
 
 EXPERIMENTS = ("table2", "table3", "table4", "table5", "table6", "table7", "fig3", "fig4", "fig5")
 PRESETS_PUBLIC = ("paper", "cpu")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
+BUSY_WAIT_SECONDS = 20  # a run folder another reproduce is training: look again after this long
 
 # The data sets each experiment uses in the paper (--dataset replaces them).
 EXPERIMENT_DATASETS: dict[str, list[str]] = {
@@ -229,10 +230,20 @@ class Reproduction:
             self.ensure(dataset, recipe, RunSpec("plain", spec.seed))
         cfg = self.config(dataset, recipe, spec)
         path = Path(cfg.out)
-        if not _finished(path, cfg.epochs):
-            self.log(f"training {path}")
+        waiting = False
+        while not _finished(path, cfg.epochs):
+            if not waiting:
+                self.log(f"training {path}")
+            try:
+                train(cfg, resume=True)
+            except RunFolderBusy:  # another reproduce on the same --out trains it: wait for its result
+                if not waiting:
+                    self.log(f"another process is training {path}; waiting for it")
+                waiting = True
+                time.sleep(BUSY_WAIT_SECONDS)
+                continue
             self.trained.append(str(path))
-            train(cfg, resume=True)
+            break
         return path
 
     # ---- evaluation (cached) --------------------------------------------------------

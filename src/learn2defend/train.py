@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked there
+    fcntl = None  # type: ignore[assignment]
+
 import torch
 from torch import nn
 
@@ -37,6 +42,10 @@ LAST, BEST, CONFIG, METRICS = "last.safetensors", "best.safetensors", "config.js
 
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; the run was saved and can be resumed."""
+
+
+class RunFolderBusy(UserError):
+    """Another process is training into the same run folder."""
 
 
 class TrainingDiverged(UserError):
@@ -218,6 +227,36 @@ def validate(model: nn.Module, data: Dataset, config: TrainConfig, device: torch
 # ---- the loop ------------------------------------------------------------------------------
 
 
+class _FolderLock:
+    """An exclusive lock (flock) on a run folder while a process trains into it: two
+    processes writing one folder would interleave their checkpoints. Only rank 0 writes,
+    so only rank 0 locks. The lock goes with the process, so a killed run leaves none."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.fd = out, None
+
+    def acquire(self) -> None:
+        """Lock the folder if it exists and is not locked by us yet; RunFolderBusy if another holds it."""
+        if self.fd is not None or fcntl is None or distributed.rank() != 0 or not self.out.is_dir():
+            return
+        try:
+            fd = os.open(self.out, os.O_RDONLY)
+        except OSError:
+            return  # an unreadable folder: _prepare_out says so in one line
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunFolderBusy(f"run folder '{self.out}' is being trained by another process; "
+                                "wait for it to finish, or use another --out") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
     """Check the run folder; return True when a previous run is to be continued."""
     if resume and overwrite:
@@ -276,6 +315,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     """
     config.validate()
     cfg = config.resolved()
+    lock = _FolderLock(Path(cfg.out))
+    lock.acquire()  # before reading the folder, if there is one
+    try:
+        return _train(cfg, resume, overwrite, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -> Run:
     out = Path(cfg.out)
     continuing = _prepare_out(out, resume, overwrite)
     if continuing:
@@ -403,6 +451,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                 for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
                     child.unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # a new folder: ours from its creation
             ckpt.remove_temp_files(out)  # left by a run killed while writing
             ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
             if continuing:  # a run killed between its checkpoint and its metrics line
