@@ -2,7 +2,7 @@
 
 `reproduce(experiment, preset, out)` trains every run an experiment needs as an ordinary
 run folder under `out/runs/` (with `train(..., resume=True)`: finished runs are skipped,
-interrupted ones continue), evaluates each run once (results cached as JSON under
+interrupted ones continue, one that another process is training is waited for), evaluates each run once (results cached as JSON under
 `out/evals/`, keyed by the run's epoch and the evaluation settings, so an interrupted
 table does not redo finished evaluations), and writes per experiment a markdown table
 (ours as mean ± std over seeds, the paper's number beside it), a CSV and a JSON of the
