@@ -80,7 +80,7 @@ def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
     c = run.config
     data = load_dataset(
         dataset or c.dataset, data_dir, val_size=c.val_size if c.val_size < 1 else int(c.val_size),
-        split_seed=c.split_seed, image_size=c.image_size,
+        split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image,
     )
     if len(data.classes) != len(run.meta["classes"]):
         raise UserError(f"{data.name} has {len(data.classes)} classes but the model was trained on "
