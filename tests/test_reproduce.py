@@ -142,13 +142,15 @@ def test_a_run_another_process_trains_is_waited_for(tmp_path: Path, monkeypatch:
     plain.mkdir(parents=True)
     fd = os.open(plain, os.O_RDONLY)  # "another reproduce" holds the plain run
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other = r.run_dir(DATASET, "sgd", rp.RunSpec("plain", 1))
     waits = []
 
     def sleep(seconds: float) -> None:  # the other process finishes while we wait
-        waits.append(seconds)
+        waits.append((seconds, (other / "last.safetensors").is_file()))
         os.close(fd)
 
     monkeypatch.setattr(rp.time, "sleep", sleep)
-    assert r.ensure(DATASET, "sgd", rp.RunSpec("plain", 0)) == plain
-    assert waits == [rp.BUSY_WAIT_SECONDS]
-    assert r.trained == [str(plain)] and (plain / "last.safetensors").is_file()
+    specs = [rp.RunSpec("plain", 0), rp.RunSpec("plain", 1)]
+    assert r.ensure_all(DATASET, "sgd", specs) == [plain, other]
+    assert waits == [(rp.BUSY_WAIT_SECONDS, True)]  # the free run was trained before waiting for the busy one
+    assert r.trained == [str(other), str(plain)] and (plain / "last.safetensors").is_file()

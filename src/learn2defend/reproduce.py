@@ -2,11 +2,11 @@
 
 `reproduce(experiment, preset, out)` trains every run an experiment needs as an ordinary
 run folder under `out/runs/` (with `train(..., resume=True)`: finished runs are skipped,
-interrupted ones continue, one that another process is training is waited for), evaluates each run once (results cached as JSON under
-`out/evals/`, keyed by the run's epoch and the evaluation settings, so an interrupted
-table does not redo finished evaluations), and writes per experiment a markdown table
-(ours as mean ± std over seeds, the paper's number beside it), a CSV and a JSON of the
-raw numbers, and PNG figures.
+interrupted ones continue; a run another process is training is put off and waited for),
+evaluates each run once (results cached as JSON under `out/evals/`, keyed by the run's
+epoch and the evaluation settings, so an interrupted table does not redo finished
+evaluations), and writes per experiment a markdown table (ours as mean ± std over seeds,
+the paper's number beside it), a CSV and a JSON of the raw numbers, and PNG figures.
 
 Runs are shared between experiments: table3/4, fig3/4/5 reuse table2's runs, table7
 reuses table5's. The run folder of a configuration depends only on the data set, the
@@ -225,26 +225,40 @@ class Reproduction:
         return TrainConfig(**common, lr=p.l2l_lr, lr_milestones=milestones)
 
     def ensure(self, dataset: str, recipe: str, spec: RunSpec) -> Path:
-        """Train (or resume, or skip when finished) the run and the plain run it starts from."""
-        if spec.method != "plain":
-            self.ensure(dataset, recipe, RunSpec("plain", spec.seed))
+        """Train (or resume, or skip when finished) the run and the plain run it starts from;
+        a run another process is training (another reproduce on the same --out) is waited for."""
+        return self.ensure_all(dataset, recipe, [spec])[0]
+
+    def ensure_all(self, dataset: str, recipe: str, specs: list[RunSpec]) -> list[Path]:
+        """ensure() every run, in order, except that runs another process is training are put
+        off until the others are done: two reproduce commands on one --out share the training."""
+        pending = list(dict.fromkeys(specs))
+        waiting: set[RunSpec] = set()
+        while pending:
+            busy = [spec for spec in pending if not self._try_train(dataset, recipe, spec)]
+            for spec in set(busy) - waiting:
+                self.log(f"another process is training {self.run_dir(dataset, recipe, spec)}; waiting for it")
+            waiting |= set(busy)
+            if busy:
+                time.sleep(BUSY_WAIT_SECONDS)
+            pending = busy
+        return [self.run_dir(dataset, recipe, spec) for spec in specs]
+
+    def _try_train(self, dataset: str, recipe: str, spec: RunSpec) -> bool:
+        """Make sure the run (and its plain run) is trained; False if another process holds one of them."""
+        if spec.method != "plain" and not self._try_train(dataset, recipe, RunSpec("plain", spec.seed)):
+            return False
         cfg = self.config(dataset, recipe, spec)
         path = Path(cfg.out)
-        waiting = False
-        while not _finished(path, cfg.epochs):
-            if not waiting:
-                self.log(f"training {path}")
-            try:
-                train(cfg, resume=True)
-            except RunFolderBusy:  # another reproduce on the same --out trains it: wait for its result
-                if not waiting:
-                    self.log(f"another process is training {path}; waiting for it")
-                waiting = True
-                time.sleep(BUSY_WAIT_SECONDS)
-                continue
-            self.trained.append(str(path))
-            break
-        return path
+        if _finished(path, cfg.epochs):
+            return True
+        self.log(f"training {path}")
+        try:
+            train(cfg, resume=True)
+        except RunFolderBusy:
+            return False
+        self.trained.append(str(path))
+        return True
 
     # ---- evaluation (cached) --------------------------------------------------------
     def _cache(self, kind: str, paths: list[Path], settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
@@ -368,8 +382,7 @@ def _white_box_table(r: Reproduction, experiment: str, dataset: str) -> dict[str
     attacks = ["fgsm", "pgm10", "cw", aa]
     specs = white_box_specs(p)
     results: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
-    for spec in specs:
-        path = r.ensure(dataset, recipe, spec)
+    for spec, path in zip(specs, r.ensure_all(dataset, recipe, specs), strict=True):
         checks = p.checks and (p.checks_all_seeds or spec.seed == 0)
         results.setdefault(spec.key, []).append((spec, r.white_box(path, attacks, checks, r.pgm_step(dataset))))
     paper_ds = _paper_dataset(experiment, dataset)
@@ -420,13 +433,15 @@ def _black_box_table(r: Reproduction, experiment: str, dataset: str) -> dict[str
     recipe = EXPERIMENT_RECIPE.get(experiment, "sgd")
     attacker = BLACKBOX_ATTACKER[experiment]
     targets = [RunSpec(m, 0) for m in SURROGATES] + [RunSpec(m, 0, attacker) for m in L2L_METHODS]
-    surrogates = {m: r.ensure(dataset, recipe, RunSpec(m, p.transfer_seed)) for m in SURROGATES}
+    surrogate_specs = [RunSpec(m, p.transfer_seed) for m in SURROGATES]
+    trained = r.ensure_all(dataset, recipe, surrogate_specs + targets)
+    surrogates = dict(zip(SURROGATES, trained[: len(SURROGATES)], strict=True))
     paper_ds = _paper_dataset(experiment, dataset)
     paper = paper_results()[experiment][paper_ds]
     header = ["target"] + [f"{ROW_LABELS[s]} → {a.upper()}" for s in SURROGATES for a in BLACKBOX_ATTACKS]
     lines, raw = [], []
     for spec in targets:
-        path = r.ensure(dataset, recipe, spec)
+        path = r.run_dir(dataset, recipe, spec)
         row = [ROW_LABELS[spec.method] + (f" ({attacker[0].upper()})" if spec.attacker else "")]
         for s in SURROGATES:
             res = r.transfer(surrogates[s], path, list(BLACKBOX_ATTACKS), r.pgm_step(dataset))
@@ -456,8 +471,8 @@ def _timing_table(r: Reproduction, experiment: str, dataset: str) -> dict[str, A
     paper_ds = _paper_dataset(experiment, dataset)
     paper = paper_results()["table4"][paper_ds]
     by_key: dict[str, list[float]] = {}
-    for spec in white_box_specs(p):
-        path = r.ensure(dataset, "sgd", spec)
+    specs = white_box_specs(p)
+    for spec, path in zip(specs, r.ensure_all(dataset, "sgd", specs), strict=True):
         by_key.setdefault(spec.key, []).extend(
             json.loads(line)["seconds"] for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip())
     lines, raw = [], []
@@ -506,7 +521,7 @@ def _figure(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
              RunSpec("grad-l2l", 0, "wide")]
     if experiment == "fig4":  # the difference panel is against the first run: PGM Net, as in the paper
         specs = [specs[2], specs[0], specs[1], specs[3], specs[4]]
-    paths = [str(r.ensure(dataset, "sgd", s)) for s in specs]
+    paths = [str(path) for path in r.ensure_all(dataset, "sgd", specs)]
     if experiment == "fig3":
         config = SweepConfig(checkpoints=paths, over="pgd-steps", values=[float(v) for v in p.sweep_steps],
                              out=str(out / stem), n=p.n, device=r.device, data_dir=r.data_dir, progress=False)
