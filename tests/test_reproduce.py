@@ -154,3 +154,13 @@ def test_a_run_another_process_trains_is_waited_for(tmp_path: Path, monkeypatch:
     assert r.ensure_all(DATASET, "sgd", specs) == [plain, other]
     assert waits == [(rp.BUSY_WAIT_SECONDS, True)]  # the free run was trained before waiting for the busy one
     assert r.trained == [str(other), str(plain)] and (plain / "last.safetensors").is_file()
+
+
+def test_a_lost_figure_is_redrawn_from_the_cached_numbers(out: Path, interrupted: dict, monkeypatch) -> None:
+    png = Path(rp.reproduce("fig3", "tiny", out, datasets=[DATASET])["experiments"]["fig3"][DATASET]["files"]["png"])
+    png.unlink()
+    import learn2defend.figures as figures
+
+    monkeypatch.setattr(figures, "sweep", lambda config: pytest.fail("the sweep was computed again"))
+    rp.reproduce("fig3", "tiny", out, datasets=[DATASET])
+    assert png.is_file() and png.stat().st_size > 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ SWEEP_ATTACKS = ("fgsm", "pgd", "pgm")
 CSV_COLUMNS = ("label", "checkpoint", "method", "attack", "eps", "steps", "accuracy", "n")
 MAX_SWEEP_STEPS = 10_000
 _TITLES = {"fgsm": "FGSM", "pgd": "PGD (random start, step 2.5 eps/K)", "pgm": "PGM (zero start, step eps/3)"}
+_SHORT = {"fgsm": "FGSM", "pgd": "PGD", "pgm": "PGM"}
+
+
+def _suptitle(fig: Any, text: str, width_inches: float) -> None:
+    """A figure title wrapped to the figure's width (about 12 characters per inch at 9 pt)."""
+    fig.suptitle(textwrap.fill(text, width=max(30, int(12 * width_inches))), fontsize=9)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class SweepConfig:
     data_dir: str = "data"
     seed: int = 0
     progress: bool = True
+    title: str | None = None  # a line above the panels (e.g. the experiment and its settings)
 
     def resolved_attacks(self) -> list[str]:
         if self.attacks:
@@ -150,18 +158,22 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot_sweep(rows, config.over, kinds, labels, png_path, eps if config.over == "pgd-steps" else None)
+    plot_sweep(rows, config.over, kinds, png_path, eps if config.over == "pgd-steps" else None, config.title)
     return {"csv": str(csv_path), "png": str(png_path), "over": config.over, "attacks": kinds,
             "eps": eps if config.over == "pgd-steps" else None, "n": len(images), "rows": rows}
 
 
-def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], labels: list[str], path: Path,
-               eps: float | None = None) -> None:
-    """Accuracy panels (one per attack) and, with several runs, difference panels below."""
+def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], path: Path, eps: float | None = None,
+               title: str | None = None) -> None:
+    """Accuracy panels (one per attack) and, with several runs, difference panels below;
+    `rows` as in sweep's CSV (the runs in order of first appearance)."""
     from matplotlib.figure import Figure
 
+    labels = list(dict.fromkeys(r["label"] for r in rows))
     diff = len(labels) > 1
     fig = Figure(figsize=(4.5 * len(kinds), 3.6 * (2 if diff else 1)), layout="constrained")
+    if title:
+        _suptitle(fig, title, 4.5 * len(kinds))
     axes = fig.subplots(2 if diff else 1, len(kinds), squeeze=False)
     x_key, x_label = ("eps", "eps (pixel units)") if over == "eps" else ("steps", "PGD iterations")
 
@@ -187,7 +199,7 @@ def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], labels: 
                 ax.plot(xs, [y - b for y, b in zip(ys, base, strict=True)], marker="o", label=f"{label} - {labels[0]}",
                         color=f"C{i % 10}")
             ax.axhline(0, color="gray", lw=0.8)
-            ax.set(title=f"{_TITLES[kind]}: difference to {labels[0]}", xlabel=x_label,
+            ax.set(title=f"{_SHORT[kind]}: difference to {labels[0]}", xlabel=x_label,
                    ylabel="accuracy difference (points)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -210,6 +222,7 @@ class ShowConfig:
     device: str = "auto"
     data_dir: str = "data"
     seed: int = 0
+    title: str | None = None  # above the grid; None: the run folder's name
 
     def validate(self) -> None:
         EvalConfig(checkpoint=self.checkpoint, split=self.split, n=self.n, eps=self.eps, which=self.which).validate()
@@ -244,7 +257,7 @@ def show(config: ShowConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot_grid(x.cpu(), y.cpu(), clean_pred.cpu(), {k: v.cpu() for k, v in advs.items()},
-               {k: v.cpu() for k, v in preds.items()}, classes, eps, run.path.name, out)
+               {k: v.cpu() for k, v in preds.items()}, classes, eps, config.title or run.path.name, out)
     table = []
     for i in range(len(y)):
         entry = {"index": i, "label": classes[int(y[i])], "clean": classes[int(clean_pred[i])]}
@@ -288,5 +301,5 @@ def _plot_grid(x, y, clean_pred, advs, preds, classes, eps, title, path: Path) -
             ok = bool(preds[name][i] == y[i])
             cell(axes[2 + 2 * j][i], advs[name][i], f"true {true}\npred {classes[int(preds[name][i])]}",
                  "green" if ok else "red", f"{name}\nadversarial" if i == 0 else None)
-    fig.suptitle(f"{title}: eps {eps:g} (perturbations shown as 0.5 + delta / (2 eps))", fontsize=9)
+    _suptitle(fig, f"{title}: eps {eps:g} (perturbations shown as 0.5 + delta / (2 eps))", 1.7 * n + 0.6)
     fig.savefig(path, format="png", dpi=110)

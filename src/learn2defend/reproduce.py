@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import statistics
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -500,22 +499,22 @@ def _timing_table(r: Reproduction, experiment: str, dataset: str) -> dict[str, A
 
 def _figure(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
     """Figures 3 and 4 (figures.sweep over the seed-0 runs), Figure 5 (figures.show)."""
-    from .figures import ShowConfig, SweepConfig, show, sweep
+    from .figures import ShowConfig, SweepConfig, plot_sweep, show, sweep
 
     p = r.preset
     out = r.out / experiment
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{experiment}-{_dataset_tag(dataset)}"
     eps = default_eps(dataset)
+    title = f"{experiment} on {dataset} - {p.title}"
     if experiment == "fig5":  # the paper shows FGSM Net, PGM Net, Grad L2L
         files = {}
         for spec in (RunSpec("fgsm", 0), RunSpec("pgd", 0), RunSpec("grad-l2l", 0, "slim")):
             path = r.ensure(dataset, "sgd", spec)
             png = out / f"{stem}-{spec.name}.png"
             show(ShowConfig(checkpoint=str(path), out=str(png), attacks=["fgsm", "pgm10"], n=6, device=r.device,
-                            data_dir=r.data_dir))
+                            data_dir=r.data_dir, title=f"{title} - {spec.name}"))
             files[spec.name] = str(png)
-        _retitle_png_note(out / f"{stem}.txt", p, dataset)
         return {"title": f"fig5 on {dataset}, {p.title}", "files": files}
     specs = [RunSpec("plain", 0), RunSpec("fgsm", 0), RunSpec("pgd", 0), RunSpec("grad-l2l", 0, "slim"),
              RunSpec("grad-l2l", 0, "wide")]
@@ -529,44 +528,11 @@ def _figure(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
         config = SweepConfig(checkpoints=paths, over="eps", values=[round(f * eps, 6) for f in p.sweep_eps],
                              out=str(out / stem), n=p.n, device=r.device, data_dir=r.data_dir, progress=False)
     key = {"values": config.values, "n": p.n}
-    drawn: list[bool] = []
-
-    def compute() -> dict[str, Any]:
-        drawn.append(True)
-        return sweep(config)
-
-    result = r.cached(experiment, [Path(x) for x in paths], key, compute)
-    if not Path(result["png"]).is_file():  # cache survived, picture did not: draw it again
-        result = compute()
-    if drawn:  # label a fresh picture once (a cached one already carries the label)
-        _label_png(Path(result["png"]), f"{experiment} on {dataset} - {p.title}")
+    result = r.cached(experiment, [Path(x) for x in paths], key, lambda: sweep(config))
+    # Drawn again from the numbers every time (cheap): the picture always carries this preset's title.
+    plot_sweep(result["rows"], result["over"], result["attacks"], Path(result["png"]), result["eps"], title)
     return {"title": f"{experiment} on {dataset}, {p.title}", "files": {"csv": result["csv"], "png": result["png"]},
             "rows": result["rows"]}
-
-
-def _label_png(png: Path, text: str) -> None:
-    """Stamp the preset into a figure drawn by figures.py (whose titles name the runs only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    img = plt.imread(png)
-    h, w = img.shape[:2]
-    lines = textwrap.wrap(text, width=max(30, int(w / 6.5)))  # ~6.5 px per character at 9 pt: fit narrow figures
-    band = 0.2 * len(lines) + 0.1  # inches of title band
-    fig = plt.figure(figsize=(w / 100, h / 100 + band), dpi=100)
-    fig.text(0.5, 1 - band / 2 / (h / 100 + band), "\n".join(lines), ha="center", va="center", fontsize=9)
-    ax = fig.add_axes((0, 0, 1, (h / 100) / (h / 100 + band)))
-    ax.imshow(img)
-    ax.axis("off")
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def _retitle_png_note(path: Path, preset: Preset, dataset: str) -> None:
-    for png in sorted(path.parent.glob(f"{path.stem}-*.png")):
-        _label_png(png, f"fig5 on {dataset} - {preset.title}")
 
 
 RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
