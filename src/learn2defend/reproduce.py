@@ -184,6 +184,7 @@ class Reproduction:
         self.preset, self.out, self.device, self.data_dir, self.download = preset, Path(out), device, data_dir, download
         self.log = log or (lambda s: None)
         self.trained: list[str] = []  # run folders this process trained or resumed (for tests and logs)
+        self._waited_for: set[Path] = set()  # run folders found in use by another process (logged once)
 
     def pgm_step(self, dataset: str) -> float | None:
         """The paper's PGM step, 0.01 on every data set (its 3.1) for training and evaluation: eps/3
@@ -232,32 +233,38 @@ class Reproduction:
         """ensure() every run, in order, except that runs another process is training are put
         off until the others are done: two reproduce commands on one --out share the training."""
         pending = list(dict.fromkeys(specs))
-        waiting: set[RunSpec] = set()
         while pending:
-            busy = [spec for spec in pending if not self._try_train(dataset, recipe, spec)]
-            for spec in set(busy) - waiting:
-                self.log(f"another process is training {self.run_dir(dataset, recipe, spec)}; waiting for it")
-            waiting |= set(busy)
+            busy = []
+            for spec in pending:
+                held = self._try_train(dataset, recipe, spec)
+                if held is not None:
+                    busy.append(spec)
+                    if held not in self._waited_for:
+                        self.log(f"another process is training {held}; coming back to it")
+                        self._waited_for.add(held)
             if busy:
                 time.sleep(BUSY_WAIT_SECONDS)
             pending = busy
         return [self.run_dir(dataset, recipe, spec) for spec in specs]
 
-    def _try_train(self, dataset: str, recipe: str, spec: RunSpec) -> bool:
-        """Make sure the run (and its plain run) is trained; False if another process holds one of them."""
-        if spec.method != "plain" and not self._try_train(dataset, recipe, RunSpec("plain", spec.seed)):
-            return False
+    def _try_train(self, dataset: str, recipe: str, spec: RunSpec) -> Path | None:
+        """Make sure the run (and its plain run) is trained; the folder another process holds, if any."""
+        if spec.method != "plain":
+            held = self._try_train(dataset, recipe, RunSpec("plain", spec.seed))
+            if held is not None:
+                return held
         cfg = self.config(dataset, recipe, spec)
         path = Path(cfg.out)
         if _finished(path, cfg.epochs):
-            return True
-        self.log(f"training {path}")
+            return None
+        if path not in self._waited_for:
+            self.log(f"training {path}")
         try:
             train(cfg, resume=True)
         except RunFolderBusy:
-            return False
+            return path
         self.trained.append(str(path))
-        return True
+        return None
 
     # ---- evaluation (cached) --------------------------------------------------------
     def _cache(self, kind: str, paths: list[Path], settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
