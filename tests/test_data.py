@@ -34,7 +34,7 @@ def test_digits_shapes_and_range(digits):
         assert part.images.shape[1:] == (1, 8, 8) and part.images.device.type == "cpu"
     assert digits.train.images.min() == 0 and digits.train.images.max() == 255
     assert set(digits.train.labels.tolist()) == set(range(10))
-    assert digits.test is None and not digits.flip and digits.crop_padding == 1
+    assert digits.test is None and not digits.flip and digits.crop_padding == 0
     assert len(digits.mean) == len(digits.std) == 1
     x = digits.train.images.double() / 255
     assert digits.mean[0] == pytest.approx(x.mean().item())

@@ -234,3 +234,42 @@ def test_width_scales_parameters(kind):
     # Conv weights grow with width squared.
     assert 0.2 < half / full < 0.3
     assert tiny < half
+
+
+def _gmacs(module, *inputs):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return counter.get_total_flops() / 2e9  # the counter counts a multiply-add as 2 flops
+
+
+def test_attacker_macs_follow_table1():
+    # Table 1: the slim attacker's second conv downsamples, so both ResBlocks run at half size.
+    x = torch.rand(1, 6, 32, 32)
+    slim = _gmacs(create_attacker("slim", in_channels=6, out_channels=3), x, 0.03)
+    wide = _gmacs(create_attacker("wide", in_channels=6, out_channels=3), x, 0.03)
+    assert 0.30 < slim <= 0.40  # pooling after a full-size ResBlock (the old layout) cost 1.08
+    assert 1.6 < wide < 2.0
+    # Per pixel at 8x8 it is the same network: a quarter of the cost at a quarter of the width
+    # is (0.25)^2 of the channel products, a sixteenth of the pixels.
+    small = _gmacs(create_attacker("slim", in_channels=6, out_channels=3), torch.rand(1, 6, 8, 8), 0.03)
+    assert small == pytest.approx(slim / 16, rel=0.05)
+
+
+def test_slim_attacker_layout():
+    slim = create_attacker("slim", in_channels=6, out_channels=3, width=0.25)
+    shapes = {}
+    for name in ("stem", "down", "block", "bn", "up"):
+        getattr(slim, name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.shape))
+    slim(torch.rand(2, 6, 32, 32), 0.03)
+    assert shapes["stem"] == (2, 32, 32, 32)
+    assert shapes["down"] == (2, 64, 16, 16)  # the first ResBlock's first conv has stride 2
+    assert shapes["block"] == (2, 32, 16, 16)
+    assert shapes["up"] == (2, 16, 32, 32)
+    assert slim.down.residual[2].stride == (2, 2) and slim.down.shortcut.stride == (2, 2)
+    # The last ResBlock group ends in BN alone (Table 1), no ReLU before the deconvolution.
+    assert isinstance(slim.bn, torch.nn.BatchNorm2d)
+    wide = create_attacker("wide", in_channels=6, out_channels=3, width=0.25)
+    assert isinstance(wide.bn, torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in (slim.bn, wide.bn))

@@ -159,3 +159,18 @@ def test_corrupt_and_foreign_checkpoints_are_user_errors(tmp_path):
     torch.save({"x": 1}, last)  # a pickle is never unpickled
     with pytest.raises(UserError):
         load_run(run.path)
+
+
+def test_old_attacker_layout_is_refused(tmp_path):
+    run = train(cfg(tmp_path, method="grad-l2l", epochs=1, val_robust_n=0))
+    path = run.path / "last.safetensors"
+    state = load_state(path)
+    assert state["attacker_layout"] == 2
+    del state["attacker_layout"]  # as written before layout 2
+    save_state(path, state)
+    with pytest.raises(UserError, match="attacker in .* has layout 1, written by an older learn2defend"):
+        load_run(run.path)
+    with pytest.raises(UserError, match="has layout 1"):
+        train(cfg(tmp_path, method="grad-l2l", epochs=2, val_robust_n=0), resume=True)
+    # the classifier alone still loads, and can be evaluated
+    assert load(run.path)(torch.rand(2, 1, 8, 8)).shape == (2, 4)

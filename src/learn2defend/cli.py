@@ -41,7 +41,8 @@ HELP = {
     "attacker": "slim | wide (the paper's Table 1)",
     "attacker_width": "multiplies the attacker's channel counts",
     "attacker_scale": "attacker output tanh(s*h) with a learnable s starting at 5 (authors' code)",
-    "attacker_optimizer": "sgd | adam (default: as the classifier)",
+    "attacker_optimizer": "sgd | adam (default adam: lr 1e-3, no weight decay, fixed; "
+                          "sgd takes the classifier's lr, momentum, weight decay and schedule, as in the paper)",
     "attacker_steps": "attacker updates per classifier update",
     "grad_norm": "conditioning of the attacker's gradient input: sample | batch | sign | none",
     "l2l_update": "joint (one backward) | alternating (classifier step, then attacker step; authors' code)",

@@ -137,12 +137,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if world > 1 and config.checks:
         raise UserError("--checks do not run under torchrun; run eval --checks as one process")
     device = distributed.local_device(resolve_device(config.device))
-    run = load_run(config.checkpoint, config.which, device)
+    run = load_run(config.checkpoint, config.which, device, with_attacker=False)
     eps = run.config.eps if config.eps is None else config.eps
     if config.checks and not eps > 0:
         raise UserError("--checks attack the model, so they need eps > 0")
     attacks = build_attacks(config.attacks, eps, config.batch_size, config.pgm_step)
-    surrogate = load_run(config.surrogate, "last", device) if config.surrogate else None
+    surrogate = load_run(config.surrogate, "last", device, with_attacker=False) if config.surrogate else None
     if surrogate is not None:
         check_same_task(run, surrogate, "--surrogate")
     data = eval_data(run, config.dataset, config.data_dir)
@@ -316,8 +316,8 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
     EvalConfig(checkpoint=config.target, split=config.split, n=config.n, batch_size=config.batch_size,
                eps=config.eps, which=config.which).validate()
     device = resolve_device(config.device)
-    target = load_run(config.target, config.which, device)
-    surrogate = load_run(config.surrogate, config.which, device)
+    target = load_run(config.target, config.which, device, with_attacker=False)
+    surrogate = load_run(config.surrogate, config.which, device, with_attacker=False)
     check_same_task(surrogate, target, "transfer")
     eps = target.config.eps if config.eps is None else config.eps
     attacks = build_attacks(config.attacks, eps, config.batch_size)

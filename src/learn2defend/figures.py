@@ -129,7 +129,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     """Accuracy of each run at each sweep value; writes PREFIX.csv and PREFIX.png."""
     config.validate()
     device = resolve_device(config.device)
-    runs = [load_run(c, config.which, device) for c in config.checkpoints]
+    runs = [load_run(c, config.which, device, with_attacker=False) for c in config.checkpoints]
     for other in runs[1:]:
         check_same_task(runs[0], other, "sweep")
     eps = runs[0].config.eps if config.eps is None else config.eps
@@ -239,7 +239,7 @@ def show(config: ShowConfig) -> dict[str, Any]:
     adversarial image, each titled with true and predicted class names."""
     config.validate()
     device = resolve_device(config.device)
-    run = load_run(config.checkpoint, config.which, device)
+    run = load_run(config.checkpoint, config.which, device, with_attacker=False)
     eps = run.config.eps if config.eps is None else config.eps
     attacks = build_attacks(config.attacks, eps, config.n)
     images = first_n(eval_data(run, config.dataset, config.data_dir), config.split, config.n)

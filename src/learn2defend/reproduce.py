@@ -86,6 +86,9 @@ class Preset:
     label: str = ""  # printed in every title / field
     # Replacements for large data sets (CIFAR, SVHN, MNIST, image folders), e.g. a cheaper model.
     large_data: dict[str, Any] = field(default_factory=dict)
+    # The attacker's optimizer in the SGD recipe: "sgd" (the paper: the classifier's lr and
+    # schedule) or None (learn2defend's default, Adam 1e-3; see config.ATTACKER_ADAM_LR).
+    attacker_optimizer: str | None = None
 
     @property
     def title(self) -> str:
@@ -106,7 +109,7 @@ PRESETS: dict[str, Preset] = {
         epochs=40, l2l_lr=0.1, l2l_milestones=(30,), baseline_lr=0.01, adam_lr=2e-4, adam_attacker_lr=1e-3,
         batch_size=128, seeds=5, n=None, train_size=None, attacker_width=1.0, autoattack="autoattack",
         checks=True, sweep_steps=(1, 2, 5, 10, 20, 50, 100), sweep_eps=(0, 0.5, 1, 1.5, 2, 2.5, 3),
-        val_robust_n=1000, label="WRN-34-4, 40 adversarial epochs, 5 seeds",
+        val_robust_n=1000, label="WRN-34-4, 40 adversarial epochs, 5 seeds", attacker_optimizer="sgd",
     ),
     # Shrunk for a CPU: a small CNN, a few epochs, subsets, 2 seeds, quarter-width attackers.
     "cpu": Preset(
@@ -222,7 +225,8 @@ class Reproduction:
         if spec.method in ("fgsm", "pgd"):  # paper 3.2: fixed step size 0.01; clean weight 0.5 (the default)
             return TrainConfig(**common, lr=p.baseline_lr)
         # L2L, paper 3.2: SGD 0.1 then 0.01 after 30 epochs, the attacker with the same schedule
-        return TrainConfig(**common, lr=p.l2l_lr, lr_milestones=milestones)
+        # (preset paper); the other presets keep learn2defend's default attacker optimizer.
+        return TrainConfig(**common, lr=p.l2l_lr, lr_milestones=milestones, attacker_optimizer=p.attacker_optimizer)
 
     def ensure(self, dataset: str, recipe: str, spec: RunSpec) -> Path:
         """Train (or resume, or skip when finished) the run and the plain run it starts from;
@@ -308,7 +312,8 @@ class Reproduction:
         def compute() -> dict[str, Any]:
             self.log(f"transferring {', '.join(attacks)} from {surrogate} to {target}")
             device = resolve_device(self.device)
-            s, t = load_run(surrogate, device=device), load_run(target, device=device)
+            s = load_run(surrogate, device=device, with_attacker=False)
+            t = load_run(target, device=device, with_attacker=False)
             check_same_task(s, t, "transfer")
             images = first_n(eval_data(t, None, self.data_dir), "val", self.preset.n)
             counts = transfer_accuracy(s.model, t.model, images, build_attacks(attacks, t.config.eps, 256, pgm_step),

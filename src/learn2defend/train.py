@@ -36,6 +36,7 @@ from .data import Dataset, DeviceLoader, ImageData, load_dataset
 from .errors import UserError
 from .methods import STEPS, StepContext, attacker_in_channels
 from .models import create_attacker, create_model
+from .models.attackers import ATTACKER_LAYOUT
 
 LAST, BEST, CONFIG, METRICS = "last.safetensors", "best.safetensors", "config.json", "metrics.jsonl"
 
@@ -143,8 +144,11 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_run(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> Run:
-    """Load a run folder's classifier (and attacker) in eval mode; nothing is unpickled."""
+def load_run(path: str | Path, which: str = "last", device: str | torch.device = "cpu", *,
+             with_attacker: bool = True) -> Run:
+    """Load a run folder's classifier (and, with `with_attacker`, its attacker) in eval mode;
+    nothing is unpickled. Without the attacker, the classifier of a run whose attacker has an
+    older layout still loads."""
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise UserError(f"'{path}' is not a run folder (no {CONFIG}); train one with learn2defend train --out {path}")
@@ -156,11 +160,24 @@ def load_run(path: str | Path, which: str = "last", device: str | torch.device =
     meta = _checked_meta(state, path / (LAST if which == "last" else BEST))
     model = build_classifier(config, meta)
     load_weights(model, state["model"], f"checkpoint {path}")
-    attacker = build_attacker(config, meta)
+    attacker = build_attacker(config, meta) if with_attacker else None
     if attacker is not None:
+        check_attacker_layout(state, path)
         load_weights(attacker, state["attacker"], f"attacker in {path}")
         attacker.to(device).eval()
     return Run(path, config, meta, model.to(device).eval(), attacker, state.get("epoch", 0), state.get("history", []))
+
+
+def check_attacker_layout(state: dict[str, Any], path: Path) -> None:
+    """Refuse an attacker saved with another layout of the attacker networks: its weights
+    could have the same names and shapes and load silently into different computation."""
+    layout = state.get("attacker_layout", 1)  # checkpoints before layout 2 did not record it
+    if layout != ATTACKER_LAYOUT:
+        raise UserError(
+            f"the attacker in {path} has layout {layout}, written by an older learn2defend whose "
+            f"attackers differed from the paper's Table 1; this version builds layout {ATTACKER_LAYOUT}. "
+            "Retrain the run (its classifier alone loads with learn2defend.load)"
+        )
 
 
 def _checked_meta(state: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -184,7 +201,7 @@ def _checked_meta(state: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def load(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> nn.Module:
     """The trained classifier of a run folder: an ordinary module taking [0, 1] images."""
-    return load_run(path, which, device).model
+    return load_run(path, which, device, with_attacker=False).model
 
 
 # ---- evaluation during training ------------------------------------------------------------
@@ -350,7 +367,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
     model = build_classifier(cfg, meta).to(device)
     attacker = build_attacker(cfg, meta)
     if cfg.init:
-        init = load_run(cfg.init)
+        init = load_run(cfg.init, with_attacker=False)
         if init.meta["classes"] != meta["classes"] or init.config.model != cfg.model:
             raise UserError(f"--init {cfg.init} is a {init.config.model} for other classes; it cannot start this run")
         model.load_state_dict(init.model.state_dict())
@@ -405,7 +422,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
             "world_size": world,
         }
         if attacker is not None:
-            s.update(attacker=attacker.state_dict(), attacker_optimizer=attacker_optimizer.state_dict(),
+            s.update(attacker=attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,
+                     attacker_optimizer=attacker_optimizer.state_dict(),
                      attacker_scheduler=attacker_scheduler.state_dict())
         return s
 
@@ -417,6 +435,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
             optimizer.load_state_dict(s["optimizer"])
             scheduler.load_state_dict(s["scheduler"])
             if attacker is not None:
+                check_attacker_layout(s, out / LAST)
                 load_weights(attacker, s["attacker"], f"attacker in {out / LAST}")
                 attacker_optimizer.load_state_dict(s["attacker_optimizer"])
                 attacker_scheduler.load_state_dict(s["attacker_scheduler"])
