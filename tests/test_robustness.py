@@ -18,7 +18,7 @@ def _pgd10_accuracy(model, data, eps):
 
 def test_grad_l2l_beats_plain_under_pgd10_on_digits(tmp_path):
     # The library defaults on digits (eps 0.2), 6 epochs. Measured on this seed: plain 0.00,
-    # grad-l2l about 0.4; on 3 seeds at 8 epochs grad-l2l keeps 0.45 +- 0.06 (docs/results.md).
+    # grad-l2l 0.34; on 3 seeds at 8 epochs grad-l2l keeps 0.45 +- 0.06 (docs/results.md).
     common = dict(dataset="digits", epochs=6, val_robust_n=0, progress=False, seed=0)
     plain = train(TrainConfig(out=str(tmp_path / "plain"), method="plain", **common))
     l2l = train(TrainConfig(out=str(tmp_path / "grad"), method="grad-l2l", **common))
