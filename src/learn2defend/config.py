@@ -36,7 +36,7 @@ DEFAULT_EPS = {"digits": 0.2, "mnist": 0.3, "svhn": 0.05}
 
 # The attacker's default optimizer: Adam at 1e-3, fixed, no weight decay (the paper's SVHN
 # recipe for the attacker, and the yardstick's). The paper's CIFAR recipe (SGD with the
-# classifier's schedule, --attacker-optimizer sgd) left Grad L2L on digits at 0.25 under
+# classifier's schedule, --attacker-optimizer sgd) left Grad L2L on digits at 0.26 under
 # autoattack-fast against 0.30 with Adam (3 seeds each; docs/results.md, "Grad L2L ablation").
 FALLBACK_EPS = 0.03
 ATTACKER_ADAM_LR = 1e-3
