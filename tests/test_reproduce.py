@@ -133,6 +133,16 @@ def test_paper_preset_uses_the_papers_pgm_step_on_its_data_sets(tmp_path: Path) 
     assert rp.Reproduction(rp.PRESETS["cpu"], tmp_path).pgm_step("svhn") is None  # the cpu preset: eps/3
 
 
+def test_paper_preset_keeps_the_papers_sgd_attacker(tmp_path: Path) -> None:
+    spec = rp.RunSpec("grad-l2l", 0, "slim")
+    paper = rp.Reproduction(rp.PRESETS["paper"], tmp_path).config("cifar10", "sgd", spec).resolved()
+    assert (paper.attacker_optimizer, paper.attacker_lr, paper.attacker_lr_milestones) == ("sgd", 0.1, [30])
+    cpu = rp.Reproduction(rp.PRESETS["cpu"], tmp_path).config("cifar10", "sgd", spec).resolved()
+    assert (cpu.attacker_optimizer, cpu.attacker_lr) == ("adam", 1e-3)  # learn2defend's default
+    adam = rp.Reproduction(rp.PRESETS["paper"], tmp_path).config("svhn", "adam", spec).resolved()
+    assert (adam.attacker_optimizer, adam.attacker_lr, adam.attacker_lr_milestones) == ("adam", 1e-3, [])
+
+
 def test_a_run_another_process_trains_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
     import os
