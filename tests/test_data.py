@@ -179,12 +179,13 @@ def test_folder_loads(tree, tmp_path):
     assert ds.classes == ["cat", "dog"] and ds.image_shape == (3, 10, 10)
     assert len(ds.train) + len(ds.val) == 6 and len(ds.test) == 2
     assert ds.flip and ds.crop_padding == 1
-    assert ds.test.labels.tolist() == [0, 1]
-    cat = ds.test.images[0]
+    assert sorted(ds.test.labels.tolist()) == [0, 1]
+    cat = ds.test.images[ds.test.labels.tolist().index(0)]
     assert cat.dtype == torch.uint8
     expected = torch.tensor(COLORS["cat"], dtype=torch.uint8)[:, None, None].expand(3, 10, 10)
     assert torch.equal(cat, expected)
-    assert (ds.test.images[1].int() - torch.tensor(COLORS["dog"])[:, None, None]).abs().max() <= 3
+    dog = ds.test.images[ds.test.labels.tolist().index(1)]
+    assert (dog.int() - torch.tensor(COLORS["dog"])[:, None, None]).abs().max() <= 3
     assert (tmp_path / "data" / "cache").is_dir()
 
 
@@ -389,3 +390,20 @@ def test_channel_stats_constant_channel():
     images[:, 1] = 255
     mean, std = data._channel_stats(images)
     assert mean == pytest.approx((0.0, 1.0)) and min(std) > 0
+
+
+def test_folder_test_split_first_n_is_a_random_subset(tmp_path):
+    # Files sorted by class: the first 30 of 60 test files are all class "a". The first 30
+    # test images must come from every class, in the same order on every load.
+    root = tmp_path / "sorted"
+    for cls in ("a", "b", "c"):
+        save(root / "train" / cls / "0.png")
+        save(root / "train" / cls / "1.png")
+        for i in range(20):
+            save(root / "test" / cls / f"{i:02d}.png")
+    first = load_tree(root, tmp_path).test
+    assert len(first) == 60 and first.labels.bincount().tolist() == [20, 20, 20]  # the whole split kept
+    assert first.labels[:30].unique().tolist() == [0, 1, 2]
+    assert 5 <= (first.labels[:30] == 0).sum() <= 15
+    again = load_tree(root, tmp_path, split_seed=7).test  # cached now; another validation split
+    assert torch.equal(again.labels, first.labels) and torch.equal(again.images, first.images)

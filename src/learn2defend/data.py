@@ -40,6 +40,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".pgm", ".pbm"}
 CACHE_FORMAT = 1  # bump when the cache layout or the decoding changes: old caches are then ignored
 FAKE_TRAIN, FAKE_TEST = 2048, 512
+TEST_ORDER_SEED = 0  # the fixed order of a folder's test split (see _load_folder)
 
 
 @dataclass
@@ -314,7 +315,11 @@ def _load_folder(root: Path, data_dir: Path, image_size: int | None, on_bad_imag
     train = ImageData(tensors["train_images"], tensors["train_labels"])
     test = None
     if "test_images" in tensors:
-        test = ImageData(tensors["test_images"], tensors["test_labels"])
+        # Files come sorted by class: shuffled once, by a fixed seed, "the first N test images"
+        # (eval --split test --n N) is a random, class-balanced-in-expectation subset, the same
+        # on every run; the whole split's numbers do not depend on its order.
+        order = torch.randperm(len(tensors["test_labels"]), generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
+        test = ImageData(tensors["test_images"][order], tensors["test_labels"][order])
     size = min(train.images.shape[-2:])
     return _Source(train, test, classes, flip=True, crop_padding=size // 8)
 
