@@ -102,3 +102,49 @@ def test_models_lists_registry(capsys):
     assert main(["models", "wrn*"]) == 0
     names = capsys.readouterr().out.split()
     assert "wrn-34-4" in names and "smallcnn" not in names
+
+
+def _subcommands():
+    import argparse
+
+    from learn2defend.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from learn2defend.cli import _Formatter
+
+    _, commands = _subcommands()
+    missing = []
+    for name, p in commands.items():
+        formatter = _Formatter(name)
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._get_help_string(action)
+            if not (action.help or "").strip():
+                missing.append(f"{name} {action.dest}: no help")
+            elif action.option_strings and not action.required and action.default is not False \
+                    and "default" not in text:
+                missing.append(f"{name} {action.option_strings[0]}: no default shown")
+    assert not missing, missing
+
+
+def test_help_shows_real_defaults_and_version(capsys):
+    _, commands = _subcommands()
+    train_help = commands["train"].format_help()
+    assert "per data set / method" not in train_help
+    assert "(default: 10)" in train_help and "(default: 0.1)" in train_help  # --epochs, --lr
+    assert "default: every training" in train_help and "default: none, random" in train_help
+    eval_help = " ".join(commands["eval"].format_help().split())
+    for attack in ("fgsm", "pgdK", "pgmK", "cwpgdK", "cw", "autoattack-fast", "l2l:DIR"):
+        assert attack in eval_help
+    assert main(["--version"]) == 0
+    from learn2defend import __version__
+
+    assert capsys.readouterr().out.strip() == f"learn2defend {__version__}"

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from .config import METHODS, TrainConfig, parse_fraction
 from .errors import UserError
 
@@ -29,20 +30,20 @@ HELP = {
     "augment": "random crop (and flip where it makes sense) on the device",
     "model": "classifier name (see `learn2defend models`)",
     "method": "plain | fgsm | pgd | naive-l2l | grad-l2l | 2step-l2l",
-    "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255 (default: per data set)",
+    "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255",
     "init": "run folder whose classifier starts this run (the paper starts from a plain net)",
     "optimizer": "sgd | adam",
     "betas": "Adam betas",
     "lr_milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
-    "clean_weight": "weight of the clean loss (default 0.5 for fgsm/pgd, 0 otherwise)",
+    "clean_weight": "weight of the clean loss",
     "pgd_steps": "PGD iterations when training with --method pgd",
-    "step_size": "attack step size (default: eps/3 for pgd, eps for fgsm, 1.25 eps for FGSM-RS)",
+    "step_size": "attack step size of fgsm and pgd training",
     "random_start": "uniform random start (FGSM-RS of Wong et al. for --method fgsm)",
     "attacker": "slim | wide (the paper's Table 1)",
     "attacker_width": "multiplies the attacker's channel counts",
     "attacker_scale": "attacker output tanh(s*h) with a learnable s starting at 5 (authors' code)",
-    "attacker_optimizer": "sgd | adam (default adam: lr 1e-3, no weight decay, fixed; "
-                          "sgd takes the classifier's lr, momentum, weight decay and schedule, as in the paper)",
+    "attacker_optimizer": "sgd | adam (adam: lr 1e-3, no weight decay, fixed; sgd takes the "
+                          "classifier's lr, momentum, weight decay and schedule, as in the paper)",
     "attacker_steps": "attacker updates per classifier update",
     "grad_norm": "conditioning of the attacker's gradient input: sample | batch | sign | none",
     "l2l_update": "joint (one backward) | alternating (classifier step, then attacker step; authors' code)",
@@ -53,12 +54,71 @@ HELP = {
     "on_bad_image": "folder image files that cannot be decoded: skip (warn, count) | fail",
     "on_nonfinite": "non-finite loss: stop (keep the last good checkpoint, exit 2) | skip (drop that step)",
     "sync_bn": "under torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm)",
+    "epochs": "training epochs (with --init: adversarial epochs after the plain net)",
+    "batch_size": "images per step (per process under torchrun)",
+    "lr": "the classifier's learning rate",
+    "momentum": "SGD momentum (classifier; the attacker's too with --attacker-optimizer sgd)",
+    "weight_decay": "the classifier's weight decay",
+    "lr_gamma": "factor applied to the learning rate at each of --lr-milestones",
+    "attacker_lr": "the attacker's learning rate",
+    "attacker_momentum": "the attacker's SGD momentum",
+    "attacker_weight_decay": "the attacker's weight decay",
+    "attacker_lr_milestones": "epochs after which the attacker's learning rate is multiplied by --lr-gamma",
+    "seed": "seed of weights, data order, augmentation and random starts",
+}
+
+# What a None default of a TrainConfig field resolves to (TrainConfig.resolved), for --help.
+NONE_DEFAULTS = {
+    "image_size": "the images' own size",
+    "train_size": "every training image",
+    "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03",
+    "init": "none, random initial weights",
+    "clean_weight": "0.5 for fgsm and pgd, 0 otherwise",
+    "step_size": "eps/3 for pgd, eps for fgsm, 1.25 eps with --random-start",
+    "attacker_optimizer": "adam",
+    "attacker_lr": "1e-3 with adam, --lr with sgd",
+    "attacker_momentum": "--momentum",
+    "attacker_weight_decay": "0 with adam, --weight-decay with sgd",
+    "attacker_lr_milestones": "none with adam, --lr-milestones with sgd",
 }
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every option's help ends with its real default, unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text or default is None or default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            shown = action.option_strings[0 if default else 1]  # --flag or --no-flag
+        elif default is False:  # a plain switch: off unless given
+            return text
+        elif isinstance(default, (list, tuple)):
+            shown = ",".join(map(str, default))
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%') or 'none'})".strip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+DEVICE_HELP = "auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N"
+ATTACK_SEED_HELP = "seed of the attacks' random starts"
+
+
+def _attack_names() -> list[str]:
+    from .attacks import list_attack_names
+
+    return list_attack_names()
 
 
 def _int_list(text: str) -> list[int]:
@@ -103,14 +163,14 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
             continue
         kind = _val_size if f.name == "val_size" else _TYPES[base]
-        shown = "per data set / method" if default is None else default
-        parser.add_argument(flag, type=kind, default=default, metavar=base.split("[")[0].upper(),
-                            help=f"{HELP.get(f.name, '')} (default: {shown})".strip())
+        text = HELP[f.name] + (f" (default: {NONE_DEFAULTS[f.name]})" if default is None else "")
+        parser.add_argument(flag, type=kind, default=default, metavar=base.split("[")[0].upper(), help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="learn2defend",
                      description="Adversarial training with learned attackers, and honest evaluation.")
+    parser.add_argument("--version", action="version", version=f"learn2defend {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a classifier with one of the methods")
@@ -122,21 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy of a trained run, clean and under attacks")
     p.add_argument("--checkpoint", required=True, help="run folder")
     p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[],
-                   help="comma-separated: fgsm, pgdK, pgmK (paper), cwpgdK, cw, autoattack, autoattack-fast")
-    p.add_argument("--dataset", help="evaluate on another data set with the same classes")
-    p.add_argument("--split", default="val", help="val (default) or test")
-    p.add_argument("--n", type=int, help="evaluate the first N images of the split")
-    p.add_argument("--batch-size", type=int, default=256)
+                   help=f"comma-separated; K is a number of iterations: {', '.join(_attack_names())} "
+                   "(default: none, clean accuracy only)")
+    p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the run's own)")
+    p.add_argument("--split", default="val", help="val or test")
+    p.add_argument("--n", type=int, help="evaluate the first N images of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
     p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
-    p.add_argument("--which", default="last", help="last (default) or best checkpoint")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--which", default="last", help="last or best checkpoint")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
+    p.add_argument("--seed", type=int, default=0, help=ATTACK_SEED_HELP)
     p.add_argument("--pgm-step", type=_number, help="step of the pgmK attacks (default eps/3; the paper: 0.01)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     p.add_argument("--checks", action="store_true",
                    help="sanity checks for gradient masking (Carlini et al. 2019) on the same images")
-    p.add_argument("--surrogate", help="run folder: with --checks, compare white-box PGD with PGD transferred from it")
+    p.add_argument("--surrogate", help="run folder: with --checks, compare white-box PGD with PGD transferred "
+                   "from it (default: none, that check is skipped)")
     p.add_argument("--attack-state", action=argparse.BooleanOptionalAction, default=True,
                    help="save AutoAttack's progress under DIR/eval-state/ and resume an interrupted eval from it")
     _add_eval_commands(sub)
@@ -151,31 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
     p = sub.add_parser("demo", help="the digits comparison of every method (about two minutes on a CPU)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/demo", help="folder holding one run folder per method")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("bench", help="seconds per training step of each method, timed alike")
     p.add_argument("--model", default="smallcnn", help="classifier name (default: smallcnn)")
     p.add_argument("--dataset", default="fake:3x32x32:10", help="data set; one batch of it is used")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
     p.add_argument("--steps", type=int, default=10, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--methods", type=_names, default=list(METHODS),
                    help="comma-separated (default: all); attacker-only: the attacker alone")
     p.add_argument("--attacker", default="slim", help="slim | wide")
-    p.add_argument("--attacker-width", type=_number, default=1.0)
+    p.add_argument("--attacker-width", type=_number, default=1.0, help=HELP["attacker_width"])
     p.add_argument("--eps", type=_number, help="default: per data set, as in training")
     p.add_argument("--clean-weight", type=_number, help="default: per method, as in training")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     _add_reproduce_commands(sub)
 
     p = sub.add_parser("models", help="list the registered classifiers")
-    p.add_argument("pattern", nargs="?", default="*")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
     return parser
 
 
@@ -233,21 +295,21 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_eval_commands(sub) -> None:
     """transfer, sweep, show: the evaluation commands besides eval."""
-    def common(p: argparse.ArgumentParser, n_help: str = "use the first N images of the split") -> None:
-        p.add_argument("--dataset", help="another data set with the same classes")
-        p.add_argument("--split", default="val", help="val (default) or test")
+    def common(p: argparse.ArgumentParser, n_help: str = "use the first N images of the split (default: all)") -> None:
+        p.add_argument("--dataset", help="another data set with the same classes (default: the run's own)")
+        p.add_argument("--split", default="val", help="val or test")
         p.add_argument("--n", type=int, help=n_help)
-        p.add_argument("--which", default="last", help="last (default) or best checkpoint")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--data-dir", default="data")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--which", default="last", help="last or best checkpoint")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+        p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
+        p.add_argument("--seed", type=int, default=0, help=ATTACK_SEED_HELP)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
 
     p = sub.add_parser("transfer", help="black-box: attacks crafted on a surrogate run, accuracy of a target run")
     p.add_argument("--surrogate", required=True, help="run folder the attacks are computed on")
     p.add_argument("--target", required=True, help="run folder that is measured")
     p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="comma-separated (default: fgsm,pgd10)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
     p.add_argument("--eps", type=_number, help="attack radius (default: the target's training eps)")
     common(p)
 
@@ -259,7 +321,7 @@ def _add_eval_commands(sub) -> None:
                    "default: pgm over pgd-steps, fgsm,pgm over eps")
     p.add_argument("--steps", type=int, default=10, help="PGD/PGM iterations of an eps sweep (default: 10)")
     p.add_argument("--eps", type=_number, help="radius of a pgd-steps sweep (default: the first run's training eps)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
     p.add_argument("--out", required=True, help="file prefix: writes PREFIX.csv and PREFIX.png")
     common(p)
 
@@ -361,9 +423,10 @@ def _add_reproduce_commands(sub) -> None:
     p.add_argument("--preset", default="cpu", choices=PRESETS_PUBLIC,
                    help="paper (WRN-34-4, 40 epochs, 5 seeds; a GPU) | cpu (small CNN, few epochs; default)")
     p.add_argument("--out", required=True, help="folder for runs, cached evaluations, tables and figures")
-    p.add_argument("--dataset", type=_names, help="data set(s) instead of the paper's, e.g. digits or folder:PATH")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--dataset", type=_names,
+                   help="data set(s) instead of the paper's, e.g. digits or folder:PATH (default: the paper's)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
     p.add_argument("--download", action="store_true", help="fetch torchvision data sets into --data-dir")
     p.add_argument("--json", action="store_true", help="print one JSON object (files and raw rows)")
 
