@@ -349,3 +349,24 @@ def test_pgm_step_replaces_eps_over_3_for_pgm_only():
     assert default.step_size == pytest.approx(0.05 / 3)
     assert paper.step_size == 0.01
     assert pgd.step_size is None or pgd.step_size != 0.01  # pgdK keeps its own (2.5 eps / K)
+
+
+def test_autoattack_on_two_classes_runs_and_says_what_it_left_out(tmp_path):
+    # pyautoattack's targeted DLR loss indexes the 4th largest logit: APGD-T cannot run on 2 classes.
+    run = _train(tmp_path / "two", dataset="fake:1x8x8:2", epochs=1, val_size=64)
+    result = evaluate(EvalConfig(checkpoint=str(run.path), attacks=["autoattack-fast"], n=32, eps=0.1))
+    assert 0 <= result["accuracy"]["autoattack-fast"] <= result["accuracy"]["clean"]
+    assert any("apgd-t left out" in w and "has 2" in w for w in result["warnings"])
+    assert not (run.path / STATE_DIR).exists()
+
+
+def test_a_failed_evaluation_leaves_no_state(tmp_path, monkeypatch):
+    run = _train(tmp_path / "fails", epochs=1)
+
+    def boom(self, model, images, labels):
+        raise RuntimeError("simulated failure inside AutoAttack")
+
+    monkeypatch.setattr(AutoAttack, "perturb", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        evaluate(EvalConfig(checkpoint=str(run.path), attacks=["autoattack-fast"], n=16))
+    assert not (run.path / STATE_DIR).exists()

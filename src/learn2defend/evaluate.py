@@ -154,6 +154,27 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
     resumable = world == 1 and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
+    try:
+        return _evaluate_images(config, run, surrogate, data, images, n, attacks, eps, device, state)
+    except Exception:  # a failure, not an interruption (KeyboardInterrupt): the state would only mislead
+        _discard_state(state)
+        raise
+
+
+def _discard_state(state: Path | None) -> None:
+    if state is None:
+        return
+    shutil.rmtree(state, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        state.parent.rmdir()  # only if no other evaluation's state is left there
+
+
+def _evaluate_images(config: EvalConfig, run: Run, surrogate: Run | None, data: Dataset, images: ImageData,
+                     n: int, attacks: list[Attack], eps: float, device: torch.device,
+                     state: Path | None) -> dict[str, Any]:
+    from . import distributed
+
+    world = distributed.world_size()
     correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
                              config.progress and distributed.is_main(), state)
     if world > 1:
@@ -189,10 +210,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
     if warnings:
         result["warnings"] = warnings
-    if state is not None:  # finished: the next evaluation starts afresh
-        shutil.rmtree(state, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            state.parent.rmdir()  # only if no other evaluation's state is left there
+    _discard_state(state)  # finished: the next evaluation starts afresh
     return result
 
 

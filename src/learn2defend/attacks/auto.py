@@ -91,6 +91,11 @@ def _same(key: str, saved: object, ours: object) -> bool:
     return saved == ours
 
 
+# Stages that are undefined below a number of classes (pyautoattack's DLR losses index the
+# 3rd and 4th largest logits); everything else needs 2.
+MIN_CLASSES = {"apgd-t": 4, "apgd-dlr": 3}
+
+
 class AutoAttack(Attack):
     """AutoAttack, l-inf: "standard" (APGD-CE, APGD-T, FAB-T, Square) or "fast"
     (APGD-CE + APGD-T with the standard settings: 1 restart, 9 target classes).
@@ -224,6 +229,15 @@ class AutoAttack(Attack):
                 aa.fab.n_target_classes = min(9, n_classes - 1)
                 for attack in self.attacks:
                     if attack in done:
+                        continue
+                    if n_classes < MIN_CLASSES.get(attack, 2):
+                        warned.append(
+                            f"{attack} left out: it needs at least {MIN_CLASSES[attack]} classes "
+                            f"(its targeted DLR loss divides by the gap between the 1st and the 3rd/4th "
+                            f"largest logits) and this model has {n_classes}; the accuracy is that of "
+                            f"the other stages, {', '.join(a for a in self.attacks if a != attack)}"
+                        )
+                        done.append(attack)
                         continue
                     idx = robust.nonzero().squeeze(1)
                     if len(idx):
