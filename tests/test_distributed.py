@@ -147,3 +147,21 @@ def test_resume_keeps_the_global_batch(tmp_path):
     with pytest.raises(UserError, match="trained with 1 process.* x 16; keep --batch-size 16"):
         train(config(8, 2), resume=True)  # one process: the global batch would change
     assert train(config(16, 2), resume=True).epoch == 2
+
+
+def test_eval_with_more_processes_than_images(tmp_path):
+    # 2 processes, 1 image: rank 1's shard is empty and must simply add nothing
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "learn2defend", "train", "--dataset", "digits", "--epochs", "1",
+                           "--val-robust-n", "0", "--no-progress", "--out", str(run)],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    args = ["eval", "--checkpoint", str(run), "--n", "1", "--attacks", "fgsm,autoattack-fast", "--json"]
+    single = subprocess.run([sys.executable, "-m", "learn2defend", *args],
+                            capture_output=True, text=True, timeout=120, env=_env())
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                          f"--rdzv-endpoint=localhost:{_free_port()}", "-m", "learn2defend", "--", *args],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout)["accuracy"] == json.loads(single.stdout)["accuracy"]
+    assert json.loads(two.stdout)["n"] == 1

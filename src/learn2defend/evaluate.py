@@ -240,6 +240,11 @@ def attack_correct(
     transfer = source is not None and source is not model
     source = source.eval() if transfer else model
     names = ["clean"] + [a.name for a in attacks] + ["worst"]
+    if not len(images):  # an empty shard: a process of a torchrun evaluation with more processes than images
+        none = {name: torch.zeros(0, dtype=torch.bool) for name in names}
+        if source_correct is not None:
+            source_correct.update(none)
+        return dict(none)
     correct: dict[str, list[Tensor]] = {name: [] for name in names}
     own: dict[str, list[Tensor]] = {name: [] for name in names}
     batches = DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False)
