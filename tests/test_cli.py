@@ -148,3 +148,16 @@ def test_help_shows_real_defaults_and_version(capsys):
     from learn2defend import __version__
 
     assert capsys.readouterr().out.strip() == f"learn2defend {__version__}"
+
+
+def test_train_says_what_runs_where(tmp_path, capsys):
+    out = tmp_path / "hdr"
+    assert main(["train", "--dataset", "fake:3x16x16:4", "--method", "fgsm", "--epochs", "2", "--batch-size", "64",
+                 "--val-robust-n", "0", "--no-progress", "--device", "cpu", "--data-dir", str(tmp_path / "d"),
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (f"train {out}: fgsm, smallcnn on fake:3x16x16:4, eps 0.03, 2 epochs, "
+                        "augmentation none, device cpu")
+    epochs = [line for line in lines if "epoch " in line]
+    assert [line.split(" | ")[0] for line in epochs] == ["[hdr] epoch 1/2", "[hdr] epoch 2/2"]
+    assert epochs[0].endswith("left") and epochs[1].endswith("| 0s left")

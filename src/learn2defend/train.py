@@ -483,6 +483,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
         else:
             _log(f"{out} has finished its {epoch} epochs; nothing to train")
 
+    _log(_header(cfg, data, device, world))
+    started, first_epoch = time.perf_counter(), epoch  # for the time left of the whole run
     stop = _StopFlag()
     # on_nonfinite: "stop" costs nothing per step (the loss sums are checked at checkpoints,
     # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
@@ -549,7 +551,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
                     _save(out / BEST, state(epoch, 0, sums))
                 _save(out / LAST, state(epoch, 0, sums))
                 ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-                _log(_format_record(record, cfg.epochs))
+                left = (time.perf_counter() - started) / (epoch - first_epoch) * (cfg.epochs - epoch)
+                _log(f"[{out.name}] " + _format_record(record, cfg.epochs) + f" | {_duration(left)} left")
             saved_at = (epoch, 0)
             stopping = distributed.any_rank(stop.requested) if world > 1 else stop.requested
             if stopping and epoch < cfg.epochs:
@@ -677,6 +680,30 @@ def _format_record(r: dict[str, Any], epochs: int) -> str:
         parts.append(f"val pgd10 {r['val_pgd10_acc']:.3f}")
     parts.append(f"{r['seconds']:.1f}s")
     return " | ".join(parts)
+
+
+def _header(cfg: TrainConfig, data: Dataset, device: torch.device, world: int) -> str:
+    """One line saying what this run trains, on what, and where."""
+    method = cfg.method + (f" ({cfg.attacker} attacker x{cfg.attacker_width:g})" if cfg.is_l2l else "")
+    where = str(device) + (" (auto: no CUDA here)" if cfg.device == "auto" and device.type == "cpu" else "")
+    if world > 1:
+        where += f" x {world} processes"
+    augment = []
+    if cfg.augment and data.crop_padding:
+        augment.append(f"crop {data.crop_padding} px")
+    if cfg.augment and data.flip:
+        augment.append("flip")
+    return (f"train {cfg.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}, {cfg.epochs} epochs, "
+            f"augmentation {' + '.join(augment) or 'none'}, device {where}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
 def _log(message: str) -> None:
