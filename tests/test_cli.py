@@ -161,3 +161,15 @@ def test_train_says_what_runs_where(tmp_path, capsys):
     epochs = [line for line in lines if "epoch " in line]
     assert [line.split(" | ")[0] for line in epochs] == ["[hdr] epoch 1/2", "[hdr] epoch 2/2"]
     assert epochs[0].endswith("left") and epochs[1].endswith("| 0s left")
+
+
+def test_flip_and_crop_padding_override_the_data_set(tmp_path, capsys):
+    common = ["train", "--dataset", "fake:3x16x16:4", "--epochs", "1", "--batch-size", "64", "--val-robust-n", "0",
+              "--no-progress", "--device", "cpu", "--data-dir", str(tmp_path / "d")]
+    assert main([*common, "--out", str(tmp_path / "a"), "--flip", "--crop-padding", "2"]) == 0
+    assert "augmentation crop 2 px + flip, device cpu" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b"), "--crop-padding", "2", "--no-augment"]) == 0
+    assert "augmentation none" in capsys.readouterr().err
+    stored = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (stored["flip"], stored["crop_padding"]) == (True, 2)
+    assert main([*common, "--out", str(tmp_path / "c"), "--crop-padding", "-1"]) == 2

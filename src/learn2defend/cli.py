@@ -27,7 +27,9 @@ HELP = {
     "val_size": "validation split carved from the training set: fraction or count",
     "split_seed": "seed of the validation split",
     "train_size": "train on the first N training images only (a random subset, for CPU-sized runs)",
-    "augment": "random crop (and flip where it makes sense) on the device",
+    "augment": "random crop and flip on the device, as --crop-padding and --flip say (--no-augment: neither)",
+    "flip": "random horizontal flips; turn them off where a mirrored image is another class (digits, text)",
+    "crop_padding": "random crops from the image zero-padded by this many pixels (0: no crops)",
     "model": "classifier name (see `learn2defend models`)",
     "method": "plain | fgsm | pgd | naive-l2l | grad-l2l | 2step-l2l",
     "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255",
@@ -73,6 +75,8 @@ NONE_DEFAULTS = {
     "train_size": "every training image",
     "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03",
     "init": "none, random initial weights",
+    "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
+    "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",
     "clean_weight": "0.5 for fgsm and pgd, 0 otherwise",
     "step_size": "eps/3 for pgd, eps for fgsm, 1.25 eps with --random-start",
     "attacker_optimizer": "adam",
@@ -159,11 +163,11 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         base = f.type.replace(" | None", "")
+        text = HELP[f.name] + (f" (default: {NONE_DEFAULTS[f.name]})" if default is None else "")
         if base == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
             continue
         kind = _val_size if f.name == "val_size" else _TYPES[base]
-        text = HELP[f.name] + (f" (default: {NONE_DEFAULTS[f.name]})" if default is None else "")
         parser.add_argument(flag, type=kind, default=default, metavar=base.split("[")[0].upper(), help=text)
 
 

@@ -73,6 +73,8 @@ class TrainConfig:
     split_seed: int = 0
     train_size: int | None = None  # train on the first N training images only (a random subset)
     augment: bool = True
+    flip: bool | None = None  # None: per data set (data.py: folders and CIFAR flip)
+    crop_padding: int | None = None  # random-crop padding in pixels; None: per data set
     on_bad_image: str = "skip"  # folder files that cannot be decoded: skip (with a warning) or fail
     # model and method
     model: str = "smallcnn"
@@ -170,6 +172,8 @@ class TrainConfig:
         _positive_int("attacker-steps", c.attacker_steps)
         _non_negative_int("val-robust-n", c.val_robust_n)
         _non_negative_int("checkpoint-every", c.checkpoint_every)
+        if c.crop_padding is not None:
+            _non_negative_int("crop-padding", c.crop_padding)
         for name in ("seed", "split_seed"):
             value = getattr(c, name)
             if not isinstance(value, int) or not (0 <= value <= MAX_SEED):

@@ -361,6 +361,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
     )
     if cfg.train_size is not None:
         data.train = ImageData(data.train.images[: cfg.train_size], data.train.labels[: cfg.train_size])
+    if cfg.flip is not None:  # the data set's augmentation, where the run overrides it
+        data.flip = cfg.flip
+    if cfg.crop_padding is not None:
+        data.crop_padding = cfg.crop_padding
     meta = data_meta(data)
 
     torch.manual_seed(cfg.seed)
