@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_reproduce_commands(sub)
 
+    p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
+    p.add_argument("checkpoint", metavar="RUN", help="run folder")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
+    p.add_argument("--which", default="last", help="last or best checkpoint")
+    p.add_argument("--json", action="store_true", help="print the metadata written as one JSON object")
+
     p = sub.add_parser("models", help="list the registered classifiers")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
     return parser
@@ -439,6 +445,16 @@ def _add_reproduce_commands(sub) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
 
 
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from .export import export
+
+    meta = export(args.checkpoint, args.out, args.which)
+    if args.json:
+        return meta
+    print(f"wrote {args.out}: {meta['model']}, {meta['num_classes']} classes, {meta['method']} at eps {meta['eps']:g}")
+    return {}
+
+
 def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
     from .reproduce import reproduce, summary
 
@@ -491,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print("\n".join(list_models(args.pattern)))
             return 0
-        commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare,
+        commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare, "export": _export,
                     "bench": _bench, "transfer": _transfer, "sweep": _sweep, "show": _show,
                     "reproduce": _reproduce, "plot": _plot}
         result = commands[args.command](args)

@@ -200,7 +200,12 @@ def _checked_meta(state: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> nn.Module:
-    """The trained classifier of a run folder: an ordinary module taking [0, 1] images."""
+    """The trained classifier of a run folder, or of a file written by `learn2defend export`:
+    an ordinary module taking [0, 1] images, in eval mode."""
+    if Path(path).is_file():
+        from .export import load_exported
+
+        return load_exported(path, device)
     return load_run(path, which, device, with_attacker=False).model
 
 

@@ -1,0 +1,94 @@
+"""`learn2defend export`: a trained classifier as one weights-only safetensors file.
+
+The file holds exactly `learn2defend.load(RUN).state_dict()` (no prefixes, no optimizer,
+no attacker) and, in its metadata, what it takes to rebuild the network and to use it
+correctly: model name, classes, image shape, the normalization inside the model, and the
+eps and method it was trained with. `learn2defend.load(FILE)` rebuilds it; any safetensors
+reader gets the weights (README, "Sharing a model").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import nn
+
+from . import checkpoint as ckpt
+from .errors import UserError
+
+FORMAT = "learn2defend-model-1"
+_FIELDS = ("model", "num_classes", "classes", "image_shape", "mean", "std", "eps", "method", "learn2defend_version")
+
+
+def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[str, Any]:
+    """Write the run's classifier to `out`; return the metadata written."""
+    from . import __version__
+    from .train import load_run
+
+    run = load_run(run_dir, which, "cpu", with_attacker=False)
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; give a file name such as model.safetensors")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write '{out}': the folder '{out.parent}' does not exist")
+    meta = {
+        "format": FORMAT,
+        "model": run.config.model,
+        "num_classes": len(run.meta["classes"]),
+        "classes": run.meta["classes"],
+        "image_shape": run.meta["image_shape"],
+        "mean": run.meta["mean"],
+        "std": run.meta["std"],
+        "eps": run.config.eps,
+        "method": run.config.method,
+        "learn2defend_version": __version__,
+    }
+    # clone: safetensors refuses tensors that share storage
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
+    data = save(weights, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    try:
+        ckpt.atomic_write_bytes(out, data)
+    except OSError as e:
+        raise UserError(f"cannot write '{out}': {e.strerror or e}") from None
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of an exported file; UserError for anything else."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    if raw.get("format") != FORMAT:
+        raise UserError(f"{path} is not a model exported by learn2defend export "
+                        "(a run's last.safetensors is loaded through its run folder)")
+    try:
+        meta = {k: raw[k] if k in ("model", "method", "learn2defend_version") else json.loads(raw[k]) for k in _FIELDS}
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path} has damaged metadata ({e!r})") from None
+    return meta
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the classifier of an exported file, in eval mode."""
+    from safetensors.torch import load_file
+
+    from .models import create_model
+    from .train import load_weights
+
+    meta = read_metadata(path)
+    try:
+        c, h, _ = meta["image_shape"]
+        model = create_model(meta["model"], num_classes=int(meta["num_classes"]), in_channels=int(c),
+                             image_size=int(h), mean=meta["mean"], std=meta["std"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has damaged metadata ({e})") from None
+    load_weights(model, load_file(str(path)), f"exported model {path}")
+    return model.to(device).eval()
