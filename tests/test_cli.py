@@ -173,3 +173,29 @@ def test_flip_and_crop_padding_override_the_data_set(tmp_path, capsys):
     stored = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (stored["flip"], stored["crop_padding"]) == (True, 2)
     assert main([*common, "--out", str(tmp_path / "c"), "--crop-padding", "-1"]) == 2
+
+
+def test_tensorboard_gets_each_epochs_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(["train", "--dataset", "fake:1x8x8:3", "--epochs", "2", "--batch-size", "64", "--val-robust-n", "0",
+                 "--no-progress", "--device", "cpu", "--data-dir", str(tmp_path / "d"), "--out", str(out),
+                 "--tensorboard"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "train_acc", "val_clean_acc", "lr", "seconds"} <= set(events.Tags()["scalars"])
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = events.Scalars("train_loss")
+    assert [e.step for e in logged] == [1, 2]
+    assert [e.value for e in logged] == pytest.approx([r["train_loss"] for r in history])
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    out = tmp_path / "tb"
+    assert main(["train", "--dataset", "fake:1x8x8:3", "--epochs", "1", "--no-progress", "--device", "cpu",
+                 "--data-dir", str(tmp_path / "d"), "--out", str(out), "--tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "learn2defend[tensorboard]" in err
+    assert not out.exists()

@@ -56,6 +56,7 @@ HELP = {
     "on_bad_image": "folder image files that cannot be decoded: skip (warn, count) | fail",
     "on_nonfinite": "non-finite loss: stop (keep the last good checkpoint, exit 2) | skip (drop that step)",
     "sync_bn": "under torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm)",
+    "tensorboard": "also write each epoch's metrics to RUN/tensorboard/ (pip install 'learn2defend[tensorboard]')",
     "epochs": "training epochs (with --init: adversarial epochs after the plain net)",
     "batch_size": "images per step (per process under torchrun)",
     "lr": "the classifier's learning rate",

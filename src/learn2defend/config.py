@@ -119,6 +119,7 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
     sync_bn: bool = False  # under torchrun: batch norm with statistics over all processes (SyncBatchNorm)
+    tensorboard: bool = False  # each epoch's metrics also to RUN/tensorboard/ (extra: learn2defend[tensorboard])
 
     # ---- derived values: resolved once, never stored twice ---------------------------
     @property

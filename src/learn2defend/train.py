@@ -10,6 +10,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -301,7 +302,8 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
 
 
 # Fields a resumed run may change: they do not alter what is being computed.
-RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite"}
+RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite",
+                     "tensorboard"}
 
 
 def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: TrainConfig, meta: dict[str, Any],
@@ -347,6 +349,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
 
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -> Run:
     out = Path(cfg.out)
+    if cfg.tensorboard:
+        _require_tensorboard()
     continuing = _prepare_out(out, resume, overwrite)
     if continuing:
         stored = TrainConfig.load(out / CONFIG)
@@ -493,7 +497,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
             _log(f"{out} has finished its {epoch} epochs; nothing to train")
 
     _log(_header(cfg, data, device, world))
-    started, first_epoch = time.perf_counter(), epoch  # for the time left of the whole run
+    run_started, first_epoch = time.perf_counter(), epoch  # for the time left of the whole run
     stop = _StopFlag()
     # on_nonfinite: "stop" costs nothing per step (the loss sums are checked at checkpoints,
     # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
@@ -502,7 +506,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
     model.train()
     if attacker is not None:
         attacker.train()
-    with stop:
+    with stop, _board(out, cfg.tensorboard and rank == 0) as board:
         while epoch < cfg.epochs:
             loader.set_epoch(epoch)
             started = time.perf_counter()
@@ -560,7 +564,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
                     _save(out / BEST, state(epoch, 0, sums))
                 _save(out / LAST, state(epoch, 0, sums))
                 ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-                left = (time.perf_counter() - started) / (epoch - first_epoch) * (cfg.epochs - epoch)
+                if board is not None:
+                    for key, value in record.items():
+                        if key != "epoch":
+                            board.add_scalar(key, value, record["epoch"])
+                    board.flush()
+                left = (time.perf_counter() - run_started) / (epoch - first_epoch) * (cfg.epochs - epoch)
                 _log(f"[{out.name}] " + _format_record(record, cfg.epochs) + f" | {_duration(left)} left")
             saved_at = (epoch, 0)
             stopping = distributed.any_rank(stop.requested) if world > 1 else stop.requested
@@ -689,6 +698,29 @@ def _format_record(r: dict[str, Any], epochs: int) -> str:
         parts.append(f"val pgd10 {r['val_pgd10_acc']:.3f}")
     parts.append(f"{r['seconds']:.1f}s")
     return " | ".join(parts)
+
+
+def _require_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: "
+                        "pip install 'learn2defend[tensorboard]'") from None
+
+
+@contextlib.contextmanager
+def _board(out: Path, enabled: bool):
+    """A TensorBoard writer for RUN/tensorboard/ (one scalar per metric and epoch), or None."""
+    if not enabled:
+        yield None
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 def _header(cfg: TrainConfig, data: Dataset, device: torch.device, world: int) -> str:
