@@ -354,10 +354,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
     continuing = _prepare_out(out, resume, overwrite)
     if continuing:
         stored = TrainConfig.load(out / CONFIG)
-        changed = sorted(k for k, v in stored.to_dict().items()
-                         if k not in RESUMABLE_CHANGES | {"batch_size"} and cfg.to_dict()[k] != v)
-        if changed:
-            raise UserError(f"cannot resume '{out}' with different settings: {', '.join(changed)}")
+        before, now = stored.to_dict(), cfg.to_dict()
+        changed = sorted(k for k, v in before.items() if k not in RESUMABLE_CHANGES | {"batch_size"} and now[k] != v)
+        if changed:  # the values too: a default that changed between versions is set back with its flag
+            details = ", ".join(f"{k} (the run: {before[k]}, now: {now[k]})" for k in changed)
+            raise UserError(f"cannot resume '{out}' with different settings: {details}; "
+                            "give the run's values as flags to continue it")
     device = distributed.local_device(resolve_device(cfg.device))
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.sync_bn and world > 1 and device.type != "cuda":
