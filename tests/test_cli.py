@@ -173,6 +173,10 @@ def test_flip_and_crop_padding_override_the_data_set(tmp_path, capsys):
     stored = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (stored["flip"], stored["crop_padding"]) == (True, 2)
     assert main([*common, "--out", str(tmp_path / "c"), "--crop-padding", "-1"]) == 2
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "c"), "--crop-padding", "100000"]) == 2
+    assert "larger than the 16x16 images" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_tensorboard_gets_each_epochs_metrics(tmp_path):

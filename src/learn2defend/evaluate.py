@@ -154,11 +154,44 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
     resumable = world == 1 and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
-    try:
-        return _evaluate_images(config, run, surrogate, data, images, n, attacks, eps, device, state)
-    except Exception:  # a failure, not an interruption (KeyboardInterrupt): the state would only mislead
-        _discard_state(state)
-        raise
+    with _state_discarded_on_failure(state):
+        correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
+                                 config.progress and distributed.is_main(), state)
+        if world > 1:
+            counts = distributed.sum_counts([int(ok.sum()) for ok in correct.values()])
+            accuracy = {name: c / n for name, c in zip(correct, counts, strict=True)}
+        else:
+            accuracy = {name: fraction(ok) for name, ok in correct.items()}
+        if not attacks:
+            del accuracy["worst"]  # the worst case over no attack is just clean accuracy
+        result: dict[str, Any] = {
+            "accuracy": accuracy,
+            "n": n,
+            "dataset": data.name,
+            "split": config.split,
+            "eps": eps,
+            "checkpoint": str(run.path),
+            "which": config.which,
+            "model": run.config.model,
+            "method": run.config.method,
+        }
+        if config.pgm_step is not None:
+            result["pgm_step"] = config.pgm_step
+        if config.checks:
+            from .checks import sanity_checks
+
+            report = sanity_checks(
+                run.model, images, eps, device=device, batch_size=config.batch_size, seed=config.seed,
+                known=correct, surrogate=surrogate.model if surrogate else None, progress=config.progress,
+                state_dir=state,
+            )
+            result["checks"], result["flagged"] = report["checks"], report["flagged"]
+            attacks += report["attacks"]
+        warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
+        if warnings:
+            result["warnings"] = warnings
+    _discard_state(state)  # finished: the next evaluation starts afresh
+    return result
 
 
 def _discard_state(state: Path | None) -> None:
@@ -169,49 +202,15 @@ def _discard_state(state: Path | None) -> None:
         state.parent.rmdir()  # only if no other evaluation's state is left there
 
 
-def _evaluate_images(config: EvalConfig, run: Run, surrogate: Run | None, data: Dataset, images: ImageData,
-                     n: int, attacks: list[Attack], eps: float, device: torch.device,
-                     state: Path | None) -> dict[str, Any]:
-    from . import distributed
-
-    world = distributed.world_size()
-    correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
-                             config.progress and distributed.is_main(), state)
-    if world > 1:
-        counts = distributed.sum_counts([int(ok.sum()) for ok in correct.values()])
-        accuracy = {name: c / n for name, c in zip(correct, counts, strict=True)}
-    else:
-        accuracy = {name: fraction(ok) for name, ok in correct.items()}
-    if not attacks:
-        del accuracy["worst"]  # the worst case over no attack is just clean accuracy
-    result: dict[str, Any] = {
-        "accuracy": accuracy,
-        "n": n,
-        "dataset": data.name,
-        "split": config.split,
-        "eps": eps,
-        "checkpoint": str(run.path),
-        "which": config.which,
-        "model": run.config.model,
-        "method": run.config.method,
-    }
-    if config.pgm_step is not None:
-        result["pgm_step"] = config.pgm_step
-    if config.checks:
-        from .checks import sanity_checks
-
-        report = sanity_checks(
-            run.model, images, eps, device=device, batch_size=config.batch_size, seed=config.seed,
-            known=correct, surrogate=surrogate.model if surrogate else None, progress=config.progress,
-            state_dir=state,
-        )
-        result["checks"], result["flagged"] = report["checks"], report["flagged"]
-        attacks += report["attacks"]
-    warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
-    if warnings:
-        result["warnings"] = warnings
-    _discard_state(state)  # finished: the next evaluation starts afresh
-    return result
+@contextlib.contextmanager
+def _state_discarded_on_failure(state: Path | None):
+    """AutoAttack's saved progress survives an interruption (KeyboardInterrupt: resume it), not
+    a failure, after which it would only mislead the next evaluation."""
+    try:
+        yield
+    except Exception:
+        _discard_state(state)
+        raise
 
 
 def attack_correct(

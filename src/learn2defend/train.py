@@ -375,6 +375,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
     if cfg.flip is not None:  # the data set's augmentation, where the run overrides it
         data.flip = cfg.flip
     if cfg.crop_padding is not None:
+        if cfg.crop_padding > min(data.image_shape[1:]):  # a crop would then see padding only
+            raise UserError(f"--crop-padding {cfg.crop_padding} is larger than the {data.image_shape[1]}x"
+                            f"{data.image_shape[2]} images; use at most {min(data.image_shape[1:])}")
         data.crop_padding = cfg.crop_padding
     meta = data_meta(data)
 
