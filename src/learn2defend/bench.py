@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import METHODS, TrainConfig
+from .config import KL_METHODS, METHODS, TrainConfig
 from .data import DeviceLoader, load_dataset
 from .errors import UserError
 from .methods import STEPS, StepContext
@@ -89,7 +89,9 @@ class BenchConfig:
         config = TrainConfig(
             dataset=self.dataset, data_dir=self.data_dir, model=self.model,
             method="grad-l2l" if method == ATTACKER_ONLY else method,
-            batch_size=self.batch_size, eps=self.eps, clean_weight=self.clean_weight,
+            batch_size=self.batch_size, eps=self.eps,
+            # trades and mart have a clean term of their own: --clean-weight leaves them as they are
+            clean_weight=None if method in KL_METHODS else self.clean_weight,
             attacker=self.attacker, attacker_width=self.attacker_width, device=self.device,
             seed=self.seed,
         )

@@ -17,8 +17,10 @@ from typing import Any
 
 from .errors import UserError
 
-METHODS = ("plain", "fgsm", "pgd", "naive-l2l", "grad-l2l", "2step-l2l")
+METHODS = ("plain", "fgsm", "pgd", "pgd-at", "trades", "mart", "naive-l2l", "grad-l2l", "2step-l2l")
 L2L_METHODS = ("naive-l2l", "grad-l2l", "2step-l2l")
+# Methods whose loss carries its own clean term and a KL term weighted by --beta.
+KL_METHODS = ("trades", "mart")
 OPTIMIZERS = ("sgd", "adam")
 GRAD_NORMS = ("sample", "batch", "sign", "none")
 L2L_UPDATES = ("joint", "alternating")
@@ -40,6 +42,14 @@ DEFAULT_EPS = {"digits": 0.2, "mnist": 0.3, "svhn": 0.05}
 # autoattack-fast against 0.30 with Adam (3 seeds each; docs/results.md, "Grad L2L ablation").
 FALLBACK_EPS = 0.03
 ATTACKER_ADAM_LR = 1e-3
+
+# --beta defaults: TRADES' 6 (Zhang et al. 2019, their CIFAR-10 setting); MART's 5 (Wang et
+# al. 2020, as the paper reports; their public code's default is 6).
+DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
+MAX_BETA = 1e3
+# TRADES' and MART's reference code: 10 steps of 0.007 at eps 0.031 (~eps/4.4); kept as a
+# fraction of eps so that it carries over to other radii (0.0068 at 0.03).
+KL_METHOD_STEP = 0.007 / 0.031
 
 
 def parse_fraction(text: str | float) -> float:
@@ -93,9 +103,12 @@ class TrainConfig:
     lr_gamma: float = 0.1
     # hand-designed attacks used for training (fgsm, pgd)
     clean_weight: float | None = None  # None: 0.5 for fgsm/pgd (Kurakin et al.), 0 for the rest
-    pgd_steps: int = 10
-    step_size: float | None = None  # None: eps/3 for pgd (the paper's 0.01 at 0.03), eps for fgsm
+    pgd_steps: int = 10  # attack iterations of pgd, pgd-at, trades and mart
+    # None: eps/3 for pgd (the paper's 0.01 at 0.03), eps/4 for pgd-at (Madry's 2/255 at 8/255),
+    # 0.007/0.031 eps for trades and mart (their reference code), eps for fgsm
+    step_size: float | None = None
     random_start: bool = False  # fgsm: Fast-AT's FGSM-RS (uniform start, step 1.25 eps)
+    beta: float | None = None  # trades, mart: weight of the KL term; None: DEFAULT_BETA
     # learned attacker (L2L methods)
     attacker: str = "slim"
     attacker_width: float = 1.0
@@ -135,6 +148,12 @@ class TrainConfig:
             c.clean_weight = 0.5 if c.method in ("fgsm", "pgd") else 0.0
         if c.step_size is None and c.method == "pgd":
             c.step_size = c.eps / 3
+        if c.step_size is None and c.method == "pgd-at":
+            c.step_size = c.eps / 4
+        if c.step_size is None and c.method in KL_METHODS:
+            c.step_size = KL_METHOD_STEP * c.eps
+        if c.beta is None and c.method in KL_METHODS:
+            c.beta = DEFAULT_BETA[c.method]
         if c.step_size is None and c.method == "fgsm":
             c.step_size = 1.25 * c.eps if c.random_start else c.eps
         if c.is_l2l:
@@ -214,7 +233,15 @@ class TrainConfig:
         if not math.isfinite(c.val_size) or c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
             raise UserError(f"--val-size must be a fraction in (0, 1) or a count >= 1, got {c.val_size}")
         if c.random_start and c.method != "fgsm" and c.method != "pgd":
-            raise UserError("--random-start applies to --method fgsm or pgd only")
+            raise UserError("--random-start applies to --method fgsm or pgd only (pgd-at, trades and mart "
+                            "always start at random)")
+        if c.beta is not None and c.method not in KL_METHODS:
+            raise UserError(f"--beta applies to --method {' or '.join(KL_METHODS)} only")
+        if c.beta is not None and not (math.isfinite(c.beta) and 0 <= c.beta <= MAX_BETA):
+            raise UserError(f"--beta must lie in [0, {MAX_BETA:g}], got {c.beta}")
+        if c.clean_weight and c.method in KL_METHODS:
+            raise UserError(f"--clean-weight does not apply to --method {c.method}: its loss has its own clean "
+                            "term, weighted against the KL term by --beta")
 
     # ---- storage -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -13,14 +13,15 @@ which makes the classifier descend and the attacker ascend the same loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import fgsm_delta, pgd_delta
+from .attacks import fgsm_delta, kl_pgd_delta, pgd_delta
 from .config import TrainConfig
 
 Metrics = dict[str, Tensor]
@@ -76,6 +77,17 @@ def mixed_loss(ctx: StepContext, logits_adv: Tensor, y: Tensor, logits_clean: Te
     if w:
         loss = (1 - w) * loss + w * F.cross_entropy(logits_clean, y)
     return loss
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block, back in its previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def batch_metrics(loss: Tensor, logits: Tensor, y: Tensor, adversarial: bool) -> Metrics:
@@ -137,15 +149,95 @@ def fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
 
 
 def pgd_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    """The paper's PGM net: PGD from zero (or --random-start), step eps/3, clean weight 0.5.
+    The attack sees the classifier in train mode (batch statistics), as it always has here."""
     c = ctx.config
     delta = pgd_delta(
         ctx.model, x, y, c.eps, steps=c.pgd_steps, step_size=c.step_size, random_start=c.random_start
     )
+    return _train_on(ctx, x, y, delta)
+
+
+def pgd_at_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    """Madry et al. 2018: PGD-10 from a uniform random start, step eps/4 (their 2/255 at
+    8/255), trained on the adversarial loss only (clean weight 0 by default).
+
+    The attack runs with the classifier in eval mode, as MadryLab's `robustness` library
+    does (AttackerModel switches to eval for the attack) and TRADES' and MART's reference
+    code do: batch norm then normalizes with its running statistics and the ten attack
+    forwards leave those untouched. (locuslab/robust_overfitting attacks in train mode.)
+    """
+    c = ctx.config
+    with eval_mode(ctx.model):
+        delta = pgd_delta(ctx.model, x, y, c.eps, steps=c.pgd_steps, step_size=c.step_size, random_start=True)
+    return _train_on(ctx, x, y, delta)
+
+
+def _train_on(ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor) -> Metrics:
+    """One update on mixed_loss at x + delta (adversarial forward first, then the clean one)."""
     logits = ctx.model(x + delta)
-    logits_clean = ctx.model(x) if c.clean_weight else None
+    logits_clean = ctx.model(x) if ctx.config.clean_weight else None
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss)
     return batch_metrics(loss, logits, y, adversarial=True)
+
+
+# ---- TRADES and MART: a clean term plus beta x a KL term ------------------------------------
+
+
+def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """Zhang et al. 2019: CE(f(x), y) + beta * KL(p(x) || p(x')), the KL summed over classes
+    and averaged over the batch (the reference's sum / batch size). The gradient flows
+    through both distributions, as in the reference code."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1),
+                  reduction="batchmean", log_target=True)
+    return F.cross_entropy(logits_clean, y) + beta * kl
+
+
+def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """Wang et al. 2020: boosted CE at x' plus beta * KL(p(x) || p(x')) weighted per image
+    by 1 - p_y(x), averaged over the batch.
+
+    Boosted CE = CE(f(x'), y) - log(1 - max_{k != y} p_k(x')): the margin term pushes the
+    strongest wrong class down. The 1.0001 in place of 1 keeps its log finite, as in the
+    reference code; the KL uses log-softmax rather than the reference's log(p + 1e-12).
+    The weight 1 - p_y(x) is not detached (the reference does not detach it either).
+    """
+    p_adv = F.softmax(logits_adv, dim=1)
+    strongest_wrong = p_adv.scatter(1, y[:, None], 0.0).amax(dim=1)
+    boosted_ce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - strongest_wrong).mean()
+    log_p_clean = F.log_softmax(logits_clean, dim=1)
+    p_clean = log_p_clean.exp()
+    kl = (p_clean * (log_p_clean - F.log_softmax(logits_adv, dim=1))).sum(dim=1)
+    misclassified = 1.0 - p_clean.gather(1, y[:, None]).squeeze(1)
+    return boosted_ce + beta * (kl * misclassified).mean()
+
+
+def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    """x' from 10 steps of PGD on the KL (0.001 Gaussian start), the attack in eval mode as
+    in TRADES' reference code; then one update on trades_loss in train mode."""
+    c = ctx.config
+    with eval_mode(ctx.model):
+        delta = kl_pgd_delta(ctx.model, x, c.eps, steps=c.pgd_steps, step_size=c.step_size)
+    return _kl_update(ctx, x, y, delta, trades_loss)
+
+
+def mart_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    """x' from 10 steps of PGD on CE (0.001 Gaussian start), the attack in eval mode as in
+    MART's reference code; then one update on mart_loss in train mode."""
+    c = ctx.config
+    with eval_mode(ctx.model):
+        delta = pgd_delta(ctx.model, x, y, c.eps, steps=c.pgd_steps, step_size=c.step_size, start_std=0.001)
+    return _kl_update(ctx, x, y, delta, mart_loss)
+
+
+def _kl_update(ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor,
+               loss_fn: Callable[[Tensor, Tensor, Tensor, float], Tensor]) -> Metrics:
+    logits_clean = ctx.model(x)
+    logits_adv = ctx.model(x + delta)
+    loss = loss_fn(logits_clean, logits_adv, y, ctx.config.beta)
+    update(ctx, loss)
+    return batch_metrics(loss, logits_adv, y, adversarial=True)
 
 
 # ---- learned attackers -------------------------------------------------------------------
@@ -260,16 +352,13 @@ def _alternating_update(
     _add_grads(_params(ctx.optimizer), clean_grads)
     ctx.optimizer.step()
 
-    ctx.model.eval()
-    try:
+    with eval_mode(ctx.model):
         attacker_loss = -F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
         ctx.attacker_optimizer.zero_grad(set_to_none=True)
         attacker_loss.backward(
             inputs=[p for g in ctx.attacker_optimizer.param_groups for p in g["params"]]
         )
         ctx.attacker_optimizer.step()
-    finally:
-        ctx.model.train()
     return batch_metrics(loss, logits, y, adversarial=True)
 
 
@@ -277,6 +366,9 @@ STEPS: dict[str, Callable[[StepContext, Tensor, Tensor], Metrics]] = {
     "plain": plain_step,
     "fgsm": fgsm_step,
     "pgd": pgd_step,
+    "pgd-at": pgd_at_step,
+    "trades": trades_step,
+    "mart": mart_step,
     "naive-l2l": l2l_step,
     "grad-l2l": l2l_step,
     "2step-l2l": l2l_step,

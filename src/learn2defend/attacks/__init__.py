@@ -1,5 +1,5 @@
 """Evaluation attacks (`attack(model, images, labels) -> adversarial images`) and the
-functional cores (`fgsm_delta`, `pgd_delta`) that the training methods reuse.
+functional cores (`fgsm_delta`, `pgd_delta`, `kl_pgd_delta`) that the training methods reuse.
 
 All attacks are l-inf with radius eps in pixel units, on images in [0, 1].
 """
@@ -7,7 +7,7 @@ All attacks are l-inf with radius eps in pixel units, on images in [0, 1].
 from .auto import AutoAttack
 from .base import FGSM, PGD, Attack, check_eps
 from .cw import CWLinf
-from .functional import fgsm_delta, margin_loss, pgd_delta, project
+from .functional import fgsm_delta, kl_pgd_delta, margin_loss, pgd_delta, project
 from .registry import ATTACK_FORMS, list_attack_names, make_attack, register_attack_prefix
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "PGD",
     "check_eps",
     "fgsm_delta",
+    "kl_pgd_delta",
     "list_attack_names",
     "make_attack",
     "margin_loss",

@@ -7,6 +7,8 @@ sync with the host, so a training step can call them at full speed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,24 +50,56 @@ def pgd_delta(
     steps: int,
     step_size: float,
     random_start: bool = False,
+    start_std: float = 0.0,
     loss: str = "ce",
 ) -> Tensor:
     """l-inf PGD (sign-gradient ascent, projected after every step); returns detached delta.
 
     random_start draws delta uniformly from [-eps, eps] (then projected into the image
-    box), as in Madry et al.; without it PGD starts at 0 like the paper's PGM.
+    box), as in Madry et al.; start_std > 0 draws it from N(0, start_std^2) instead, as
+    TRADES' and MART's reference code do (0.001); with neither PGD starts at 0 like the
+    paper's PGM.
     """
     if loss not in LOSSES:
         raise UserError(f"unknown attack loss {loss!r}; use one of {', '.join(LOSSES)}")
     x = x.detach()
-    if random_start:
-        delta = project(torch.empty_like(x).uniform_(-eps, eps), x, eps)
-    else:
-        delta = torch.zeros_like(x)
+    return _ascend(model, x, lambda logits: _loss(logits, y, loss), eps, steps, step_size,
+                   _start(x, eps, random_start, start_std))
+
+
+def kl_pgd_delta(
+    model: nn.Module, x: Tensor, eps: float, *, steps: int, step_size: float, start_std: float = 0.001
+) -> Tensor:
+    """TRADES' inner maximisation: PGD on KL(p(x) || p(x + delta)), summed over the batch,
+    from a small Gaussian start (at delta = 0 the KL and its gradient are exactly zero).
+    The labels play no part: the attack moves the prediction away from the clean one."""
+    x = x.detach()
+    with torch.no_grad():
+        target = F.log_softmax(model(x), dim=1)  # the clean prediction, fixed during the attack
+
+    def kl(logits: Tensor) -> Tensor:
+        return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="sum", log_target=True)
+
+    return _ascend(model, x, kl, eps, steps, step_size, _start(x, eps, False, start_std))
+
+
+def _start(x: Tensor, eps: float, uniform: bool, std: float) -> Tensor:
+    if uniform:
+        return project(torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    if std > 0:
+        return project(std * torch.randn_like(x), x, eps)
+    return torch.zeros_like(x)
+
+
+def _ascend(
+    model: nn.Module, x: Tensor, objective: Callable[[Tensor], Tensor], eps: float, steps: int,
+    step_size: float, delta: Tensor,
+) -> Tensor:
+    """`steps` signed-gradient ascent steps on objective(model(x + delta)), each projected."""
     with torch.enable_grad():  # callers may be inside torch.no_grad()
         for _ in range(steps):
             delta.requires_grad_(True)
-            (grad,) = torch.autograd.grad(_loss(model(x + delta), y, loss), delta)
+            (grad,) = torch.autograd.grad(objective(model(x + delta)), delta)
             delta = project(delta.detach() + step_size * grad.sign(), x, eps)
     return delta.detach()
 
