@@ -218,7 +218,7 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     in TRADES' reference code; then one update on trades_loss in train mode."""
     c = ctx.config
     with eval_mode(ctx.model):
-        delta = kl_pgd_delta(ctx.model, x, c.eps, steps=c.pgd_steps, step_size=c.step_size)
+        delta = kl_pgd_delta(ctx.model, x, c.eps, steps=c.pgd_steps, step_size=c.step_size, start_std=0.001)
     return _kl_update(ctx, x, y, delta, trades_loss)
 
 
