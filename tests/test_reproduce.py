@@ -174,3 +174,44 @@ def test_a_lost_figure_is_redrawn_from_the_cached_numbers(out: Path, interrupted
     monkeypatch.setattr(figures, "sweep", lambda config: pytest.fail("the sweep was computed again"))
     rp.reproduce("fig3", "tiny", out, datasets=[DATASET])
     assert png.is_file() and png.stat().st_size > 0
+
+
+# ---- the frontier (issue 15) ------------------------------------------------------------------
+
+
+def test_frontier_end_to_end_at_the_tiny_preset(tmp_path: Path) -> None:
+    report = rp.reproduce("frontier", "tiny", tmp_path, datasets=[DATASET])
+    assert len(report["trained"]) == 1 + 8  # one plain net, then every method from it
+    files = report["experiments"]["frontier"][DATASET]["files"]
+    lines = [line for line in Path(files["md"]).read_text().splitlines() if line.startswith("|")]
+    assert len(lines) == 2 + 8
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [
+        "Plain Net (continued)", "FGSM-RS", "PGM Net (paper)", "PGD-AT", "TRADES", "MART", "Grad L2L (S)",
+        "2-Step L2L (S)"]
+    rows = {(r["method"] + r["variant"]): r for r in csv.DictReader(open(files["csv"]))}
+    assert len(rows) == 8 and Path(files["png"]).stat().st_size > 0
+    macs = {k: int(r["step_macs"]) for k, r in rows.items()}
+    assert macs["plaincontinued"] < macs["fgsmrs"] < macs["grad-l2l"] < macs["pgd-at"] < macs["pgd"]
+    assert all(float(r["training_seconds"]) > 0 and int(r["n"]) == 16 for r in rows.values())
+    assert all(0 <= float(r["acc_worst"]) <= float(r["acc_autoattack-fast"]) <= float(r["acc_clean"]) + 1e-9
+               for r in rows.values())
+    data = json.loads(Path(files["json"]).read_text())
+    assert data["attacker_ratio"] and len(data["points"]) == 8
+    again = rp.reproduce("frontier", "tiny", tmp_path, datasets=[DATASET])
+    assert again["trained"] == []  # finished runs and their evaluations are reused
+
+
+def test_frontier_recipes(tmp_path: Path) -> None:
+    cpu = rp.FRONTIER_PRESETS["cpu"].for_dataset("folder:/data/cifar")
+    assert (cpu.model, cpu.train_size, cpu.n, cpu.attacker_width, cpu.autoattack) == (
+        "smallcnn-pooled", 20000, 1000, 0.07, "autoattack-fast")
+    assert rp.FRONTIER_PRESETS["paper"].frontier_attackers == ("slim", "wide")
+    r = rp.Reproduction(cpu, tmp_path)
+    configs = {s.key: r.config("cifar10", "frontier", s) for s in rp.frontier_specs(cpu) if s.seed == 0}
+    assert {c.init for c in configs.values()} == {str(r.run_dir("cifar10", "frontier", rp.RunSpec("plain", 0)))}
+    assert {c.epochs for c in configs.values()} == {cpu.epochs}
+    assert (configs["fgsm-rs"].random_start, configs["fgsm-rs"].clean_weight) == (True, 0.0)
+    assert configs["pgd"].lr == cpu.baseline_lr and configs["trades"].lr == cpu.l2l_lr
+    assert configs["plain-continued"].method == "plain"
+    assert "frontier" not in rp.EXPERIMENTS  # not part of "all"
+    assert main(["reproduce", "frontier", "--preset", "cpu", "--dataset", "nosuch", "--out", str(tmp_path / "x")]) == 2

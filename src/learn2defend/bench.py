@@ -154,6 +154,56 @@ def _attacker_only_step(
     return step
 
 
+def count_macs(fn: Callable[[], Any]) -> int:
+    """Multiply-adds of everything `fn` runs, forward and backward passes alike, with the
+    formulas of torch.utils.flop_counter (convolutions and matrix products).
+
+    A plain dispatch mode instead of FlopCounterMode: the latter hooks every module's
+    backward to attribute flops to modules, which autograd.grad with leaf inputs (every
+    attack here) refuses."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Counter(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = flop_registry.get(func.overloadpacket)
+            if formula is not None:
+                Counter.flops += formula(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with Counter():
+        fn()
+    return Counter.flops // 2  # the formulas count a multiply-add as two flops
+
+
+def forward_macs(module: torch.nn.Module, *inputs: Any) -> int:
+    """Multiply-adds of one forward pass of `module` on `inputs` (eval mode, no gradients)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return count_macs(lambda: module(*inputs))
+    finally:
+        module.train(was_training)
+
+
+def step_macs(config: TrainConfig, meta: dict[str, Any], batch_size: int | None = None) -> int:
+    """Multiply-adds of one training step of `config.method` (resolved config) on a batch of
+    `batch_size` images (default: the config's), everything included: attack, forwards,
+    backwards, the attacker. Counted on a CPU on two random images and scaled, since every
+    counted operation is linear in the batch; the global random state is left as it was."""
+    c, h, w = meta["image_shape"]
+    n = 2
+    with torch.random.fork_rng(devices=[]):
+        x = torch.rand(n, c, h, w)
+        y = torch.arange(n) % len(meta["classes"])
+        macs = count_macs(_training_step(config, meta, torch.device("cpu"), x, y))
+    return macs * (batch_size or config.batch_size) // n
+
+
 def bench(config: BenchConfig) -> dict[str, Any]:
     """Time each method's training step; return medians, ratios and peak memory."""
     config.validate()

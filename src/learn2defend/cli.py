@@ -429,11 +429,13 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_reproduce_commands(sub) -> None:
     """reproduce (the paper's tables and figures) and plot (training curves)."""
-    from .reproduce import EXPERIMENTS, PRESETS_PUBLIC
+    from .reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, PRESETS_PUBLIC
 
-    p = sub.add_parser("reproduce", help="the paper's Tables 2-7 and Figures 3-5: runs, tables (ours vs paper), PNGs")
-    p.add_argument("experiment", choices=[*EXPERIMENTS, "all"], metavar="EXPERIMENT",
-                   help=f"{', '.join(EXPERIMENTS)} or all")
+    p = sub.add_parser("reproduce", help="the paper's Tables 2-7 and Figures 3-5, and the robustness-against-cost "
+                       "frontier: runs, tables (ours vs paper), PNGs")
+    p.add_argument("experiment", choices=[*EXPERIMENTS, *EXTRA_EXPERIMENTS, "all"], metavar="EXPERIMENT",
+                   help=f"{', '.join(EXPERIMENTS)}, all (the paper's); frontier (AutoAttack accuracy against "
+                   "training seconds of every method, PGD-AT, TRADES and MART included)")
     p.add_argument("--preset", default="cpu", choices=PRESETS_PUBLIC,
                    help="paper (WRN-34-4, 40 epochs, 5 seeds; a GPU) | cpu (small CNN, few epochs; default)")
     p.add_argument("--out", required=True, help="folder for runs, cached evaluations, tables and figures")

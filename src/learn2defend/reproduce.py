@@ -27,13 +27,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import checkpoint as ckpt
 from .config import L2L_METHODS, TrainConfig, default_eps
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
-from .train import RunFolderBusy, load_run, resolve_device, train
+from .methods import attacker_in_channels
+from .train import RunFolderBusy, _FolderLock, build_attacker, load_run, resolve_device, train
 
 EXPERIMENTS = ("table2", "table3", "table4", "table5", "table6", "table7", "fig3", "fig4", "fig5")
+# Beyond the paper (not part of "all"): AutoAttack accuracy against training cost, per method.
+EXTRA_EXPERIMENTS = ("frontier",)
 PRESETS_PUBLIC = ("paper", "cpu")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
 BUSY_WAIT_SECONDS = 20  # a run folder another reproduce is training: look again after this long
@@ -42,7 +47,7 @@ BUSY_WAIT_SECONDS = 20  # a run folder another reproduce is training: look again
 EXPERIMENT_DATASETS: dict[str, list[str]] = {
     "table2": ["cifar10", "cifar100"], "table3": ["cifar10"], "table4": ["cifar10"], "table5": ["svhn"],
     "table6": ["cifar100"], "table7": ["svhn"], "fig3": ["cifar10"], "fig4": ["cifar10"],
-    "fig5": ["cifar10", "cifar100", "svhn"],
+    "fig5": ["cifar10", "cifar100", "svhn"], "frontier": ["cifar10"],
 }
 # Training recipe per experiment: the paper trains SVHN models with Adam (3.3), CIFAR ones with SGD (3.2).
 EXPERIMENT_RECIPE = {"table5": "adam", "table7": "adam"}
@@ -89,6 +94,7 @@ class Preset:
     # The attacker's optimizer in the SGD recipe: "sgd" (the paper: the classifier's lr and
     # schedule) or None (learn2defend's default, Adam 1e-3; see config.ATTACKER_ADAM_LR).
     attacker_optimizer: str | None = None
+    frontier_attackers: tuple[str, ...] = ("slim",)  # the L2L attackers on the frontier
 
     @property
     def title(self) -> str:
@@ -136,6 +142,28 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# The frontier's presets: every method from one plain net per seed, the same adversarial epochs,
+# at least 1,000 validation images, and the slim attacker at about 0.35x the classifier's
+# multiply-adds, as in the paper (slim 0.37 GMAC against WRN-34-4's 1.07 per 32x32 image).
+FRONTIER_PRESETS: dict[str, Preset] = {
+    # wrn-34-4 as the paper's table2; both attackers (slim 0.35x, wide 1.67x the classifier);
+    # 3 seeds (not 5: nine runs a seed); standard AutoAttack on the whole validation split.
+    "paper": replace(PRESETS["paper"], seeds=3, frontier_attackers=("slim", "wide"), checks_all_seeds=False,
+                     label="WRN-34-4, 40 adversarial epochs, 3 seeds, slim and wide attackers at width 1, "
+                           "every validation image, checks on seed 0"),
+    # Sized for about two hours on a 2-core CPU with two processes (docs/results.md, "Frontier").
+    # Digits: smallcnn with the slim attacker at width 0.18 (0.36x its multiply-adds).
+    "cpu": replace(
+        PRESETS["cpu"], attacker_width=0.18, checks=False, n=1000,
+        label="smallcnn, 5 adversarial epochs, 2 seeds, slim attacker width 0.18, n<=1000",
+        large_data=dict(
+            model="smallcnn-pooled", train_size=20000, plain_epochs=10, n=1000, attacker_width=0.07,
+            label="smallcnn-pooled, 20,000 training images, 10 plain + 5 adversarial epochs, 2 seeds, "
+                  "slim attacker width 0.07, n=1000")),
+    "tiny": PRESETS["tiny"],
+}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: its folder name identifies it."""
@@ -143,10 +171,16 @@ class RunSpec:
     method: str
     seed: int
     attacker: str | None = None  # slim | wide for L2L methods
+    variant: str = ""  # another recipe of the same method (the frontier's "plain-continued", "fgsm-rs")
 
     @property
     def key(self) -> str:  # the row key of the paper tables
-        return f"{self.method}-{self.attacker}" if self.attacker else self.method
+        return "-".join(part for part in (self.method, self.attacker, self.variant) if part)
+
+    @property
+    def is_init(self) -> bool:
+        """The plain net every other run of its seed starts from."""
+        return self.method == "plain" and not self.variant
 
     @property
     def name(self) -> str:
@@ -206,7 +240,7 @@ class Reproduction:
             device=self.device,
             val_robust_n=p.val_robust_n, progress=False, out=str(self.run_dir(dataset, recipe, spec)),
         )
-        if spec.method == "plain":  # the same plain schedule for both recipes: it only starts the others
+        if spec.is_init:  # the same plain schedule for every recipe: it only starts the others
             return TrainConfig(**common, method="plain", epochs=p.plain_epochs, lr=p.plain_lr,
                                lr_milestones=_scaled(p.plain_milestones, p.plain_epochs))
         init = str(self.run_dir(dataset, recipe, RunSpec("plain", spec.seed)))
@@ -216,6 +250,13 @@ class Reproduction:
         if spec.method == "pgd" and self.pgm_step(dataset) is not None:
             common.update(step_size=self.pgm_step(dataset))
         milestones = _scaled(p.l2l_milestones, p.epochs)
+        if recipe == "frontier" and spec.method not in ("pgd", *L2L_METHODS):
+            # The methods the paper has no recipe for train with its L2L schedule (SGD, lr / 10
+            # late), the schedule shape of the PGD-AT, TRADES and MART references; FGSM-RS as
+            # Wong et al. (adversarial loss only). The PGM and L2L nets keep the paper's recipe.
+            if spec.variant == "rs":
+                common.update(random_start=True, clean_weight=0.0)
+            return TrainConfig(**common, lr=p.l2l_lr, lr_milestones=milestones)
         if recipe == "adam":  # paper 3.3: Adam (0.9, 0.99), wd 1e-4, lr / 10 after 30 of 40; attacker lr fixed
             extra: dict[str, Any] = dict(optimizer="adam", betas=(0.9, 0.99), lr=p.adam_lr, weight_decay=1e-4,
                                          lr_milestones=milestones)
@@ -236,24 +277,49 @@ class Reproduction:
     def ensure_all(self, dataset: str, recipe: str, specs: list[RunSpec]) -> list[Path]:
         """ensure() every run, in order, except that runs another process is training are put
         off until the others are done: two reproduce commands on one --out share the training."""
+        self.ensure_evaluated(dataset, recipe, specs, None)
+        return [self.run_dir(dataset, recipe, spec) for spec in specs]
+
+    def ensure_evaluated(self, dataset: str, recipe: str, specs: list[RunSpec],
+                         measure: Callable[[RunSpec, Path], dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """ensure_all, with each run measured (`measure(spec, run folder)`, cached by the caller)
+        as soon as it is trained, holding the run folder's lock meanwhile: two reproduce commands
+        on one --out then share the evaluations as they share the training."""
+        results: dict[RunSpec, dict[str, Any]] = {}
         pending = list(dict.fromkeys(specs))
         while pending:
             busy = []
             for spec in pending:
                 held = self._try_train(dataset, recipe, spec)
+                if held is None and measure is not None:
+                    held = self._try_measure(dataset, recipe, spec, measure, results)
                 if held is not None:
                     busy.append(spec)
                     if held not in self._waited_for:
-                        self.log(f"another process is training {held}; coming back to it")
+                        self.log(f"another process is training or evaluating {held}; coming back to it")
                         self._waited_for.add(held)
             if busy:
                 time.sleep(BUSY_WAIT_SECONDS)
             pending = busy
-        return [self.run_dir(dataset, recipe, spec) for spec in specs]
+        return [results.get(spec, {}) for spec in specs]
+
+    def _try_measure(self, dataset: str, recipe: str, spec: RunSpec, measure: Callable[[RunSpec, Path], dict[str, Any]],
+                     results: dict[RunSpec, dict[str, Any]]) -> Path | None:
+        path = self.run_dir(dataset, recipe, spec)
+        lock = _FolderLock(path)  # train's run-folder lock: one process works on a run at a time
+        try:
+            lock.acquire()
+        except RunFolderBusy:
+            return path
+        try:
+            results[spec] = measure(spec, path)
+        finally:
+            lock.release()
+        return None
 
     def _try_train(self, dataset: str, recipe: str, spec: RunSpec) -> Path | None:
         """Make sure the run (and its plain run) is trained; the folder another process holds, if any."""
-        if spec.method != "plain":
+        if not spec.is_init:
             held = self._try_train(dataset, recipe, RunSpec("plain", spec.seed))
             if held is not None:
                 return held
@@ -547,10 +613,137 @@ def _figure(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
             "rows": result["rows"]}
 
 
+# ---- the frontier: robustness against training cost ---------------------------------------
+
+FRONTIER_LABELS = {"plain-continued": "Plain Net (continued)", "fgsm-rs": "FGSM-RS", "pgd": "PGM Net (paper)",
+                   "pgd-at": "PGD-AT", "trades": "TRADES", "mart": "MART"}
+
+
+def frontier_specs(preset: Preset) -> list[RunSpec]:
+    """Every method of the frontier, seed by seed: each starts from its seed's plain net."""
+    specs = []
+    for seed in range(preset.seeds):
+        specs += [RunSpec("plain", seed, variant="continued"), RunSpec("fgsm", seed, variant="rs"),
+                  RunSpec("pgd", seed), RunSpec("pgd-at", seed), RunSpec("trades", seed), RunSpec("mart", seed)]
+        specs += [RunSpec(m, seed, a) for a in preset.frontier_attackers for m in ("grad-l2l", "2step-l2l")]
+    return specs
+
+
+def _label(key: str) -> str:
+    if key in FRONTIER_LABELS:
+        return FRONTIER_LABELS[key]
+    method, attacker = key.rsplit("-", 1)
+    return f"{ROW_LABELS[method]} ({attacker[0].upper()})"
+
+
+def _training_seconds(path: Path) -> float:
+    return sum(json.loads(line)["seconds"] for line in (path / "metrics.jsonl").read_text().splitlines()
+               if line.strip())
+
+
+def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
+    """Clean, AutoAttack and worst-case accuracy of every method against its measured training
+    seconds and its multiply-adds per step; each run is evaluated as soon as it is trained."""
+    from .bench import forward_macs, step_macs
+
+    p = r.preset
+    aa = p.autoattack
+    attacks = ["pgd10", aa]
+    specs = frontier_specs(p)
+
+    def measure(spec: RunSpec, path: Path) -> dict[str, Any]:
+        checks = p.checks and (p.checks_all_seeds or spec.seed == 0)
+        result = r.white_box(path, attacks, checks, None)
+
+        def cost() -> dict[str, Any]:
+            run = load_run(path, with_attacker=False)
+            c, h, w = run.meta["image_shape"]
+            macs = {"step_macs": step_macs(run.config, run.meta), "classifier_macs": forward_macs(
+                run.model, torch.rand(1, c, h, w))}
+            if run.config.is_l2l:
+                attacker = build_attacker(run.config, run.meta)
+                a = torch.rand(1, attacker_in_channels(run.config.method, c), h, w)
+                macs["attacker_macs"] = forward_macs(attacker, a, run.config.eps)
+            return macs
+        return {**result, **r.cached("macs", [path], {}, cost), "seconds": _training_seconds(path)}
+
+    measured = r.ensure_evaluated(dataset, "frontier", specs, measure)
+    init_seconds = [_training_seconds(r.run_dir(dataset, "frontier", RunSpec("plain", s))) for s in range(p.seeds)]
+    by_key: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
+    for spec, res in zip(specs, measured, strict=True):
+        by_key.setdefault(spec.key, []).append((spec, res))
+    header = ["method", "clean", aa.replace("autoattack", "AutoAttack"), "worst", "training s", "GMAC / step",
+              "flagged"]
+    lines, raw, points = [], [], []
+    for key, entries in by_key.items():
+        row = [_label(key)]
+        stats = {}
+        for col in ("clean", aa, "worst"):
+            stats[col] = _mean_std([100 * e[1]["accuracy"][col] for e in entries])
+            row.append(_cell(*stats[col], None, len(entries), False))
+        stats["seconds"] = _mean_std([e[1]["seconds"] for e in entries])
+        row.append(_cell(*stats["seconds"], None, len(entries), False))
+        row.append(f"{entries[0][1]['step_macs'] / 1e9:.2f}")
+        flagged = any(bool(e[1].get("flagged")) for e in entries)
+        row.append("FLAGGED" if flagged else ("ok" if any("checks" in e[1] for e in entries) else "not checked"))
+        lines.append(row)
+        points.append({"label": _label(key), "key": key, "seconds": stats["seconds"], "autoattack": stats[aa]})
+        for spec, res in entries:
+            raw.append({"experiment": experiment, "preset": p.name, "dataset": dataset, "method": spec.method,
+                        "attacker": spec.attacker or "", "variant": spec.variant, "seed": spec.seed, "n": res["n"],
+                        "eps": res["eps"], **{f"acc_{c}": res["accuracy"].get(c) for c in ("clean", *attacks, "worst")},
+                        "training_seconds": res["seconds"], "init_seconds": init_seconds[spec.seed],
+                        "step_macs": res["step_macs"], "classifier_macs": res["classifier_macs"],
+                        "attacker_macs": res.get("attacker_macs"), "flagged": res.get("flagged"),
+                        "run": str(r.run_dir(dataset, "frontier", spec))})
+    l2l = [row for row in raw if row["attacker_macs"]]
+    ratios = sorted({f"{row['attacker']} {row['attacker_macs'] / row['classifier_macs']:.2f}x" for row in l2l})
+    title = (f"frontier: accuracy (%) against training cost on {dataset}, eps {raw[0]['eps']:g}, {p.title}, "
+             f"n={raw[0]['n']} validation images, mean ± std over {p.seeds} seed(s)")
+    batch = r.config(dataset, "frontier", specs[0]).batch_size
+    notes = [f"training s: measured seconds of the {p.epochs} adversarial epochs (metrics.jsonl), on top of the "
+             f"shared plain net's {statistics.fmean(init_seconds):.0f} s; measured as the runs ran (two processes "
+             "on a shared machine add noise).",
+             f"GMAC / step: multiply-adds of one training step of {batch} images, attack, forwards, backwards and "
+             "attacker included (torch.utils.flop_counter's formulas).",
+             "attacker cost per image, against the classifier's forward: " + (", ".join(ratios) or "no L2L run"),
+             f"worst: images that survive both pgd10 and {aa}.",
+             "recipes: PGM Net and L2L as the paper (table2); Plain Net (continued), FGSM-RS (random start, "
+             "step 1.25 eps, adversarial loss only), PGD-AT, TRADES (beta 6) and MART (beta 5) with the L2L "
+             "lr schedule; every run starts from its seed's plain net."]
+    out = r.out / experiment
+    stem = f"{experiment}-{_dataset_tag(dataset)}"
+    files = _write_outputs(out, stem, title, header, lines, raw,
+                           {"experiment": experiment, "preset": p.name, "preset_title": p.title, "dataset": dataset,
+                            "points": points, "attacker_ratio": ratios}, notes)
+    files["png"] = str(_plot_frontier(points, out / f"{stem}.png", aa, title))
+    return {"title": title, "files": files, "rows": raw}
+
+
+def _plot_frontier(points: list[dict[str, Any]], path: Path, attack: str, title: str) -> Path:
+    """AutoAttack accuracy against training seconds, one point per method, ± one std both ways."""
+    from matplotlib.figure import Figure
+
+    from .figures import _suptitle
+
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for pt in points:
+        (x, xerr), (y, yerr) = pt["seconds"], pt["autoattack"]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=pt["label"])
+    ax.set_xlabel("training seconds (adversarial epochs)")
+    ax.set_ylabel(f"{attack} accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    _suptitle(fig, title, 7)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
     "table2": _white_box_table, "table5": _white_box_table, "table3": _black_box_table,
     "table6": _black_box_table, "table7": _black_box_table, "table4": _timing_table,
-    "fig3": _figure, "fig4": _figure, "fig5": _figure,
+    "fig3": _figure, "fig4": _figure, "fig5": _figure, "frontier": _frontier,
 }
 
 
@@ -559,12 +752,13 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one experiment (or "all") of the paper; returns what was written, per data set."""
     names = list(EXPERIMENTS) if experiment == "all" else [experiment]
-    if experiment != "all" and experiment not in EXPERIMENTS:
-        raise UserError(f"unknown experiment '{experiment}'; choose one of: {', '.join(EXPERIMENTS)}, all")
+    if experiment != "all" and experiment not in (*EXPERIMENTS, *EXTRA_EXPERIMENTS):
+        raise UserError(f"unknown experiment '{experiment}'; choose one of: "
+                        f"{', '.join((*EXPERIMENTS, *EXTRA_EXPERIMENTS))}, all")
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS_PUBLIC)}")
-        preset = PRESETS[preset]
+        preset = (FRONTIER_PRESETS if experiment == "frontier" else PRESETS)[preset]
     if datasets is not None:
         for d in datasets:
             TrainConfig(dataset=d).validate()  # cheap checks only; the data set itself loads at training
@@ -635,5 +829,6 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["PRESETS", "EXPERIMENTS", "Preset", "RunSpec", "Reproduction", "reproduce", "plot_curves",
+__all__ = ["PRESETS", "FRONTIER_PRESETS", "EXPERIMENTS", "EXTRA_EXPERIMENTS", "Preset", "RunSpec", "Reproduction",
+           "reproduce", "plot_curves",
            "paper_results", "summary"]
