@@ -214,3 +214,13 @@ def test_bench_times_the_new_methods(capsys):
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert list(result["seconds_per_step"]) == list(NEW)
+
+
+def test_compare_runs_the_new_methods(tmp_path):
+    from learn2defend.compare import compare
+
+    base = TrainConfig(dataset="digits", model="smallcnn", epochs=1, batch_size=64, train_size=128, lr=0.05,
+                       val_robust_n=0, progress=False, pgd_steps=2)
+    rows = compare(base, methods=["plain", *NEW], attacks=["fgsm"], out=tmp_path / "cmp", n=32)
+    assert [r["method"] for r in rows] == ["plain", *NEW]
+    assert all(0 <= r["fgsm"] <= r["clean"] + 1e-9 <= 1 + 1e-9 for r in rows)
