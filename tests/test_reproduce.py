@@ -215,3 +215,23 @@ def test_frontier_recipes(tmp_path: Path) -> None:
     assert configs["plain-continued"].method == "plain"
     assert "frontier" not in rp.EXPERIMENTS  # not part of "all"
     assert main(["reproduce", "frontier", "--preset", "cpu", "--dataset", "nosuch", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_run_another_process_evaluates_is_come_back_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    r = rp.Reproduction(rp.PRESETS["tiny"], tmp_path)
+    specs = [rp.RunSpec("plain", 0), rp.RunSpec("plain", 1)]
+    first, second = r.ensure_all(DATASET, "sgd", specs)
+    fd = os.open(first, os.O_RDONLY)  # "another reproduce" is evaluating the first run
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    measured = []
+
+    def sleep(seconds: float) -> None:
+        os.close(fd)  # ... and finishes while we wait
+
+    monkeypatch.setattr(rp.time, "sleep", sleep)
+    results = r.ensure_evaluated(DATASET, "sgd", specs, lambda spec, path: measured.append(path) or {"run": path})
+    assert measured == [second, first]  # the free run first, the busy one when it was free
+    assert results == [{"run": first}, {"run": second}]
