@@ -1,4 +1,5 @@
-"""Reproduce the paper's experiments: Tables 2-7 and Figures 3-5.
+"""Reproduce the paper's experiments: Tables 2-7 and Figures 3-5; and, beyond the paper, the
+frontier: AutoAttack accuracy against training cost for every method (`_frontier`).
 
 `reproduce(experiment, preset, out)` trains every run an experiment needs as an ordinary
 run folder under `out/runs/` (with `train(..., resume=True)`: finished runs are skipped,
