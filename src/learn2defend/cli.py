@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
 from .config import METHODS, TrainConfig, parse_fraction
 from .errors import UserError
+from .version import __version__
 
 HELP = {
     "out": "run folder to create (or continue with --resume)",
