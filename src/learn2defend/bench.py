@@ -27,9 +27,10 @@ from torch import Tensor
 from .config import METHODS, TrainConfig
 from .data import DeviceLoader, load_dataset
 from .errors import UserError
-from .methods import STEPS, StepContext
+from .methods import step_optimizers
 from .models import ATTACKERS, list_models
-from .train import build_attacker, build_classifier, data_meta, make_optimizer, resolve_device
+from .speed import check_switches, wrap_step
+from .train import build_parts, data_meta, resolve_device
 
 ATTACKER_ONLY = "attacker-only"
 BENCH_METHODS = (*METHODS, ATTACKER_ONLY)
@@ -61,6 +62,12 @@ class BenchConfig:
     data_dir: str = "data"
     seed: int = 0
     threads: int | None = None  # CPU threads for the run (None: torch's default)
+    # the speed switches of TrainConfig (learn2defend.speed), applied as training applies them
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    tf32: bool = False
+    cudnn_benchmark: bool = False
 
     def validate(self) -> None:
         if not self.methods:
@@ -91,7 +98,8 @@ class BenchConfig:
             method="grad-l2l" if method == ATTACKER_ONLY else method,
             batch_size=self.batch_size, eps=self.eps, clean_weight=self.clean_weight,
             attacker=self.attacker, attacker_width=self.attacker_width, device=self.device,
-            seed=self.seed,
+            seed=self.seed, amp=self.amp, channels_last=self.channels_last, compile=self.compile,
+            tf32=self.tf32, cudnn_benchmark=self.cudnn_benchmark,
         )
         config.validate()  # eps, width, clean weight: the same checks and messages as training
         return config.resolved()
@@ -104,26 +112,14 @@ CPU_MEMORY_KIND = "none: the CPU has no per-step allocator peak (RSS high-water 
 def _training_step(
     config: TrainConfig, meta: dict[str, Any], device: torch.device, x: Tensor, y: Tensor
 ) -> Step:
-    """One training step of `config.method`, set up as train.train sets it up."""
-    torch.manual_seed(config.seed)  # every method starts from the same weights
-    model = build_classifier(config, meta).to(device)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.momentum,
-                               config.weight_decay, config.betas)
-    attacker = build_attacker(config, meta)
-    attacker_optimizer = None
-    if attacker is not None:
-        attacker.to(device)
-        attacker_optimizer = _attacker_optimizer(config, attacker)
-        attacker.train()
-    model.train()
-    ctx = StepContext(model, optimizer, config, attacker, attacker_optimizer)
-    step_fn = STEPS[config.method]
-    return lambda: step_fn(ctx, x, y)
-
-
-def _attacker_optimizer(config: TrainConfig, attacker: torch.nn.Module) -> torch.optim.Optimizer:
-    return make_optimizer(config.attacker_optimizer, attacker.parameters(), config.attacker_lr,
-                          config.attacker_momentum, config.attacker_weight_decay, config.betas)
+    """One training step of `config.method`, set up as train.train sets it up (every method
+    starts from the same weights: build_parts seeds with config.seed)."""
+    parts = build_parts(config, meta, device)
+    parts.model.train()
+    if parts.attacker is not None:
+        parts.attacker.train()
+    step = parts.step(config, device)
+    return lambda: step(x, y)
 
 
 def _attacker_only_step(
@@ -133,23 +129,21 @@ def _attacker_only_step(
 
     Its input is the image and a (sample-normalized) gradient-shaped tensor; the backward
     starts from a fixed random upstream gradient, standing in for the one the classifier
-    sends back through the gradient reversal.
+    sends back through the gradient reversal. The speed switches apply as in training.
     """
-    torch.manual_seed(config.seed)
-    attacker = build_attacker(config, meta).to(device).train()
-    optimizer = _attacker_optimizer(config, attacker)
-    params = list(attacker.parameters())
+    ctx = build_parts(config, meta, device).ctx
+    ctx.attacker.train()
     grad = torch.randn_like(x)
     a = torch.cat([x, grad / grad.abs().amax(dim=(1, 2, 3), keepdim=True)], dim=1)
     upstream = torch.randn_like(x)
 
-    def step() -> None:
-        delta = attacker(a, config.eps)
-        optimizer.zero_grad(set_to_none=True)
-        delta.backward(upstream, inputs=params)
-        optimizer.step()
+    def attacker_step(a: Tensor, _: Tensor) -> dict[str, Tensor]:
+        loss = (ctx.attacker(a, config.eps).float() * upstream).sum()  # its gradient w.r.t. delta: upstream
+        step_optimizers(ctx, loss, [ctx.attacker_optimizer])
+        return {}
 
-    return step
+    step = wrap_step(attacker_step, config, device)
+    return lambda: step(a, x)
 
 
 def bench(config: BenchConfig) -> dict[str, Any]:
@@ -167,6 +161,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
 def _bench(config: BenchConfig) -> dict[str, Any]:
     configs = {m: config.train_config(m) for m in config.methods}
     device = resolve_device(config.device)
+    check_switches(configs[config.methods[0]], device, world=1)
     data = load_dataset(config.dataset, config.data_dir)
     meta = data_meta(data)
     if len(data.train) < config.batch_size:
@@ -229,8 +224,17 @@ def _bench(config: BenchConfig) -> dict[str, Any]:
         "eps": configs[config.methods[0]].eps,
         "steps": config.steps,
         "warmup": config.warmup,
+        "switches": switches(config),
         "torch": torch.__version__,
     }
+
+
+SWITCHES = ("amp", "channels_last", "compile", "tf32", "cudnn_benchmark")
+
+
+def switches(config: BenchConfig | TrainConfig) -> dict[str, Any]:
+    """The speed switches of a configuration, by name."""
+    return {name: getattr(config, name) for name in SWITCHES}
 
 
 def format_table(result: dict[str, Any]) -> str:

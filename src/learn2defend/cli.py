@@ -68,6 +68,16 @@ HELP = {
     "attacker_weight_decay": "the attacker's weight decay",
     "attacker_lr_milestones": "epochs after which the attacker's learning rate is multiplied by --lr-gamma",
     "seed": "seed of weights, data order, augmentation and random starts",
+    "amp": "mixed precision of the training step: off | bf16 | fp16 (fp16 with a loss scaler over both optimizers); "
+           "validation and evaluation attacks always run in float32, since an attack in low precision can "
+           "overstate robustness",
+    "channels_last": "channels_last (NHWC) memory layout for the networks and batches of the training step",
+    "compile": "torch.compile the classifier and the attacker (the first steps are slow: compilation; "
+               "on the CPU it needs g++)",
+    "tf32": "CUDA: TF32 tensor-core math for the training step's float32 matmuls and convolutions "
+            "(off: IEEE float32); no effect on the CPU",
+    "cudnn_benchmark": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (not bit-reproducible "
+                       "between runs); no effect on the CPU",
 }
 
 # What a None default of a TrainConfig field resolves to (TrainConfig.resolved), for --help.
@@ -237,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    _add_switch_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     _add_reproduce_commands(sub)
@@ -250,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered classifiers")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
     return parser
+
+
+def _add_switch_options(p: argparse.ArgumentParser) -> None:
+    """The speed switches of TrainConfig (learn2defend.speed), for bench and doctor."""
+    p.add_argument("--amp", default="off", help=HELP["amp"])
+    for name in ("channels_last", "compile", "tf32", "cudnn_benchmark"):
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=HELP[name])
 
 
 def _names(text: str) -> list[str]:
@@ -417,6 +435,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         warmup=args.warmup, methods=args.methods, attacker=args.attacker,
         attacker_width=args.attacker_width, eps=args.eps, clean_weight=args.clean_weight,
         device=args.device, data_dir=args.data_dir, seed=args.seed, threads=args.threads,
+        amp=args.amp, channels_last=args.channels_last, compile=args.compile, tf32=args.tf32,
+        cudnn_benchmark=args.cudnn_benchmark,
     ))
     if args.json:
         return result

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .attacks import Attack, AutoAttack
 from .data import DeviceLoader, ImageData
+from .speed import float32_math
 
 
 def fraction(flags: Tensor) -> float:
@@ -57,34 +58,35 @@ def attack_correct(
     own: dict[str, list[Tensor]] = {name: [] for name in names}
     batches = DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False)
     bar = _bar(progress and bool(attacks), len(batches) * len(attacks))
-    try:
-        for i, (x, y) in enumerate(batches):
-            with torch.no_grad():
-                survived = model(x).argmax(1) == y
-                own_survived = source(x).argmax(1) == y if transfer else survived
-            correct["clean"].append(survived.cpu())
-            own["clean"].append(own_survived.cpu())
-            for attack in attacks:
-                if bar is not None:
-                    bar.set_postfix_str(attack.name, refresh=False)
-                if isinstance(attack, AutoAttack) and state_dir is not None:
-                    path = state_dir / f"{_safe(attack.name)}-chunk{i:05d}.pt"
-                    adv = attack(source, x, y, state_path=path)
-                else:
-                    adv = attack(source, x, y)
+    with float32_math(device):  # attacks in IEEE float32 (speed.py)
+        try:
+            for i, (x, y) in enumerate(batches):
                 with torch.no_grad():
-                    ok = model(adv).argmax(1) == y
-                    own_ok = source(adv).argmax(1) == y if transfer else ok
-                correct[attack.name].append(ok.cpu())
-                own[attack.name].append(own_ok.cpu())
-                survived, own_survived = survived & ok, own_survived & own_ok
-                if bar is not None:
-                    bar.update()
-            correct["worst"].append(survived.cpu())
-            own["worst"].append(own_survived.cpu())
-    finally:
-        if bar is not None:
-            bar.close()
+                    survived = model(x).argmax(1) == y
+                    own_survived = source(x).argmax(1) == y if transfer else survived
+                correct["clean"].append(survived.cpu())
+                own["clean"].append(own_survived.cpu())
+                for attack in attacks:
+                    if bar is not None:
+                        bar.set_postfix_str(attack.name, refresh=False)
+                    if isinstance(attack, AutoAttack) and state_dir is not None:
+                        path = state_dir / f"{_safe(attack.name)}-chunk{i:05d}.pt"
+                        adv = attack(source, x, y, state_path=path)
+                    else:
+                        adv = attack(source, x, y)
+                    with torch.no_grad():
+                        ok = model(adv).argmax(1) == y
+                        own_ok = source(adv).argmax(1) == y if transfer else ok
+                    correct[attack.name].append(ok.cpu())
+                    own[attack.name].append(own_ok.cpu())
+                    survived, own_survived = survived & ok, own_survived & own_ok
+                    if bar is not None:
+                        bar.update()
+                correct["worst"].append(survived.cpu())
+                own["worst"].append(own_survived.cpu())
+        finally:
+            if bar is not None:
+                bar.close()
     if source_correct is not None:
         source_correct.update({name: torch.cat(parts) for name, parts in own.items()})
     return {name: torch.cat(parts) for name, parts in correct.items()}

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,12 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, speed
 from .attacks import pgd_delta
 from .config import TrainConfig
 from .data import Dataset, DeviceLoader, ImageData, load_dataset
 from .errors import UserError
-from .methods import STEPS, StepContext, attacker_in_channels
+from .methods import STEPS, Metrics, StepContext, attacker_in_channels
 from .models import create_attacker, create_model
 from .models.attackers import ATTACKER_LAYOUT
 
@@ -113,11 +115,13 @@ def build_attacker(config: TrainConfig, meta: dict[str, Any]) -> nn.Module | Non
 
 
 def make_optimizer(
-    kind: str, params, lr: float, momentum: float, weight_decay: float, betas: tuple[float, float]
+    kind: str, params, lr: float, momentum: float, weight_decay: float, betas: tuple[float, float],
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
+    """SGD or Adam; `fused`: PyTorch's fused kernels (None: its default choice)."""
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
 def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
@@ -224,15 +228,18 @@ def _robust_correct(
 
 
 def validate(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Clean accuracy on the validation split and PGD-10 accuracy on its first
+    `val_robust_n` images, in float32 whatever the training step's switches."""
     model.eval()
     try:
-        val = data.val
-        result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
-        n = min(config.val_robust_n, len(val))
-        if n and config.eps > 0:
-            subset = ImageData(val.images[:n], val.labels[:n])
-            result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
-        return result
+        with speed.float32_math(device):
+            val = data.val
+            result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
+            n = min(config.val_robust_n, len(val))
+            if n and config.eps > 0:
+                subset = ImageData(val.images[:n], val.labels[:n])
+                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
+            return result
     finally:
         model.train()
 
@@ -291,9 +298,10 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
     return resume and (out / LAST).is_file()
 
 
-# Fields a resumed run may change: they do not alter what is being computed.
+# Fields a resumed run may change: they do not alter what is being computed (the speed
+# switches other than --amp: up to float rounding).
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite",
-                     "tensorboard"}
+                     "tensorboard", "channels_last", "compile", "tf32", "cudnn_benchmark"}
 
 
 def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: TrainConfig, meta: dict[str, Any],
@@ -350,8 +358,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
                         "leave it out (each process then normalizes with its own batch statistics)")
+    speed.check_switches(cfg, device, world)
     data = _training_data(cfg)
-    loop = _Loop(cfg, out, device, data, _build_parts(cfg, data_meta(data), device, world))
+    loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world))
     if stored is not None:
         loop.restore(stored)
     # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
@@ -403,8 +412,10 @@ def _training_data(cfg: TrainConfig) -> Dataset:
 
 
 @dataclass
-class _Parts:
-    """What a run trains: the networks, their optimizers and learning-rate schedules."""
+class Parts:
+    """What a run trains: the networks, their optimizers and learning-rate schedules, and
+    the StepContext its training step gets. With --compile the context holds the compiled
+    networks; `model` and `attacker` are always the originals, which checkpoints save."""
 
     meta: dict[str, Any]
     model: nn.Module
@@ -413,9 +424,15 @@ class _Parts:
     attacker: nn.Module | None = None
     attacker_optimizer: torch.optim.Optimizer | None = None
     attacker_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    ctx: StepContext | None = None
+
+    def step(self, cfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Metrics]:
+        """One training step of `cfg.method` on a batch, with the speed switches around it."""
+        return speed.wrap_step(functools.partial(STEPS[cfg.method], self.ctx), cfg, device)
 
 
-def _build_parts(cfg: TrainConfig, meta: dict[str, Any], device: torch.device, world: int) -> _Parts:
+def build_parts(cfg: TrainConfig, meta: dict[str, Any], device: torch.device, world: int = 1) -> Parts:
+    """The networks, optimizers and schedules of a run, as `train` builds them (also `bench`)."""
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg, meta).to(device)
     attacker = build_attacker(cfg, meta)
@@ -430,20 +447,25 @@ def _build_parts(cfg: TrainConfig, meta: dict[str, Any], device: torch.device, w
     distributed.broadcast_modules([model, attacker])
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas)
-    parts = _Parts(meta, model, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones,
-                                                                                 cfg.lr_gamma))
+    step_model, step_attacker = speed.prepare_modules(model, attacker, cfg)
+    fused = True if speed.fused_optimizers(cfg) else None
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas,
+                               fused)
+    parts = Parts(meta, model, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones,
+                                                                                cfg.lr_gamma))
     if attacker is not None:
         parts.attacker = attacker
         parts.attacker_optimizer = make_optimizer(
             cfg.attacker_optimizer, attacker.parameters(), cfg.attacker_lr,
-            cfg.attacker_momentum, cfg.attacker_weight_decay, cfg.betas,
+            cfg.attacker_momentum, cfg.attacker_weight_decay, cfg.betas, fused,
         )
         parts.attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(
             parts.attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma
         )
     # Every later optimizer step first averages its gradients over the processes.
     distributed.install_gradient_sync([parts.optimizer, parts.attacker_optimizer])
+    parts.ctx = StepContext(step_model, optimizer, cfg, step_attacker, parts.attacker_optimizer,
+                            speed.grad_scaler(cfg, device))
     return parts
 
 
@@ -500,19 +522,17 @@ class _Position:
 class _Loop:
     """The training loop of one run: epochs of steps, checkpoints, validation, stopping."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data: Dataset, parts: _Parts) -> None:
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data: Dataset, parts: Parts) -> None:
         self.cfg, self.out, self.device, self.data, self.parts = cfg, out, device, data, parts
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.loader = _train_loader(cfg, data, device)
         _preflight(parts.model, parts.attacker, cfg, parts.meta, device)
-        self.ctx = StepContext(parts.model, parts.optimizer, cfg, parts.attacker, parts.attacker_optimizer)
-        self.step_fn = STEPS[cfg.method]
+        self.step = parts.step(cfg, device)
         self.pos = _Position()
 
     # The continuation state: with it, a resumed run computes bit for bit what an
     # uninterrupted one would. Data order and augmentation need no entry: DeviceLoader
-    # derives them from (seed, epoch, batch). An AMP GradScaler, once there is one,
-    # belongs here as "scaler" (its state_dict) and in `restore`.
+    # derives them from (seed, epoch, batch).
     def state(self, epoch: int, batch: int, sums: dict[str, Any]) -> dict[str, Any]:
         p = self.parts
         s = {
@@ -525,6 +545,8 @@ class _Loop:
             s.update(attacker=p.attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,
                      attacker_optimizer=p.attacker_optimizer.state_dict(),
                      attacker_scheduler=p.attacker_scheduler.state_dict())
+        if p.ctx.scaler is not None:  # --amp fp16: the loss scale and its growth counter
+            s["scaler"] = p.ctx.scaler.state_dict()
         return s
 
     def restore(self, stored: TrainConfig) -> None:
@@ -541,9 +563,13 @@ class _Loop:
                 load_weights(p.attacker, s["attacker"], f"attacker in {path}")
                 p.attacker_optimizer.load_state_dict(s["attacker_optimizer"])
                 p.attacker_scheduler.load_state_dict(s["attacker_scheduler"])
+            if p.ctx.scaler is not None:
+                p.ctx.scaler.load_state_dict(s["scaler"])
             for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
                 if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
                     raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
+                if opt is not None:
+                    _match_layouts(opt)
             pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
             saved_world = s.get("world_size", 1)
             if not (isinstance(saved_world, int) and saved_world >= 1):
@@ -598,7 +624,7 @@ class _Loop:
         for i, (x, y) in enumerate(batches, start=pos.batch + 1):
             if guard is not None:
                 guard.snapshot()
-            metrics = self.step_fn(self.ctx, x, y)
+            metrics = self.step(x, y)
             if guard is not None and not guard.finite(metrics["loss"]):
                 guard.restore()  # as if this batch had not been drawn
                 pos.sums["skipped"] = pos.sums.get("skipped", 0) + 1
@@ -688,6 +714,19 @@ def _rescale_position(batch: int, sums: dict[str, Any], saved_global: int, globa
              f"of {global_batch}: the epoch starts over")
         return 0, {}
     return batch * saved_global // global_batch, sums if distributed.is_main() else {}
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer buffer its parameter's memory layout again. Checkpoints store
+    tensors contiguous, so after --channels-last a loaded momentum buffer is NCHW while its
+    parameter and gradient are NHWC; the fused kernels (--amp fp16) then combine them
+    element by element in memory order, which is wrong (seen on the CPU, torch 2.14)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _holds(out: Path, saved_at: tuple[int, int] | None) -> str:
