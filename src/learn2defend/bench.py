@@ -11,6 +11,12 @@ reported.
 Besides the training methods, `attacker-only` times the learned attacker alone
 (forward, backward and optimizer step on the grad-l2l input, image and gradient): the
 part of an L2L step that FGSM training does not have.
+
+Throughput: images per second, and multiply-accumulates per second by the cost model of
+docs/performance.md (`step_forwards`: classifier and attacker forwards per image, with
+the forwards' MACs counted on the networks). `ratio_to_mac_floor` is a step's time over
+the time its MACs would take at the rate the plain step achieves (1 for plain itself).
+The speed switches of training (`learn2defend.speed`) apply as they do in training.
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import METHODS, TrainConfig
 from .data import DeviceLoader, load_dataset
 from .errors import UserError
-from .methods import step_optimizers
+from .methods import attacker_in_channels, step_optimizers
 from .models import ATTACKERS, list_models
 from .speed import check_switches, wrap_step
-from .train import build_parts, data_meta, resolve_device
+from .train import build_attacker, build_classifier, build_parts, data_meta, resolve_device
 
 ATTACKER_ONLY = "attacker-only"
 BENCH_METHODS = (*METHODS, ATTACKER_ONLY)
@@ -146,19 +153,22 @@ def _attacker_only_step(
     return lambda: step(a, x)
 
 
-def bench(config: BenchConfig) -> dict[str, Any]:
-    """Time each method's training step; return medians, ratios and peak memory."""
+def bench(config: BenchConfig, deadline: float | None = None) -> dict[str, Any]:
+    """Time each method's training step; return medians, ratios, throughput and peak memory.
+
+    `deadline` (a `time.monotonic()` value): no step starts after it, and only complete
+    rounds count; if none was timed, the times are None ("rounds_timed": 0)."""
     config.validate()
     previous = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _bench(config)
+        return _bench(config, deadline)
     finally:
         torch.set_num_threads(previous)
 
 
-def _bench(config: BenchConfig) -> dict[str, Any]:
+def _bench(config: BenchConfig, deadline: float | None) -> dict[str, Any]:
     configs = {m: config.train_config(m) for m in config.methods}
     device = resolve_device(config.device)
     check_switches(configs[config.methods[0]], device, world=1)
@@ -173,7 +183,47 @@ def _bench(config: BenchConfig) -> dict[str, Any]:
     for m, c in configs.items():
         steps[m] = (_attacker_only_step(c, meta, device, x) if m == ATTACKER_ONLY
                     else _training_step(c, meta, device, x, y))
+    times, cpu_times, peaks = _time_round_robin(steps, config, device, deadline)
+    timed = bool(times[config.methods[0]])
+    median = {m: statistics.median(t) if timed else None for m, t in times.items()}
 
+    def ratios(ref: str) -> dict[str, float] | None:
+        return {m: t / median[ref] for m, t in median.items()} if ref in median and timed else None
+
+    cuda = device.type == "cuda"
+    macs = {m: config.batch_size * step_macs_per_image(c, meta, m == ATTACKER_ONLY) for m, c in configs.items()}
+    return {
+        "seconds_per_step": median,
+        "seconds_min": {m: min(t) if timed else None for m, t in times.items()},
+        # CPU time of the whole process (all threads): on a shared machine, waiting for a
+        # core does not count, so it tracks the work done better than the wall clock does
+        "cpu_seconds_per_step": {m: statistics.median(t) if timed else None for m, t in cpu_times.items()},
+        "ratio_to_pgd": ratios("pgd"),
+        "ratio_to_fgsm": ratios("fgsm"),
+        **_throughput(median, macs, config.batch_size),
+        "peak_memory_bytes": peaks if cuda else dict.fromkeys(steps),
+        "memory_kind": "cuda_max_allocated_above_step_start" if cuda else CPU_MEMORY_KIND,
+        "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
+        "threads": torch.get_num_threads(),
+        "model": config.model,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "attacker": config.attacker,
+        "attacker_width": config.attacker_width,
+        "eps": configs[config.methods[0]].eps,
+        "steps": config.steps,
+        "warmup": config.warmup,
+        "rounds_timed": len(times[config.methods[0]]),
+        "switches": switches(config),
+        "torch": torch.__version__,
+    }
+
+
+def _time_round_robin(steps: dict[str, Step], config: BenchConfig, device: torch.device, deadline: float | None
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Wall and CPU seconds of each timed round of each step, and the CUDA peak memory.
+    Past `deadline` no step starts (a first call that compiles may take long); only the
+    rounds every method finished count."""
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {m: [] for m in steps}
     cpu_times: dict[str, list[float]] = {m: [] for m in steps}
@@ -182,6 +232,9 @@ def _bench(config: BenchConfig) -> dict[str, Any]:
     for r in range(config.warmup + config.steps):
         shift = r % len(order)  # rotate who goes first: no method always follows the same one
         for m in order[shift:] + order[:shift]:
+            if deadline is not None and time.monotonic() > deadline:
+                n = min(len(t) for t in times.values())
+                return {m: t[:n] for m, t in times.items()}, {m: t[:n] for m, t in cpu_times.items()}, peaks
             if cuda:
                 torch.cuda.synchronize(device)  # the benchmark may sync; the training loop must not
                 torch.cuda.reset_peak_memory_stats(device)
@@ -198,35 +251,81 @@ def _bench(config: BenchConfig) -> dict[str, Any]:
                     # above what was resident at the start: every benchmarked method's weights
                     # and optimizer state live on the device at once and would mask the step's own
                     peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated(device) - resident)
+    return times, cpu_times, peaks
 
-    median = {m: statistics.median(t) for m, t in times.items()}
 
-    def ratios(ref: str) -> dict[str, float] | None:
-        return {m: t / median[ref] for m, t in median.items()} if ref in median else None
+def _throughput(median: dict[str, float | None], macs: dict[str, float], batch_size: int) -> dict[str, Any]:
+    """Images and multiply-accumulates per second, and each step's time over its MAC floor:
+    the time its MACs (cost model) would take at the rate the plain step achieves."""
+    def per_second(amount: dict[str, float] | float) -> dict[str, float | None]:
+        return {m: None if t is None else (amount[m] if isinstance(amount, dict) else amount) / t
+                for m, t in median.items()}
 
+    mac_rate = per_second(macs)
+    plain_rate = mac_rate.get("plain")
     return {
-        "seconds_per_step": median,
-        "seconds_min": {m: min(t) for m, t in times.items()},
-        # CPU time of the whole process (all threads): on a shared machine, waiting for a
-        # core does not count, so it tracks the work done better than the wall clock does
-        "cpu_seconds_per_step": {m: statistics.median(t) for m, t in cpu_times.items()},
-        "ratio_to_pgd": ratios("pgd"),
-        "ratio_to_fgsm": ratios("fgsm"),
-        "peak_memory_bytes": peaks if cuda else dict.fromkeys(steps),
-        "memory_kind": "cuda_max_allocated_above_step_start" if cuda else CPU_MEMORY_KIND,
-        "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
-        "threads": torch.get_num_threads(),
-        "model": config.model,
-        "dataset": config.dataset,
-        "batch_size": config.batch_size,
-        "attacker": config.attacker,
-        "attacker_width": config.attacker_width,
-        "eps": configs[config.methods[0]].eps,
-        "steps": config.steps,
-        "warmup": config.warmup,
-        "switches": switches(config),
-        "torch": torch.__version__,
+        "images_per_s": per_second(float(batch_size)),
+        "macs_per_step": macs,
+        "mac_per_s": mac_rate,
+        "ratio_to_mac_floor": None if plain_rate is None else {m: plain_rate / r for m, r in mac_rate.items()},
     }
+
+
+# ---- the MAC cost model (docs/performance.md, "Cost model") ---------------------------------
+
+
+def forward_macs(module: nn.Module, *inputs: Any) -> float:
+    """Multiply-accumulates of one forward pass (convolutions and matrix products, as
+    torch.utils.flop_counter counts them; a multiply-add counts as 2 flops there)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*inputs)
+    return counter.get_total_flops() / 2
+
+
+def step_forwards(config: TrainConfig, attacker_only: bool = False) -> tuple[float, float]:
+    """(classifier forwards F, attacker forwards A) per image of one training step of
+    `config.method`. A backward costs 2 forwards (input and weight gradients), 1 when only
+    input gradients are taken; `attacker_only`: the bench's attacker-alone step (3A)."""
+    if attacker_only:
+        return 0.0, 3.0
+    c, m = config, config.method
+    w = 1.0 if c.clean_weight else 0.0
+    if m == "plain":
+        return 3.0, 0.0
+    if m == "fgsm":  # FGSM-RS queries at a random point, so the clean term needs its own pass
+        return (5.0 + 3 * w, 0.0) if c.random_start else (5.0 + w + _scaled_clean(c), 0.0)
+    if m == "pgd":
+        return 2.0 * c.pgd_steps + 3 + 3 * w, 0.0
+    two_step = m == "2step-l2l"
+    if m == "naive-l2l":  # attacker, adversarial forward and backward, attacker backward; clean term apart
+        cls, att = 3.0 + 3 * w, 3.0
+    else:  # + the gradient query (forward, input backward; weight gradients of the clean term with it)
+        cls, att = 5.0 + w + _scaled_clean(c), 3.0
+    if two_step:  # a second query and a second attacker pass, backward through both
+        cls, att = cls + 2, att + 3
+    if c.l2l_update == "alternating":  # the attacker's step: one more forward and input backward
+        cls += 2
+    extra = c.attacker_steps - 1  # each: the perturbation, forward, input backward, attacker backward
+    return cls + extra * (4.0 if two_step else 2.0), att + extra * (6.0 if two_step else 3.0)
+
+
+def _scaled_clean(config: TrainConfig) -> float:
+    """Under --amp fp16 the clean term's weight gradients come from the final backward
+    (methods.clean_forward_with_grad): one more input backward of the clean graph."""
+    return 1.0 if config.amp == "fp16" and config.clean_weight else 0.0
+
+
+def step_macs_per_image(config: TrainConfig, meta: dict[str, Any], attacker_only: bool = False) -> float:
+    """The cost model's multiply-accumulates per image of one step: F and A counted on the
+    networks the run builds, weighted by `step_forwards`."""
+    c, h, w = meta["image_shape"]
+    n_cls, n_att = step_forwards(config, attacker_only)
+    macs = n_cls * forward_macs(build_classifier(config, meta).eval(), torch.zeros(1, c, h, w)) if n_cls else 0.0
+    attacker = build_attacker(config, meta)
+    if n_att and attacker is not None:
+        channels = attacker_in_channels(config.method, c)
+        macs += n_att * forward_macs(attacker.eval(), torch.zeros(1, channels, h, w), config.eps)
+    return macs
 
 
 SWITCHES = ("amp", "channels_last", "compile", "tf32", "cudnn_benchmark")

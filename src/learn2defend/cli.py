@@ -250,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_switch_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    p = sub.add_parser("doctor", help="versions, device, and every method's speed with each speed switch "
+                       "(run this on a new machine, a GPU one above all)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--model", help="classifier to bench (default: wrn-34-4 on CUDA, smallcnn on the CPU)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: 128 on CUDA, 32 on the CPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds per variant; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation happens there)")
+    p.add_argument("--methods", type=_names, help="comma-separated (default: every method, and attacker-only)")
+    p.add_argument("--variants", type=_names, help="comma-separated, from: float32, bf16, fp16, channels_last, "
+                   "tf32, cudnn_benchmark, compile, fast (default: all that apply to the device)")
+    p.add_argument("--attacker-width", type=_number, default=1.0, help=HELP["attacker_width"])
+    p.add_argument("--max-seconds", type=_number, default=240.0, help="no new variant or check starts after "
+                   "this many seconds (a compilation under way finishes)")
+    p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None, help="also train a short epoch "
+                   "in float32, one with every switch, and one under torchrun (default: on CUDA only)")
+    p.add_argument("--epoch-images", type=int, default=1792, help="training images of those epochs")
+    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     _add_reproduce_commands(sub)
 
     p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
@@ -444,6 +464,22 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _doctor(args: argparse.Namespace) -> dict[str, Any]:
+    from .doctor import DoctorConfig, doctor, format_report
+
+    report = doctor(DoctorConfig(
+        device=args.device, model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+        **({"methods": args.methods} if args.methods else {}), variants=args.variants,
+        attacker_width=args.attacker_width, max_seconds=args.max_seconds, checks=args.checks,
+        epoch_images=args.epoch_images, data_dir=args.data_dir,
+        threads=args.threads,
+    ))
+    if args.json:
+        return report
+    print(format_report(report))
+    return {}
+
+
 def _add_reproduce_commands(sub) -> None:
     """reproduce (the paper's tables and figures) and plot (training curves)."""
     from .reproduce import EXPERIMENTS, PRESETS_PUBLIC
@@ -529,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(list_models(args.pattern)))
             return 0
         commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare, "export": _export,
-                    "bench": _bench, "transfer": _transfer, "sweep": _sweep, "show": _show,
+                    "bench": _bench, "doctor": _doctor, "transfer": _transfer, "sweep": _sweep, "show": _show,
                     "reproduce": _reproduce, "plot": _plot}
         result = commands[args.command](args)
     except UserError as e:  # one line, even when the message quotes a file name with a newline
