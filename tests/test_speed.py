@@ -221,3 +221,15 @@ def test_switches_this_run_cannot_honour_are_user_errors():
     with pytest.raises(UserError, match="torchrun"):
         speed.check_switches(TrainConfig(amp="fp16"), CPU, world=2)
     speed.check_switches(TrainConfig(amp="bf16"), CPU, world=2)  # bf16 needs no scaler: fine
+
+
+def test_cuda_math_sets_and_restores_the_backend_flags():
+    # The flags are plain settings, so this runs without a GPU; on CUDA they pick the kernels.
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    with speed.cuda_math(tf32=True, benchmark=True):
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (True, True, True)
+        with speed.float32_math("cuda"):  # evaluation inside: IEEE float32
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+    assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before

@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder")
     p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[],
                    help=f"comma-separated; K is a number of iterations: {', '.join(_attack_names())} "
-                   "(default: none, clean accuracy only)")
+                   "(default: none, clean accuracy only); attacks always run in IEEE float32, whatever "
+                   "speed switches the run was trained with")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the run's own)")
     p.add_argument("--split", default="val", help="val or test")
     p.add_argument("--n", type=int, help="evaluate the first N images of the split (default: all)")
@@ -231,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder holding one run folder per method")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
+    _add_speed_commands(sub)
+    _add_reproduce_commands(sub)
+
+    p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
+    p.add_argument("checkpoint", metavar="RUN", help="run folder")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
+    p.add_argument("--which", default="last", help="last or best checkpoint")
+    p.add_argument("--json", action="store_true", help="print the metadata written as one JSON object")
+
+    p = sub.add_parser("models", help="list the registered classifiers")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
+    return parser
+
+
+def _add_speed_commands(sub) -> None:
+    """bench (each method's step, timed alike) and doctor (the machine, and bench with each switch)."""
     p = sub.add_parser("bench", help="seconds per training step of each method, timed alike")
     p.add_argument("--model", default="smallcnn", help="classifier name (default: smallcnn)")
     p.add_argument("--dataset", default="fake:3x32x32:10", help="data set; one batch of it is used")
@@ -269,18 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-
-    _add_reproduce_commands(sub)
-
-    p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
-    p.add_argument("checkpoint", metavar="RUN", help="run folder")
-    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
-    p.add_argument("--which", default="last", help="last or best checkpoint")
-    p.add_argument("--json", action="store_true", help="print the metadata written as one JSON object")
-
-    p = sub.add_parser("models", help="list the registered classifiers")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
-    return parser
 
 
 def _add_switch_options(p: argparse.ArgumentParser) -> None:

@@ -194,13 +194,20 @@ def environment(device: torch.device) -> dict[str, Any]:
             device_name=props.name, compute_capability=f"{props.major}.{props.minor}",
             memory_gib=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count(),
             bf16=torch.cuda.is_bf16_supported(), tf32=props.major >= 8,  # tensor-core TF32 from Ampere on
-            nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None,
+            nccl=_nccl_version(),
         )
     else:
         flags = _cpu_flags()
         # autocast runs bf16 on any CPU; it is fast only with native bf16 instructions
         env["bf16"] = "native" if {"avx512_bf16", "amx_bf16"} & flags else ("emulated" if flags else "unknown")
     return env
+
+
+def _nccl_version() -> str | None:
+    if not torch.distributed.is_nccl_available():
+        return None
+    version = torch.cuda.nccl.version()  # a tuple (2, 27, 3); an int in older torch
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def _cpu_flags() -> set[str]:
