@@ -1,11 +1,15 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Both create .venv when it is missing and install the package with the pinned
-# versions of constraints.txt; the install is redone only when those files change.
+# Both create .venv when it is missing and install the package with the exact versions of
+# constraints.txt; `make demo` without the test tools, `make test` adds them (the extra
+# `test`: pytest, hypothesis, ruff, torchattacks, tensorboard). Each install is redone only
+# when pyproject.toml or constraints.txt change.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint install clean
 
@@ -13,16 +17,20 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PIP) -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PIP) -e '.[test]'
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m learn2defend demo
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests
 
-test: $(STAMP) lint
+test: $(TEST_STAMP) lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 clean:

@@ -124,3 +124,39 @@ def test_single_clean_backward_gives_the_same_update(method):
     if method != "fgsm":
         for a, b in zip(fast.attacker.parameters(), slow.attacker.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---- the MAC cost model against the multiply-accumulates a real step performs ----
+
+@pytest.mark.parametrize("method, overrides", [(m, {}) for m in METHODS] + [
+    ("fgsm", {"clean_weight": 0.0}), ("fgsm", {"random_start": True}), ("fgsm", {"amp": "fp16"}),
+    ("naive-l2l", {"clean_weight": 0.5}), ("grad-l2l", {"clean_weight": 0.5}),
+    ("grad-l2l", {"clean_weight": 0.5, "amp": "fp16"}), ("2step-l2l", {"clean_weight": 0.5}),
+    ("grad-l2l", {"l2l_update": "alternating"}), ("grad-l2l", {"attacker_steps": 2}),
+    ("2step-l2l", {"attacker_steps": 2}),
+])
+def test_mac_model_counts_what_a_step_computes(method, overrides):
+    from learn2defend.bench import count_macs, step_macs_per_image
+    from learn2defend.config import TrainConfig
+    from learn2defend.train import build_parts
+
+    meta = {"image_shape": [1, 8, 8], "classes": ["0", "1"], "mean": [0.5], "std": [0.25]}
+    cfg = TrainConfig(method=method, eps=0.1, lr=0.05, attacker_width=0.125, **overrides).resolved()
+    step = build_parts(cfg, meta, torch.device("cpu")).step(cfg, torch.device("cpu"))
+    x = torch.rand(16, 1, 8, 8)
+    counted = count_macs(lambda: step(x, torch.arange(16) % 2))  # backward passes included
+    # The model charges every backward as 2 forwards; the first layer's gradient with respect
+    # to the images, which nothing needs, is skipped in reality: a fraction of a percent.
+    assert counted == pytest.approx(16 * step_macs_per_image(cfg, meta), rel=0.01)
+
+
+def test_bench_starts_no_step_after_its_deadline():
+    import time
+
+    from learn2defend.bench import BenchConfig, bench
+
+    result = bench(BenchConfig(model="smallcnn", dataset="fake:1x8x8:4", batch_size=8, steps=2, warmup=0,
+                               methods=["plain", "fgsm"], attacker_width=0.0625, device="cpu"),
+                   deadline=time.monotonic() - 1)
+    assert result["rounds_timed"] == 0 and result["seconds_per_step"] == {"plain": None, "fgsm": None}
+    assert result["macs_per_step"]["fgsm"] == pytest.approx(2 * result["macs_per_step"]["plain"])

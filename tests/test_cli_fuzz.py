@@ -63,6 +63,8 @@ OPTIONS = {
     "--on-nonfinite": (["stop", "skip"], ["sometimes"]),
     "--on-bad-image": (["skip", "fail"], ["ignore"]),
     "--device": (["cpu"], ["meta", "cuda:7", "xyz", "mps", ""]),
+    "--amp": (["off", "bf16"], ["fp8", "", "BF16"]),  # fp16 is valid too, but emulated and slow on CPUs
+    "--channels-last": ([""], []),
     "--init": ([], ["/nonexistent/run"]),
     "--out": ([], ["@file/run", "@file"]),  # @file: a plain file in the temp folder
 }

@@ -8,7 +8,8 @@
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate
-from .train import Run, load, load_run, train
+from .export import load
+from .train import Run, load_run, train
+from .version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["TrainConfig", "EvalConfig", "Run", "UserError", "evaluate", "load", "load_run", "train"]
+__all__ = ["TrainConfig", "EvalConfig", "Run", "UserError", "evaluate", "load", "load_run", "train", "__version__"]

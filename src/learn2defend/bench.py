@@ -11,6 +11,12 @@ reported.
 Besides the training methods, `attacker-only` times the learned attacker alone
 (forward, backward and optimizer step on the grad-l2l input, image and gradient): the
 part of an L2L step that FGSM training does not have.
+
+Throughput: images per second, and multiply-accumulates per second by the cost model of
+docs/performance.md (`step_forwards`: classifier and attacker forwards per image, with
+the forwards' MACs counted on the networks). `ratio_to_mac_floor` is a step's time over
+the time its MACs would take at the rate the plain step achieves (1 for plain itself).
+The speed switches of training (`learn2defend.speed`) apply as they do in training.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import KL_METHODS, METHODS, TrainConfig
 from .data import DeviceLoader, load_dataset
 from .errors import UserError
-from .methods import STEPS, StepContext
+from .methods import attacker_in_channels, step_optimizers
 from .models import ATTACKERS, list_models
-from .train import build_attacker, build_classifier, data_meta, make_optimizer, resolve_device
+from .speed import check_switches, wrap_step
+from .train import build_attacker, build_classifier, build_parts, data_meta, resolve_device
 
 ATTACKER_ONLY = "attacker-only"
 BENCH_METHODS = (*METHODS, ATTACKER_ONLY)
@@ -61,6 +68,12 @@ class BenchConfig:
     data_dir: str = "data"
     seed: int = 0
     threads: int | None = None  # CPU threads for the run (None: torch's default)
+    # the speed switches of TrainConfig (learn2defend.speed), applied as training applies them
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    tf32: bool = False
+    cudnn_benchmark: bool = False
 
     def validate(self) -> None:
         if not self.methods:
@@ -93,7 +106,8 @@ class BenchConfig:
             # trades and mart have a clean term of their own: --clean-weight leaves them as they are
             clean_weight=None if method in KL_METHODS else self.clean_weight,
             attacker=self.attacker, attacker_width=self.attacker_width, device=self.device,
-            seed=self.seed,
+            seed=self.seed, amp=self.amp, channels_last=self.channels_last, compile=self.compile,
+            tf32=self.tf32, cudnn_benchmark=self.cudnn_benchmark,
         )
         config.validate()  # eps, width, clean weight: the same checks and messages as training
         return config.resolved()
@@ -106,26 +120,14 @@ CPU_MEMORY_KIND = "none: the CPU has no per-step allocator peak (RSS high-water 
 def _training_step(
     config: TrainConfig, meta: dict[str, Any], device: torch.device, x: Tensor, y: Tensor
 ) -> Step:
-    """One training step of `config.method`, set up as train.train sets it up."""
-    torch.manual_seed(config.seed)  # every method starts from the same weights
-    model = build_classifier(config, meta).to(device)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.momentum,
-                               config.weight_decay, config.betas)
-    attacker = build_attacker(config, meta)
-    attacker_optimizer = None
-    if attacker is not None:
-        attacker.to(device)
-        attacker_optimizer = _attacker_optimizer(config, attacker)
-        attacker.train()
-    model.train()
-    ctx = StepContext(model, optimizer, config, attacker, attacker_optimizer)
-    step_fn = STEPS[config.method]
-    return lambda: step_fn(ctx, x, y)
-
-
-def _attacker_optimizer(config: TrainConfig, attacker: torch.nn.Module) -> torch.optim.Optimizer:
-    return make_optimizer(config.attacker_optimizer, attacker.parameters(), config.attacker_lr,
-                          config.attacker_momentum, config.attacker_weight_decay, config.betas)
+    """One training step of `config.method`, set up as train.train sets it up (every method
+    starts from the same weights: build_parts seeds with config.seed)."""
+    parts = build_parts(config, meta, device)
+    parts.model.train()
+    if parts.attacker is not None:
+        parts.attacker.train()
+    step = parts.step(config, device)
+    return lambda: step(x, y)
 
 
 def _attacker_only_step(
@@ -135,23 +137,21 @@ def _attacker_only_step(
 
     Its input is the image and a (sample-normalized) gradient-shaped tensor; the backward
     starts from a fixed random upstream gradient, standing in for the one the classifier
-    sends back through the gradient reversal.
+    sends back through the gradient reversal. The speed switches apply as in training.
     """
-    torch.manual_seed(config.seed)
-    attacker = build_attacker(config, meta).to(device).train()
-    optimizer = _attacker_optimizer(config, attacker)
-    params = list(attacker.parameters())
+    ctx = build_parts(config, meta, device).ctx
+    ctx.attacker.train()
     grad = torch.randn_like(x)
     a = torch.cat([x, grad / grad.abs().amax(dim=(1, 2, 3), keepdim=True)], dim=1)
     upstream = torch.randn_like(x)
 
-    def step() -> None:
-        delta = attacker(a, config.eps)
-        optimizer.zero_grad(set_to_none=True)
-        delta.backward(upstream, inputs=params)
-        optimizer.step()
+    def attacker_step(a: Tensor, _: Tensor) -> dict[str, Tensor]:
+        loss = (ctx.attacker(a, config.eps).float() * upstream).sum()  # its gradient w.r.t. delta: upstream
+        step_optimizers(ctx, loss, [ctx.attacker_optimizer])
+        return {}
 
-    return step
+    step = wrap_step(attacker_step, config, device)
+    return lambda: step(a, x)
 
 
 def count_macs(fn: Callable[[], Any]) -> int:
@@ -179,17 +179,6 @@ def count_macs(fn: Callable[[], Any]) -> int:
     return Counter.flops // 2  # the formulas count a multiply-add as two flops
 
 
-def forward_macs(module: torch.nn.Module, *inputs: Any) -> int:
-    """Multiply-adds of one forward pass of `module` on `inputs` (eval mode, no gradients)."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return count_macs(lambda: module(*inputs))
-    finally:
-        module.train(was_training)
-
-
 def step_macs(config: TrainConfig, meta: dict[str, Any], batch_size: int | None = None) -> int:
     """Multiply-adds of one training step of `config.method` (resolved config) on a batch of
     `batch_size` images (default: the config's), everything included: attack, forwards,
@@ -204,21 +193,25 @@ def step_macs(config: TrainConfig, meta: dict[str, Any], batch_size: int | None 
     return macs * (batch_size or config.batch_size) // n
 
 
-def bench(config: BenchConfig) -> dict[str, Any]:
-    """Time each method's training step; return medians, ratios and peak memory."""
+def bench(config: BenchConfig, deadline: float | None = None) -> dict[str, Any]:
+    """Time each method's training step; return medians, ratios, throughput and peak memory.
+
+    `deadline` (a `time.monotonic()` value): no step starts after it, and only complete
+    rounds count; if none was timed, the times are None ("rounds_timed": 0)."""
     config.validate()
     previous = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _bench(config)
+        return _bench(config, deadline)
     finally:
         torch.set_num_threads(previous)
 
 
-def _bench(config: BenchConfig) -> dict[str, Any]:
+def _bench(config: BenchConfig, deadline: float | None) -> dict[str, Any]:
     configs = {m: config.train_config(m) for m in config.methods}
     device = resolve_device(config.device)
+    check_switches(configs[config.methods[0]], device, world=1)
     data = load_dataset(config.dataset, config.data_dir)
     meta = data_meta(data)
     if len(data.train) < config.batch_size:
@@ -230,7 +223,47 @@ def _bench(config: BenchConfig) -> dict[str, Any]:
     for m, c in configs.items():
         steps[m] = (_attacker_only_step(c, meta, device, x) if m == ATTACKER_ONLY
                     else _training_step(c, meta, device, x, y))
+    times, cpu_times, peaks = _time_round_robin(steps, config, device, deadline)
+    timed = bool(times[config.methods[0]])
+    median = {m: statistics.median(t) if timed else None for m, t in times.items()}
 
+    def ratios(ref: str) -> dict[str, float] | None:
+        return {m: t / median[ref] for m, t in median.items()} if ref in median and timed else None
+
+    cuda = device.type == "cuda"
+    macs = {m: config.batch_size * step_macs_per_image(c, meta, m == ATTACKER_ONLY) for m, c in configs.items()}
+    return {
+        "seconds_per_step": median,
+        "seconds_min": {m: min(t) if timed else None for m, t in times.items()},
+        # CPU time of the whole process (all threads): on a shared machine, waiting for a
+        # core does not count, so it tracks the work done better than the wall clock does
+        "cpu_seconds_per_step": {m: statistics.median(t) if timed else None for m, t in cpu_times.items()},
+        "ratio_to_pgd": ratios("pgd"),
+        "ratio_to_fgsm": ratios("fgsm"),
+        **_throughput(median, macs, config.batch_size),
+        "peak_memory_bytes": peaks if cuda else dict.fromkeys(steps),
+        "memory_kind": "cuda_max_allocated_above_step_start" if cuda else CPU_MEMORY_KIND,
+        "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
+        "threads": torch.get_num_threads(),
+        "model": config.model,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "attacker": config.attacker,
+        "attacker_width": config.attacker_width,
+        "eps": configs[config.methods[0]].eps,
+        "steps": config.steps,
+        "warmup": config.warmup,
+        "rounds_timed": len(times[config.methods[0]]),
+        "switches": switches(config),
+        "torch": torch.__version__,
+    }
+
+
+def _time_round_robin(steps: dict[str, Step], config: BenchConfig, device: torch.device, deadline: float | None
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Wall and CPU seconds of each timed round of each step, and the CUDA peak memory.
+    Past `deadline` no step starts (a first call that compiles may take long); only the
+    rounds every method finished count."""
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {m: [] for m in steps}
     cpu_times: dict[str, list[float]] = {m: [] for m in steps}
@@ -239,6 +272,9 @@ def _bench(config: BenchConfig) -> dict[str, Any]:
     for r in range(config.warmup + config.steps):
         shift = r % len(order)  # rotate who goes first: no method always follows the same one
         for m in order[shift:] + order[:shift]:
+            if deadline is not None and time.monotonic() > deadline:
+                n = min(len(t) for t in times.values())
+                return {m: t[:n] for m, t in times.items()}, {m: t[:n] for m, t in cpu_times.items()}, peaks
             if cuda:
                 torch.cuda.synchronize(device)  # the benchmark may sync; the training loop must not
                 torch.cuda.reset_peak_memory_stats(device)
@@ -255,34 +291,95 @@ def _bench(config: BenchConfig) -> dict[str, Any]:
                     # above what was resident at the start: every benchmarked method's weights
                     # and optimizer state live on the device at once and would mask the step's own
                     peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated(device) - resident)
+    return times, cpu_times, peaks
 
-    median = {m: statistics.median(t) for m, t in times.items()}
 
-    def ratios(ref: str) -> dict[str, float] | None:
-        return {m: t / median[ref] for m, t in median.items()} if ref in median else None
+def _throughput(median: dict[str, float | None], macs: dict[str, float], batch_size: int) -> dict[str, Any]:
+    """Images and multiply-accumulates per second, and each step's time over its MAC floor:
+    the time its MACs (cost model) would take at the rate the plain step achieves."""
+    def per_second(amount: dict[str, float] | float) -> dict[str, float | None]:
+        return {m: None if t is None else (amount[m] if isinstance(amount, dict) else amount) / t
+                for m, t in median.items()}
 
+    mac_rate = per_second(macs)
+    plain_rate = mac_rate.get("plain")
     return {
-        "seconds_per_step": median,
-        "seconds_min": {m: min(t) for m, t in times.items()},
-        # CPU time of the whole process (all threads): on a shared machine, waiting for a
-        # core does not count, so it tracks the work done better than the wall clock does
-        "cpu_seconds_per_step": {m: statistics.median(t) for m, t in cpu_times.items()},
-        "ratio_to_pgd": ratios("pgd"),
-        "ratio_to_fgsm": ratios("fgsm"),
-        "peak_memory_bytes": peaks if cuda else dict.fromkeys(steps),
-        "memory_kind": "cuda_max_allocated_above_step_start" if cuda else CPU_MEMORY_KIND,
-        "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
-        "threads": torch.get_num_threads(),
-        "model": config.model,
-        "dataset": config.dataset,
-        "batch_size": config.batch_size,
-        "attacker": config.attacker,
-        "attacker_width": config.attacker_width,
-        "eps": configs[config.methods[0]].eps,
-        "steps": config.steps,
-        "warmup": config.warmup,
-        "torch": torch.__version__,
+        "images_per_s": per_second(float(batch_size)),
+        "macs_per_step": macs,
+        "mac_per_s": mac_rate,
+        "ratio_to_mac_floor": None if plain_rate is None else {m: plain_rate / r for m, r in mac_rate.items()},
     }
+
+
+# ---- the MAC cost model (docs/performance.md, "Cost model") ---------------------------------
+
+
+def forward_macs(module: nn.Module, *inputs: Any) -> int:
+    """Multiply-adds of one forward pass of `module` on `inputs` (eval mode, no gradients)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return count_macs(lambda: module(*inputs))
+    finally:
+        module.train(was_training)
+
+
+def step_forwards(config: TrainConfig, attacker_only: bool = False) -> tuple[float, float]:
+    """(classifier forwards F, attacker forwards A) per image of one training step of
+    `config.method`. A backward costs 2 forwards (input and weight gradients), 1 when only
+    input gradients are taken; `attacker_only`: the bench's attacker-alone step (3A)."""
+    if attacker_only:
+        return 0.0, 3.0
+    c, m = config, config.method
+    w = 1.0 if c.clean_weight else 0.0
+    if m == "plain":
+        return 3.0, 0.0
+    if m == "fgsm":  # FGSM-RS queries at a random point, so the clean term needs its own pass
+        return (5.0 + 3 * w, 0.0) if c.random_start else (5.0 + w + _scaled_clean(c), 0.0)
+    if m in ("pgd", "pgd-at"):  # each attack step a forward and an input backward
+        return 2.0 * c.pgd_steps + 3 + 3 * w, 0.0
+    if m in KL_METHODS:  # the attack, then clean and adversarial forwards trained on together
+        prediction = 1.0 if m == "trades" else 0.0  # TRADES' attack first fixes the clean prediction
+        return 2.0 * c.pgd_steps + 6 + prediction, 0.0
+    two_step = m == "2step-l2l"
+    if m == "naive-l2l":  # attacker, adversarial forward and backward, attacker backward; clean term apart
+        cls, att = 3.0 + 3 * w, 3.0
+    else:  # + the gradient query (forward, input backward; weight gradients of the clean term with it)
+        cls, att = 5.0 + w + _scaled_clean(c), 3.0
+    if two_step:  # a second query and a second attacker pass, backward through both
+        cls, att = cls + 2, att + 3
+    if c.l2l_update == "alternating":  # the attacker's step: one more forward and input backward
+        cls += 2
+    extra = c.attacker_steps - 1  # each: the perturbation, forward, input backward, attacker backward
+    return cls + extra * (4.0 if two_step else 2.0), att + extra * (6.0 if two_step else 3.0)
+
+
+def _scaled_clean(config: TrainConfig) -> float:
+    """Under --amp fp16 the clean term's weight gradients come from the final backward
+    (methods.clean_forward_with_grad): one more input backward of the clean graph."""
+    return 1.0 if config.amp == "fp16" and config.clean_weight else 0.0
+
+
+def step_macs_per_image(config: TrainConfig, meta: dict[str, Any], attacker_only: bool = False) -> float:
+    """The cost model's multiply-accumulates per image of one step: F and A counted on the
+    networks the run builds, weighted by `step_forwards`."""
+    c, h, w = meta["image_shape"]
+    n_cls, n_att = step_forwards(config, attacker_only)
+    macs = n_cls * forward_macs(build_classifier(config, meta).eval(), torch.zeros(1, c, h, w)) if n_cls else 0.0
+    attacker = build_attacker(config, meta)
+    if n_att and attacker is not None:
+        channels = attacker_in_channels(config.method, c)
+        macs += n_att * forward_macs(attacker.eval(), torch.zeros(1, channels, h, w), config.eps)
+    return macs
+
+
+SWITCHES = ("amp", "channels_last", "compile", "tf32", "cudnn_benchmark")
+
+
+def switches(config: BenchConfig | TrainConfig) -> dict[str, Any]:
+    """The speed switches of a configuration, by name."""
+    return {name: getattr(config, name) for name in SWITCHES}
 
 
 def format_table(result: dict[str, Any]) -> str:

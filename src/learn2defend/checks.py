@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import PGD, Attack, make_attack
+from .correctness import attack_correct, fraction
 from .data import DeviceLoader, ImageData
 from .errors import UserError
 
@@ -89,13 +90,11 @@ def sanity_checks(
     """Run the checks on `model` (an nn.Module taking [0, 1] images) and the given images.
 
     `known`: per-sample correctness the evaluation already computed on the same images
-    (attack name -> bool tensor, as `evaluate.attack_correct` returns it); attacks found
+    (attack name -> bool tensor, as `correctness.attack_correct` returns it); attacks found
     there are not run again. Returns {"checks": {name: {"passed": bool | None,
     "detail": str, "values": {...}}}, "flagged": bool, "accuracy": {attack: accuracy},
     "attacks": [the Attack objects run, for their warnings]}.
     """
-    from .evaluate import attack_correct, fraction  # evaluate imports this module lazily; no cycle
-
     if not eps > 0:
         raise UserError("the sanity checks attack the model, so they need eps > 0")
     device = torch.device(device)

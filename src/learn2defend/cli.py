@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
 from .config import METHODS, TrainConfig, parse_fraction
 from .errors import UserError
+from .version import __version__
 
 HELP = {
     "out": "run folder to create (or continue with --resume)",
@@ -69,6 +69,16 @@ HELP = {
     "attacker_weight_decay": "the attacker's weight decay",
     "attacker_lr_milestones": "epochs after which the attacker's learning rate is multiplied by --lr-gamma",
     "seed": "seed of weights, data order, augmentation and random starts",
+    "amp": "mixed precision of the training step: off | bf16 | fp16 (fp16 with a loss scaler over both optimizers); "
+           "validation and evaluation attacks always run in float32, since an attack in low precision can "
+           "overstate robustness",
+    "channels_last": "channels_last (NHWC) memory layout for the networks and batches of the training step",
+    "compile": "torch.compile the classifier and the attacker (the first steps are slow: compilation; "
+               "on the CPU it needs g++)",
+    "tf32": "CUDA: TF32 tensor-core math for the training step's float32 matmuls and convolutions "
+            "(off: IEEE float32); no effect on the CPU",
+    "cudnn_benchmark": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (not bit-reproducible "
+                       "between runs); no effect on the CPU",
 }
 
 # What a None default of a TrainConfig field resolves to (TrainConfig.resolved), for --help.
@@ -191,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder")
     p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[],
                    help=f"comma-separated; K is a number of iterations: {', '.join(_attack_names())} "
-                   "(default: none, clean accuracy only)")
+                   "(default: none, clean accuracy only); attacks always run in IEEE float32, whatever "
+                   "speed switches the run was trained with")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the run's own)")
     p.add_argument("--split", default="val", help="val or test")
     p.add_argument("--n", type=int, help="evaluate the first N images of the split (default: all)")
@@ -224,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder holding one run folder per method")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
+    _add_speed_commands(sub)
+    _add_reproduce_commands(sub)
+
+    p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
+    p.add_argument("checkpoint", metavar="RUN", help="run folder")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
+    p.add_argument("--which", default="last", help="last or best checkpoint")
+    p.add_argument("--json", action="store_true", help="print the metadata written as one JSON object")
+
+    p = sub.add_parser("models", help="list the registered classifiers")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
+    return parser
+
+
+def _add_speed_commands(sub) -> None:
+    """bench (each method's step, timed alike) and doctor (the machine, and bench with each switch)."""
     p = sub.add_parser("bench", help="seconds per training step of each method, timed alike")
     p.add_argument("--model", default="smallcnn", help="classifier name (default: smallcnn)")
     p.add_argument("--dataset", default="fake:3x32x32:10", help="data set; one batch of it is used")
@@ -240,19 +267,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    _add_switch_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    _add_reproduce_commands(sub)
+    p = sub.add_parser("doctor", help="versions, device, and every method's speed with each speed switch "
+                       "(run this on a new machine, a GPU one above all)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--model", help="classifier to bench (default: wrn-34-4 on CUDA, smallcnn on the CPU)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: 128 on CUDA, 32 on the CPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds per variant; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation happens there)")
+    p.add_argument("--methods", type=_names, help="comma-separated (default: every method, and attacker-only)")
+    p.add_argument("--variants", type=_names, help="comma-separated, from: float32, bf16, fp16, channels_last, "
+                   "tf32, cudnn_benchmark, compile, fast (default: all that apply to the device)")
+    p.add_argument("--attacker-width", type=_number, default=1.0, help=HELP["attacker_width"])
+    p.add_argument("--max-seconds", type=_number, default=240.0, help="no new variant or check starts after "
+                   "this many seconds (a compilation under way finishes)")
+    p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None, help="also train a short epoch "
+                   "in float32, one with every switch, and one under torchrun (default: on CUDA only)")
+    p.add_argument("--epoch-images", type=int, default=1792, help="training images of those epochs")
+    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
-    p.add_argument("checkpoint", metavar="RUN", help="run folder")
-    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
-    p.add_argument("--which", default="last", help="last or best checkpoint")
-    p.add_argument("--json", action="store_true", help="print the metadata written as one JSON object")
 
-    p = sub.add_parser("models", help="list the registered classifiers")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
-    return parser
+def _add_switch_options(p: argparse.ArgumentParser) -> None:
+    """The speed switches of TrainConfig (learn2defend.speed), for bench and doctor."""
+    p.add_argument("--amp", default="off", help=HELP["amp"])
+    for name in ("channels_last", "compile", "tf32", "cudnn_benchmark"):
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=HELP[name])
 
 
 def _names(text: str) -> list[str]:
@@ -420,10 +463,28 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         warmup=args.warmup, methods=args.methods, attacker=args.attacker,
         attacker_width=args.attacker_width, eps=args.eps, clean_weight=args.clean_weight,
         device=args.device, data_dir=args.data_dir, seed=args.seed, threads=args.threads,
+        amp=args.amp, channels_last=args.channels_last, compile=args.compile, tf32=args.tf32,
+        cudnn_benchmark=args.cudnn_benchmark,
     ))
     if args.json:
         return result
     print(format_table(result))
+    return {}
+
+
+def _doctor(args: argparse.Namespace) -> dict[str, Any]:
+    from .doctor import DoctorConfig, doctor, format_report
+
+    report = doctor(DoctorConfig(
+        device=args.device, model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+        **({"methods": args.methods} if args.methods else {}), variants=args.variants,
+        attacker_width=args.attacker_width, max_seconds=args.max_seconds, checks=args.checks,
+        epoch_images=args.epoch_images, data_dir=args.data_dir,
+        threads=args.threads,
+    ))
+    if args.json:
+        return report
+    print(format_report(report))
     return {}
 
 
@@ -514,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(list_models(args.pattern)))
             return 0
         commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare, "export": _export,
-                    "bench": _bench, "transfer": _transfer, "sweep": _sweep, "show": _show,
+                    "bench": _bench, "doctor": _doctor, "transfer": _transfer, "sweep": _sweep, "show": _show,
                     "reproduce": _reproduce, "plot": _plot}
         result = commands[args.command](args)
     except UserError as e:  # one line, even when the message quotes a file name with a newline

@@ -26,6 +26,7 @@ GRAD_NORMS = ("sample", "batch", "sign", "none")
 L2L_UPDATES = ("joint", "alternating")
 ON_BAD_IMAGE = ("skip", "fail")
 ON_NONFINITE = ("stop", "skip")
+AMP_MODES = ("off", "bf16", "fp16")
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_LR = 1e3  # keeps every rate a float32 can hold, Adam's bias correction included
 MAX_ATTACKER_WIDTH = 16.0  # 4096 channels at the widest layer; more is a typo
@@ -133,6 +134,13 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
     sync_bn: bool = False  # under torchrun: batch norm with statistics over all processes (SyncBatchNorm)
     tensorboard: bool = False  # each epoch's metrics also to RUN/tensorboard/ (extra: learn2defend[tensorboard])
+    # speed switches of the training step (learn2defend.speed); all off until a GPU measurement
+    # says otherwise (docs/performance.md). Validation and evaluation attacks ignore them.
+    amp: str = "off"  # off | bf16 | fp16: autocast in that dtype (fp16 with a loss scaler)
+    channels_last: bool = False  # NHWC memory layout for the networks and the batches
+    compile: bool = False  # torch.compile of the classifier and the attacker
+    tf32: bool = False  # CUDA: TF32 matmuls and convolutions (else IEEE float32)
+    cudnn_benchmark: bool = False  # CUDA: cuDNN picks the fastest convolution algorithms by trying them
 
     # ---- derived values: resolved once, never stored twice ---------------------------
     @property
@@ -179,6 +187,7 @@ class TrainConfig:
         _choice("l2l-update", c.l2l_update, L2L_UPDATES)
         _choice("on-bad-image", c.on_bad_image, ON_BAD_IMAGE)
         _choice("on-nonfinite", c.on_nonfinite, ON_NONFINITE)
+        _choice("amp", c.amp, AMP_MODES)
         from .models.attackers import ATTACKERS
 
         _choice("attacker", c.attacker, ATTACKERS)

@@ -39,7 +39,9 @@ def launched() -> bool:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group, of any size: its collectives then run, trivially with one
+    process (`learn2defend doctor` trains that way to check nccl)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:

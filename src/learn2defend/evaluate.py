@@ -31,8 +31,10 @@ from torch import Tensor, nn
 
 from . import learned_attack  # noqa: F401 - registers the "l2l:DIR" attack names
 from .attacks import Attack, AutoAttack, make_attack
+from .checks import sanity_checks
 from .config import parse_fraction
-from .data import Dataset, DeviceLoader, ImageData, load_dataset
+from .correctness import attack_correct, fraction
+from .data import Dataset, ImageData, load_dataset
 from .errors import UserError
 from .train import BEST, LAST, Run, load_run, resolve_device
 
@@ -89,11 +91,6 @@ def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
         raise UserError(f"{data.name} has images of shape {list(data.image_shape)} but the model takes "
                         f"{run.meta['image_shape']}; use --image-size")
     return data
-
-
-def fraction(flags: Tensor) -> float:
-    """Share of True entries, exact (count / n in float64, not a float32 mean)."""
-    return int(flags.sum()) / len(flags) if len(flags) else 0.0
 
 
 def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
@@ -178,8 +175,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         if config.pgm_step is not None:
             result["pgm_step"] = config.pgm_step
         if config.checks:
-            from .checks import sanity_checks
-
             report = sanity_checks(
                 run.model, images, eps, device=device, batch_size=config.batch_size, seed=config.seed,
                 known=correct, surrogate=surrogate.model if surrogate else None, progress=config.progress,
@@ -211,74 +206,6 @@ def _state_discarded_on_failure(state: Path | None):
     except Exception:
         _discard_state(state)
         raise
-
-
-def attack_correct(
-    model: nn.Module,
-    images: ImageData,
-    attacks: list[Attack],
-    batch_size: int,
-    device: torch.device,
-    seed: int = 0,
-    progress: bool = False,
-    state_dir: Path | None = None,
-    source: nn.Module | None = None,
-    source_correct: dict[str, Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """Per-sample correctness (bool, CPU, one entry per image): clean, per attack, and
-    `worst` (correct under every attack).
-
-    `source`: the model the attacks are computed on (default: `model` itself, white-box);
-    another model makes them transfer attacks, and `model` is only ever queried for
-    predictions; `source_correct`, if given, is filled with the source's own correctness
-    on the same adversarial images. `state_dir`: AutoAttack saves each chunk's progress
-    there and resumes from it.
-    """
-    torch.manual_seed(seed)
-    model.eval()
-    transfer = source is not None and source is not model
-    source = source.eval() if transfer else model
-    names = ["clean"] + [a.name for a in attacks] + ["worst"]
-    if not len(images):  # an empty shard: a process of a torchrun evaluation with more processes than images
-        none = {name: torch.zeros(0, dtype=torch.bool) for name in names}
-        if source_correct is not None:
-            source_correct.update(none)
-        return dict(none)
-    correct: dict[str, list[Tensor]] = {name: [] for name in names}
-    own: dict[str, list[Tensor]] = {name: [] for name in names}
-    batches = DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False)
-    bar = _bar(progress and bool(attacks), len(batches) * len(attacks))
-    try:
-        for i, (x, y) in enumerate(batches):
-            with torch.no_grad():
-                survived = model(x).argmax(1) == y
-                own_survived = source(x).argmax(1) == y if transfer else survived
-            correct["clean"].append(survived.cpu())
-            own["clean"].append(own_survived.cpu())
-            for attack in attacks:
-                if bar is not None:
-                    bar.set_postfix_str(attack.name, refresh=False)
-                if isinstance(attack, AutoAttack) and state_dir is not None:
-                    path = state_dir / f"{_safe(attack.name)}-chunk{i:05d}.pt"
-                    adv = attack(source, x, y, state_path=path)
-                else:
-                    adv = attack(source, x, y)
-                with torch.no_grad():
-                    ok = model(adv).argmax(1) == y
-                    own_ok = source(adv).argmax(1) == y if transfer else ok
-                correct[attack.name].append(ok.cpu())
-                own[attack.name].append(own_ok.cpu())
-                survived, own_survived = survived & ok, own_survived & own_ok
-                if bar is not None:
-                    bar.update()
-            correct["worst"].append(survived.cpu())
-            own["worst"].append(own_survived.cpu())
-    finally:
-        if bar is not None:
-            bar.close()
-    if source_correct is not None:
-        source_correct.update({name: torch.cat(parts) for name, parts in own.items()})
-    return {name: torch.cat(parts) for name, parts in correct.items()}
 
 
 def attack_accuracy(
@@ -366,19 +293,6 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
 
 
 # ---- helpers -----------------------------------------------------------------------------
-
-
-def _bar(enabled: bool, total: int):
-    """A tqdm bar over (batch, attack) pairs on a terminal, or None."""
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="attacking", unit="batch-attack", leave=False, file=sys.stderr)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) -> Path | None:

@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 from torch import nn
 
 from . import checkpoint as ckpt
 from .errors import UserError
+from .models import create_model
+from .train import load_run, load_weights
+from .version import __version__
 
 FORMAT = "learn2defend-model-1"
 _FIELDS = ("model", "num_classes", "classes", "image_shape", "mean", "std", "eps", "method", "learn2defend_version")
@@ -27,9 +30,6 @@ _FIELDS = ("model", "num_classes", "classes", "image_shape", "mean", "std", "eps
 
 def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[str, Any]:
     """Write the run's classifier to `out`; return the metadata written."""
-    from . import __version__
-    from .train import load_run
-
     run = load_run(run_dir, which, "cpu", with_attacker=False)
     out = Path(out)
     if out.is_dir():
@@ -78,11 +78,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the classifier of an exported file, in eval mode."""
-    from safetensors.torch import load_file
-
-    from .models import create_model
-    from .train import load_weights
-
     meta = read_metadata(path)
     try:
         c, h, _ = meta["image_shape"]
@@ -92,3 +87,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
         raise UserError(f"{path} has damaged metadata ({e})") from None
     load_weights(model, load_file(str(path)), f"exported model {path}")
     return model.to(device).eval()
+
+
+def load(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> nn.Module:
+    """The trained classifier of a run folder, or of a file written by `learn2defend export`:
+    an ordinary module taking [0, 1] images, in eval mode."""
+    if Path(path).is_file():
+        return load_exported(path, device)
+    return load_run(path, which, device, with_attacker=False).model

@@ -9,6 +9,10 @@ backward pass: the perturbation passes through a gradient-reversal layer on its 
 into the classifier, so one `loss.backward()` gives the classifier the gradient of
 the adversarial loss and the attacker its negative. Both optimizers then *minimize*,
 which makes the classifier descend and the attacker ascend the same loss.
+
+Every backward that feeds an optimizer and every optimizer step goes through
+`step_optimizers`, so that under `--amp fp16` the loss scaler (`StepContext.scaler`)
+covers all of them: the joint update, the alternating one and the extra attacker steps.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class StepContext:
     config: TrainConfig  # resolved: every default filled in
     attacker: nn.Module | None = None
     attacker_optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None  # --amp fp16 (learn2defend.speed)
 
 
 # ---- shared pieces -------------------------------------------------------------------
@@ -49,13 +54,32 @@ def update(ctx: StepContext, loss: Tensor, clean_grads: Grads | None = None) -> 
     `clean_forward_with_grad` already took them; they are added before the step.
     """
     optimizers = [ctx.optimizer] + ([ctx.attacker_optimizer] if ctx.attacker_optimizer else [])
+    step_optimizers(ctx, loss, optimizers, clean_grads)
+
+
+def step_optimizers(ctx: StepContext, loss: Tensor, optimizers: list[torch.optim.Optimizer],
+                    clean_grads: Grads | None = None) -> None:
+    """Backward of `loss` into the parameters of `optimizers` (only theirs), then a step of each.
+
+    `clean_grads` (classifier parameters) are added before the step. Under fp16 the loss
+    is multiplied by the scaler's factor first, so that small gradients survive the
+    half-precision backward; the scaler divides them again in its `step`, skips the step
+    if any overflowed, and adapts the factor in `update`. (There are no `clean_grads`
+    then: `clean_forward_with_grad` leaves the clean term to this scaled backward.)
+    """
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-    loss.backward(inputs=params)  # inputs=: no gradient is wasted on the images
+    params = [p for opt in optimizers for p in _params(opt)]
+    scaler = ctx.scaler
+    (loss if scaler is None else scaler.scale(loss)).backward(inputs=params)  # inputs=: no gradient for the images
     _add_grads(_params(ctx.optimizer), clean_grads)
     for opt in optimizers:
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+    if scaler is not None:
+        scaler.update()
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -118,6 +142,12 @@ def clean_forward_with_grad(
     if not w:  # input gradient only
         (grad,) = torch.autograd.grad(loss, x)
         return logits.detach(), grad, None
+    if ctx.scaler is not None:
+        # fp16: the weight gradients of the clean term come from the final backward, where
+        # the loss is scaled (this backward is not: its input gradient feeds the attack, and
+        # a scaled one could overflow into it); one more backward of the clean graph.
+        (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+        return logits, grad, None
     grad, *param_grads = torch.autograd.grad(loss, [x, *_params(ctx.optimizer)], allow_unused=True)
     scale = w / len(y)  # gradient of w * mean CE from that of the summed CE
     return logits.detach(), grad, [None if g is None else g.mul_(scale) for g in param_grads]
@@ -305,15 +335,10 @@ def learned_perturbation(
 
 def _extra_attacker_updates(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor | None) -> None:
     """Attacker-only ascent steps (--attacker-steps > 1), classifier weights untouched."""
-    params = [p for group in ctx.attacker_optimizer.param_groups for p in group["params"]]
     for _ in range(ctx.config.attacker_steps - 1):
         delta = learned_perturbation(ctx, x, y, grad)
         loss = F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
-        grads = torch.autograd.grad(loss, params)
-        ctx.attacker_optimizer.zero_grad(set_to_none=True)
-        for p, gp in zip(params, grads, strict=True):
-            p.grad = -gp
-        ctx.attacker_optimizer.step()
+        step_optimizers(ctx, -loss, [ctx.attacker_optimizer])  # descending -CE ascends CE
 
 
 def l2l_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
@@ -347,18 +372,11 @@ def _alternating_update(
     attacker step on -CE with the classifier's batch norm frozen (eval mode)."""
     logits = ctx.model((x + delta.detach()).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
-    ctx.optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=_params(ctx.optimizer))
-    _add_grads(_params(ctx.optimizer), clean_grads)
-    ctx.optimizer.step()
+    step_optimizers(ctx, loss, [ctx.optimizer], clean_grads)
 
     with eval_mode(ctx.model):
         attacker_loss = -F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
-        ctx.attacker_optimizer.zero_grad(set_to_none=True)
-        attacker_loss.backward(
-            inputs=[p for g in ctx.attacker_optimizer.param_groups for p in g["params"]]
-        )
-        ctx.attacker_optimizer.step()
+        step_optimizers(ctx, attacker_loss, [ctx.attacker_optimizer])
     return batch_metrics(loss, logits, y, adversarial=True)
 
 

@@ -35,7 +35,7 @@ from .config import L2L_METHODS, TrainConfig, default_eps
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
 from .methods import attacker_in_channels
-from .train import RunFolderBusy, _FolderLock, build_attacker, load_run, resolve_device, train
+from .train import FolderLock, RunFolderBusy, build_attacker, load_run, resolve_device, train
 
 EXPERIMENTS = ("table2", "table3", "table4", "table5", "table6", "table7", "fig3", "fig4", "fig5")
 # Beyond the paper (not part of "all"): AutoAttack accuracy against training cost, per method.
@@ -307,7 +307,7 @@ class Reproduction:
     def _try_measure(self, dataset: str, recipe: str, spec: RunSpec, measure: Callable[[RunSpec, Path], dict[str, Any]],
                      results: dict[RunSpec, dict[str, Any]]) -> Path | None:
         path = self.run_dir(dataset, recipe, spec)
-        lock = _FolderLock(path)  # train's run-folder lock: one process works on a run at a time
+        lock = FolderLock(path)  # train's run-folder lock: one process works on a run at a time
         try:
             lock.acquire()
         except RunFolderBusy:

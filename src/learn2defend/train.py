@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,12 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, speed
 from .attacks import pgd_delta
 from .config import TrainConfig
 from .data import Dataset, DeviceLoader, ImageData, load_dataset
 from .errors import UserError
-from .methods import STEPS, StepContext, attacker_in_channels
+from .methods import STEPS, Metrics, StepContext, attacker_in_channels
 from .models import create_attacker, create_model
 from .models.attackers import ATTACKER_LAYOUT
 
@@ -113,11 +115,13 @@ def build_attacker(config: TrainConfig, meta: dict[str, Any]) -> nn.Module | Non
 
 
 def make_optimizer(
-    kind: str, params, lr: float, momentum: float, weight_decay: float, betas: tuple[float, float]
+    kind: str, params, lr: float, momentum: float, weight_decay: float, betas: tuple[float, float],
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
+    """SGD or Adam; `fused`: PyTorch's fused kernels (None: its default choice)."""
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
 def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
@@ -200,16 +204,6 @@ def _checked_meta(state: dict[str, Any], path: Path) -> dict[str, Any]:
     return meta
 
 
-def load(path: str | Path, which: str = "last", device: str | torch.device = "cpu") -> nn.Module:
-    """The trained classifier of a run folder, or of a file written by `learn2defend export`:
-    an ordinary module taking [0, 1] images, in eval mode."""
-    if Path(path).is_file():
-        from .export import load_exported
-
-        return load_exported(path, device)
-    return load_run(path, which, device, with_attacker=False).model
-
-
 # ---- evaluation during training ------------------------------------------------------------
 
 
@@ -234,15 +228,18 @@ def _robust_correct(
 
 
 def validate(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Clean accuracy on the validation split and PGD-10 accuracy on its first
+    `val_robust_n` images, in float32 whatever the training step's switches."""
     model.eval()
     try:
-        val = data.val
-        result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
-        n = min(config.val_robust_n, len(val))
-        if n and config.eps > 0:
-            subset = ImageData(val.images[:n], val.labels[:n])
-            result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
-        return result
+        with speed.float32_math(device):
+            val = data.val
+            result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
+            n = min(config.val_robust_n, len(val))
+            if n and config.eps > 0:
+                subset = ImageData(val.images[:n], val.labels[:n])
+                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
+            return result
     finally:
         model.train()
 
@@ -250,7 +247,7 @@ def validate(model: nn.Module, data: Dataset, config: TrainConfig, device: torch
 # ---- the loop ------------------------------------------------------------------------------
 
 
-class _FolderLock:
+class FolderLock:
     """An exclusive lock (flock) on a run folder while a process trains into it: two
     processes writing one folder would interleave their checkpoints. Only rank 0 writes,
     so only rank 0 locks. The lock goes with the process, so a killed run leaves none."""
@@ -301,9 +298,10 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
     return resume and (out / LAST).is_file()
 
 
-# Fields a resumed run may change: they do not alter what is being computed.
+# Fields a resumed run may change: they do not alter what is being computed (the speed
+# switches other than --amp: up to float rounding).
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite",
-                     "tensorboard"}
+                     "tensorboard", "channels_last", "compile", "tf32", "cudnn_benchmark"}
 
 
 def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: TrainConfig, meta: dict[str, Any],
@@ -339,7 +337,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     """
     config.validate()
     cfg = config.resolved()
-    lock = _FolderLock(Path(cfg.out))
+    lock = FolderLock(Path(cfg.out))
     lock.acquire()  # before reading the folder, if there is one
     try:
         return _train(cfg, resume, overwrite, lock)
@@ -347,24 +345,55 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         lock.release()
 
 
-def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -> Run:
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) -> Run:
+    """Check everything, build the run, take the folder, train; in that order, so that bad
+    input fails before anything is written."""
     out = Path(cfg.out)
     if cfg.tensorboard:
         _require_tensorboard()
     continuing = _prepare_out(out, resume, overwrite)
-    if continuing:
-        stored = TrainConfig.load(out / CONFIG)
-        before, now = stored.to_dict(), cfg.to_dict()
-        changed = sorted(k for k, v in before.items() if k not in RESUMABLE_CHANGES | {"batch_size"} and now[k] != v)
-        if changed:  # the values too: a default that changed between versions is set back with its flag
-            details = ", ".join(f"{k} (the run: {before[k]}, now: {now[k]})" for k in changed)
-            raise UserError(f"cannot resume '{out}' with different settings: {details}; "
-                            "give the run's values as flags to continue it")
+    stored = _check_resumable(out, cfg) if continuing else None
     device = distributed.local_device(resolve_device(cfg.device))
-    rank, world = distributed.rank(), distributed.world_size()
+    world = distributed.world_size()
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
                         "leave it out (each process then normalizes with its own batch statistics)")
+    speed.check_switches(cfg, device, world)
+    data = _training_data(cfg)
+    loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world))
+    if stored is not None:
+        loop.restore(stored)
+    # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
+    distributed.barrier()  # every rank has read the folder before rank 0 changes it
+    _claim_folder(out, cfg, overwrite, loop.pos.history if continuing else None, lock)
+    if continuing:
+        if loop.pos.epoch < cfg.epochs:
+            _log(f"resuming {out} at epoch {loop.pos.epoch + 1}, batch {loop.pos.batch}")
+        else:
+            _log(f"{out} has finished its {loop.pos.epoch} epochs; nothing to train")
+    _log(_header(cfg, data, device, world))
+    loop.run()
+    if world > 1:
+        distributed.barrier()  # rank 0 has written everything
+        if distributed.rank():  # the same weights as rank 0's, without every process reading the folder
+            return loop.as_run()
+    return load_run(out, "last", device)
+
+
+def _check_resumable(out: Path, cfg: TrainConfig) -> TrainConfig:
+    """The stored config of the run being continued; UserError if `cfg` changes what it computes."""
+    stored = TrainConfig.load(out / CONFIG)
+    before, now = stored.to_dict(), cfg.to_dict()
+    changed = sorted(k for k, v in before.items() if k not in RESUMABLE_CHANGES | {"batch_size"} and now[k] != v)
+    if changed:  # the values too: a default that changed between versions is set back with its flag
+        details = ", ".join(f"{k} (the run: {before[k]}, now: {now[k]})" for k in changed)
+        raise UserError(f"cannot resume '{out}' with different settings: {details}; "
+                        "give the run's values as flags to continue it")
+    return stored
+
+
+def _training_data(cfg: TrainConfig) -> Dataset:
+    """The data set, with the run's subset and augmentation overrides applied."""
     data = load_dataset(
         cfg.dataset, cfg.data_dir, val_size=cfg.val_size if cfg.val_size < 1 else int(cfg.val_size),
         split_seed=cfg.split_seed, download=cfg.download, image_size=cfg.image_size,
@@ -379,8 +408,31 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
             raise UserError(f"--crop-padding {cfg.crop_padding} is larger than the {data.image_shape[1]}x"
                             f"{data.image_shape[2]} images; use at most {min(data.image_shape[1:])}")
         data.crop_padding = cfg.crop_padding
-    meta = data_meta(data)
+    return data
 
+
+@dataclass
+class Parts:
+    """What a run trains: the networks, their optimizers and learning-rate schedules, and
+    the StepContext its training step gets. With --compile the context holds the compiled
+    networks; `model` and `attacker` are always the originals, which checkpoints save."""
+
+    meta: dict[str, Any]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    attacker: nn.Module | None = None
+    attacker_optimizer: torch.optim.Optimizer | None = None
+    attacker_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    ctx: StepContext | None = None
+
+    def step(self, cfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Metrics]:
+        """One training step of `cfg.method` on a batch, with the speed switches around it."""
+        return speed.wrap_step(functools.partial(STEPS[cfg.method], self.ctx), cfg, device)
+
+
+def build_parts(cfg: TrainConfig, meta: dict[str, Any], device: torch.device, world: int = 1) -> Parts:
+    """The networks, optimizers and schedules of a run, as `train` builds them (also `bench`)."""
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg, meta).to(device)
     attacker = build_attacker(cfg, meta)
@@ -395,199 +447,253 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: _FolderLock) -
     distributed.broadcast_modules([model, attacker])
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
-    attacker_optimizer = attacker_scheduler = None
+    step_model, step_attacker = speed.prepare_modules(model, attacker, cfg)
+    fused = True if speed.fused_optimizers(cfg) else None
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas,
+                               fused)
+    parts = Parts(meta, model, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones,
+                                                                                cfg.lr_gamma))
     if attacker is not None:
-        attacker.to(device)
-        attacker_optimizer = make_optimizer(
+        parts.attacker = attacker
+        parts.attacker_optimizer = make_optimizer(
             cfg.attacker_optimizer, attacker.parameters(), cfg.attacker_lr,
-            cfg.attacker_momentum, cfg.attacker_weight_decay, cfg.betas,
+            cfg.attacker_momentum, cfg.attacker_weight_decay, cfg.betas, fused,
         )
-        attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma
+        parts.attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            parts.attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma
         )
     # Every later optimizer step first averages its gradients over the processes.
-    distributed.install_gradient_sync([optimizer, attacker_optimizer])
+    distributed.install_gradient_sync([parts.optimizer, parts.attacker_optimizer])
+    parts.ctx = StepContext(step_model, optimizer, cfg, step_attacker, parts.attacker_optimizer,
+                            speed.grad_scaler(cfg, device))
+    return parts
+
+
+def _train_loader(cfg: TrainConfig, data: Dataset, device: torch.device) -> DeviceLoader:
     # Under torchrun --batch-size is per process; rank r takes every world-th image of the
     # epoch's permutation, so global batch i is the same images for any world size.
+    world = distributed.world_size()
     loader = DeviceLoader(
         data.train, cfg.batch_size, device, shuffle=True,
         drop_last=len(data.train) // world >= cfg.batch_size,
         augment=cfg.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.seed,
-        rank=rank, world_size=world,
+        rank=distributed.rank(), world_size=world,
     )
     if len(loader) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} leaves no batch of {len(data.train)} training images")
     if min(cfg.batch_size, len(data.train)) < 2:  # batch norm cannot train on a single image
         raise UserError(f"training needs batches of at least 2 images; got --batch-size {cfg.batch_size} "
                         f"and {len(data.train)} training image(s)")
-    _preflight(model, attacker, cfg, meta, device)
+    return loader
 
-    ctx = StepContext(model, optimizer, cfg, attacker, attacker_optimizer)
-    step_fn = STEPS[cfg.method]
-    epoch, start_batch, history, sums, best = 0, 0, [], {}, -1.0
+
+def _claim_folder(out: Path, cfg: TrainConfig, overwrite: bool, history: list[dict[str, Any]] | None,
+                  lock: FolderLock) -> None:
+    """Rank 0 makes the run folder its own: old files of an overwritten run go, config.json
+    is written, and a continued run's metrics (`history`) are rewritten from its checkpoint."""
+    if distributed.rank() != 0:
+        return
+    try:
+        if overwrite and out.is_dir():
+            for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
+                child.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # a new folder: ours from its creation
+        ckpt.remove_temp_files(out)  # left by a run killed while writing
+        ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if history is not None:  # a run killed between its checkpoint and its metrics line
+            ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    except OSError as e:
+        raise UserError(f"cannot write the run folder '{out}': {e}") from None
+
+
+@dataclass
+class _Position:
+    """Where a run stands, besides its weights: what a checkpoint stores to continue exactly."""
+
+    epoch: int = 0  # finished epochs
+    batch: int = 0  # global batches done in the current epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    sums: dict[str, Any] = field(default_factory=dict)  # metric sums of the current epoch so far
+    best: float = -1.0  # best validation score so far (robust accuracy, else clean)
+    saved_at: tuple[int, int] | None = None  # (epoch, batch) that LAST holds, for messages
+
+
+class _Loop:
+    """The training loop of one run: epochs of steps, checkpoints, validation, stopping."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data: Dataset, parts: Parts) -> None:
+        self.cfg, self.out, self.device, self.data, self.parts = cfg, out, device, data, parts
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.loader = _train_loader(cfg, data, device)
+        _preflight(parts.model, parts.attacker, cfg, parts.meta, device)
+        self.step = parts.step(cfg, device)
+        self.pos = _Position()
 
     # The continuation state: with it, a resumed run computes bit for bit what an
     # uninterrupted one would. Data order and augmentation need no entry: DeviceLoader
-    # derives them from (seed, epoch, batch). An AMP GradScaler, once there is one,
-    # belongs here as "scaler" (its state_dict) and in the restore below.
-    def state(epoch: int, batch: int, sums: dict[str, Any]) -> dict[str, Any]:
+    # derives them from (seed, epoch, batch).
+    def state(self, epoch: int, batch: int, sums: dict[str, Any]) -> dict[str, Any]:
+        p = self.parts
         s = {
-            "data": meta, "epoch": epoch, "batch": batch, "history": history, "best": best,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
-            "world_size": world,
+            "data": p.meta, "epoch": epoch, "batch": batch, "history": self.pos.history, "best": self.pos.best,
+            "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
+            "world_size": self.world,
         }
-        if attacker is not None:
-            s.update(attacker=attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,
-                     attacker_optimizer=attacker_optimizer.state_dict(),
-                     attacker_scheduler=attacker_scheduler.state_dict())
+        if p.attacker is not None:
+            s.update(attacker=p.attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,
+                     attacker_optimizer=p.attacker_optimizer.state_dict(),
+                     attacker_scheduler=p.attacker_scheduler.state_dict())
+        if p.ctx.scaler is not None:  # --amp fp16: the loss scale and its growth counter
+            s["scaler"] = p.ctx.scaler.state_dict()
         return s
 
-    if continuing:
-        s = ckpt.load_state(out / LAST, device=device)
-        _checked_meta(s, out / LAST)
+    def restore(self, stored: TrainConfig) -> None:
+        """Load LAST (written with the settings `stored`) into this run; UserError if it does not fit."""
+        p, cfg, path = self.parts, self.cfg, self.out / LAST
+        s = ckpt.load_state(path, device=self.device)
+        _checked_meta(s, path)
         try:
-            load_weights(model, s["model"], f"checkpoint {out / LAST}")
-            optimizer.load_state_dict(s["optimizer"])
-            scheduler.load_state_dict(s["scheduler"])
-            if attacker is not None:
-                check_attacker_layout(s, out / LAST)
-                load_weights(attacker, s["attacker"], f"attacker in {out / LAST}")
-                attacker_optimizer.load_state_dict(s["attacker_optimizer"])
-                attacker_scheduler.load_state_dict(s["attacker_scheduler"])
-            for opt in (optimizer, attacker_optimizer):  # e.g. Adam state loaded into SGD
+            load_weights(p.model, s["model"], f"checkpoint {path}")
+            p.optimizer.load_state_dict(s["optimizer"])
+            p.scheduler.load_state_dict(s["scheduler"])
+            if p.attacker is not None:
+                check_attacker_layout(s, path)
+                load_weights(p.attacker, s["attacker"], f"attacker in {path}")
+                p.attacker_optimizer.load_state_dict(s["attacker_optimizer"])
+                p.attacker_scheduler.load_state_dict(s["attacker_scheduler"])
+            if p.ctx.scaler is not None:
+                p.ctx.scaler.load_state_dict(s["scaler"])
+            for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
                 if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
                     raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
-            epoch, start_batch, history, sums, best = s["epoch"], s["batch"], s["history"], s["sums"], s["best"]
+                if opt is not None:
+                    _match_layouts(opt)
+            pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
             saved_world = s.get("world_size", 1)
             if not (isinstance(saved_world, int) and saved_world >= 1):
                 raise ValueError(f"world_size {saved_world!r}")
-            start_batch, sums = _rescale_position(start_batch, sums, stored.batch_size * saved_world,
-                                                  cfg.batch_size * world)
-            if not (0 <= epoch and 0 <= start_batch <= len(loader)):
-                raise ValueError(f"epoch {epoch}, batch {start_batch} is outside this run")
+            pos.batch, pos.sums = _rescale_position(pos.batch, pos.sums, stored.batch_size * saved_world,
+                                                    cfg.batch_size * self.world)
+            if not (0 <= pos.epoch and 0 <= pos.batch <= len(self.loader)):
+                raise ValueError(f"epoch {pos.epoch}, batch {pos.batch} is outside this run")
             ckpt.set_rng_state(s["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UserError(f"checkpoint {out / LAST} does not fit this run ({e!r:.200}); "
+            raise UserError(f"checkpoint {path} does not fit this run ({e!r:.200}); "
                             "start over with --overwrite") from None
-        if s["data"]["classes"] != meta["classes"] or s["data"]["image_shape"] != meta["image_shape"]:
-            raise UserError(f"checkpoint {out / LAST} was trained on other data than {cfg.dataset}")
+        if s["data"]["classes"] != p.meta["classes"] or s["data"]["image_shape"] != p.meta["image_shape"]:
+            raise UserError(f"checkpoint {path} was trained on other data than {cfg.dataset}")
         # --batch-size is per process: it may change on resume only so that the global batch stays
-        if cfg.batch_size != stored.batch_size and cfg.batch_size * world != stored.batch_size * saved_world:
-            raise UserError(f"cannot resume '{out}' with a different --batch-size: it was trained with "
+        if cfg.batch_size != stored.batch_size and cfg.batch_size * self.world != stored.batch_size * saved_world:
+            raise UserError(f"cannot resume '{self.out}' with a different --batch-size: it was trained with "
                             f"{saved_world} process(es) x {stored.batch_size}; keep --batch-size {stored.batch_size}, "
                             f"or keep the global batch {stored.batch_size * saved_world} (batch x processes)")
+        pos.saved_at = (pos.epoch, pos.batch)
+        self.pos = pos
 
-    # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
-    distributed.barrier()  # every rank has read the folder before rank 0 changes it
-    try:
-        if rank == 0:
-            if overwrite and out.is_dir():
-                for child in (out / CONFIG, out / LAST, out / BEST, out / METRICS):
-                    child.unlink(missing_ok=True)
-            out.mkdir(parents=True, exist_ok=True)
-            lock.acquire()  # a new folder: ours from its creation
-            ckpt.remove_temp_files(out)  # left by a run killed while writing
-            ckpt.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
-            if continuing:  # a run killed between its checkpoint and its metrics line
-                ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-    except OSError as e:
-        raise UserError(f"cannot write the run folder '{out}': {e}") from None
-    if continuing:
-        if epoch < cfg.epochs:
-            _log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch}")
-        else:
-            _log(f"{out} has finished its {epoch} epochs; nothing to train")
+    def run(self) -> None:
+        """Train until `cfg.epochs` are done; TrainingInterrupted (saved) on SIGINT/SIGTERM."""
+        cfg, pos, p = self.cfg, self.pos, self.parts
+        self.started, self.first_epoch = time.perf_counter(), pos.epoch  # for the time left of the whole run
+        # on_nonfinite: "stop" costs nothing per step (the loss sums are checked at checkpoints,
+        # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
+        guard = None
+        if cfg.on_nonfinite == "skip":
+            guard = _SkipGuard([p.model, p.attacker], [p.optimizer, p.attacker_optimizer])
+        p.model.train()
+        if p.attacker is not None:
+            p.attacker.train()
+        stop = _StopFlag()
+        with stop, _board(self.out, cfg.tensorboard and self.rank == 0) as board:
+            while pos.epoch < cfg.epochs:
+                seconds = self._steps(stop, guard)
+                self._end_epoch(seconds, guard, board)
+                stopping = distributed.any_rank(stop.requested) if self.world > 1 else stop.requested
+                if stopping and pos.epoch < cfg.epochs:
+                    raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {self.out}; "
+                                              "continue with --resume")
 
-    _log(_header(cfg, data, device, world))
-    run_started, first_epoch = time.perf_counter(), epoch  # for the time left of the whole run
-    stop = _StopFlag()
-    # on_nonfinite: "stop" costs nothing per step (the loss sums are checked at checkpoints,
-    # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
-    guard = _SkipGuard([model, attacker], [optimizer, attacker_optimizer]) if cfg.on_nonfinite == "skip" else None
-    saved_at = (epoch, start_batch) if continuing else None  # what LAST holds, for messages
-    model.train()
-    if attacker is not None:
-        attacker.train()
-    with stop, _board(out, cfg.tensorboard and rank == 0) as board:
-        while epoch < cfg.epochs:
-            loader.set_epoch(epoch)
-            started = time.perf_counter()
-            batches = _progress(loader.iterate(start_batch), len(loader) - start_batch, epoch, cfg)
-            for i, (x, y) in enumerate(batches, start=start_batch + 1):
-                if guard is not None:
-                    guard.snapshot()
-                metrics = step_fn(ctx, x, y)
-                if guard is not None and not guard.finite(metrics["loss"]):
-                    guard.restore()  # as if this batch had not been drawn
-                    sums["skipped"] = sums.get("skipped", 0) + 1
-                else:
-                    for k, v in metrics.items():
-                        sums[k] = sums[k] + v if k in sums else v.clone()
-                    sums["n"] = sums.get("n", 0) + len(y)
-                periodic = cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)
-                if world > 1:  # agreeing costs a collective and a host sync: every few steps, the same on all ranks
-                    stopping = bool(periodic or i % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested)
-                else:
-                    stopping = stop.requested
-                checkpoint = stopping or periodic
-                if checkpoint or i % NONFINITE_CHECK_EVERY == 0:
-                    total = distributed.reduce_sums(sums) if world > 1 else sums  # all ranks' sums so far
-                    _check_finite(total, out, f"epoch {epoch + 1} by batch {i}", saved_at)
-                if checkpoint:
-                    distributed.broadcast_buffers([model, attacker])
-                    if rank == 0:
-                        _save(out / LAST, state(epoch, i, total))
-                    saved_at = (epoch, i)
-                    if stopping:
-                        raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, batch {i}; saved to {out}; "
-                                                  "continue with --resume")
-            seconds = time.perf_counter() - started
-            if world > 1:
-                sums = distributed.reduce_sums(sums)  # all ranks' sums: one all-reduce per epoch
-            if not sums.get("n"):
-                raise TrainingDiverged(f"every step of epoch {epoch + 1} had a non-finite loss and was skipped; "
-                                       f"{_holds(out, saved_at)}; start over with a lower --lr (--overwrite)")
-            _check_finite(sums, out, f"epoch {epoch + 1}", saved_at)
-            record = _epoch_record(epoch, sums, optimizer, seconds)
+    def _steps(self, stop: _StopFlag, guard: _SkipGuard | None) -> float:
+        """The rest of the current epoch's steps, with checkpoints every --checkpoint-every;
+        returns the seconds they took."""
+        cfg, pos, loader = self.cfg, self.pos, self.loader
+        loader.set_epoch(pos.epoch)
+        started = time.perf_counter()
+        batches = _progress(loader.iterate(pos.batch), len(loader) - pos.batch, pos.epoch, cfg)
+        for i, (x, y) in enumerate(batches, start=pos.batch + 1):
             if guard is not None:
-                record["skipped_steps"] = sums.get("skipped", 0)
-            distributed.broadcast_buffers([model, attacker])  # rank 0's batch-norm statistics everywhere
-            if rank == 0:  # the others go on and wait for it at their first gradient sync
-                record.update(validate(model, data, cfg, device))
-            history.append(record)
-            scheduler.step()
-            if attacker_scheduler is not None:
-                attacker_scheduler.step()
-            epoch, start_batch, sums = epoch + 1, 0, {}
-            if rank == 0:
-                score = record.get("val_pgd10_acc", record["val_clean_acc"])
-                if score > best:
-                    best = score
-                    _save(out / BEST, state(epoch, 0, sums))
-                _save(out / LAST, state(epoch, 0, sums))
-                ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-                if board is not None:
-                    for key, value in record.items():
-                        if key != "epoch":
-                            board.add_scalar(key, value, record["epoch"])
-                    board.flush()
-                left = (time.perf_counter() - run_started) / (epoch - first_epoch) * (cfg.epochs - epoch)
-                _log(f"[{out.name}] " + _format_record(record, cfg.epochs) + f" | {_duration(left)} left")
-            saved_at = (epoch, 0)
-            stopping = distributed.any_rank(stop.requested) if world > 1 else stop.requested
-            if stopping and epoch < cfg.epochs:
-                raise TrainingInterrupted(f"interrupted after epoch {epoch}; saved to {out}; continue with --resume")
-    if world > 1:
-        distributed.barrier()  # rank 0 has written everything
-        if rank:  # the same weights as rank 0's, without every process reading the folder
-            model.eval()
-            if attacker is not None:
-                attacker.eval()
-            return Run(out, cfg, meta, model, attacker, epoch, history)
-    return load_run(out, "last", device)
+                guard.snapshot()
+            metrics = self.step(x, y)
+            if guard is not None and not guard.finite(metrics["loss"]):
+                guard.restore()  # as if this batch had not been drawn
+                pos.sums["skipped"] = pos.sums.get("skipped", 0) + 1
+            else:
+                for k, v in metrics.items():
+                    pos.sums[k] = pos.sums[k] + v if k in pos.sums else v.clone()
+                pos.sums["n"] = pos.sums.get("n", 0) + len(y)
+            periodic = cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)
+            if self.world > 1:  # agreeing costs a collective and a host sync: every few steps, the same on all ranks
+                stopping = bool(periodic or i % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested)
+            else:
+                stopping = stop.requested
+            checkpoint = stopping or periodic
+            if checkpoint or i % NONFINITE_CHECK_EVERY == 0:
+                total = distributed.reduce_sums(pos.sums) if self.world > 1 else pos.sums  # all ranks' sums so far
+                _check_finite(total, self.out, f"epoch {pos.epoch + 1} by batch {i}", pos.saved_at)
+            if checkpoint:
+                distributed.broadcast_buffers([self.parts.model, self.parts.attacker])
+                if self.rank == 0:
+                    _save(self.out / LAST, self.state(pos.epoch, i, total))
+                pos.saved_at = (pos.epoch, i)
+                if stopping:
+                    raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {i}; saved to "
+                                              f"{self.out}; continue with --resume")
+        return time.perf_counter() - started
+
+    def _end_epoch(self, seconds: float, guard: _SkipGuard | None, board) -> None:
+        """Record, validate, step the schedules and save: the epoch is finished."""
+        cfg, pos, p, out = self.cfg, self.pos, self.parts, self.out
+        if self.world > 1:
+            pos.sums = distributed.reduce_sums(pos.sums)  # all ranks' sums: one all-reduce per epoch
+        if not pos.sums.get("n"):
+            raise TrainingDiverged(f"every step of epoch {pos.epoch + 1} had a non-finite loss and was skipped; "
+                                   f"{_holds(out, pos.saved_at)}; start over with a lower --lr (--overwrite)")
+        _check_finite(pos.sums, out, f"epoch {pos.epoch + 1}", pos.saved_at)
+        record = _epoch_record(pos.epoch, pos.sums, p.optimizer, seconds)
+        if guard is not None:
+            record["skipped_steps"] = pos.sums.get("skipped", 0)
+        distributed.broadcast_buffers([p.model, p.attacker])  # rank 0's batch-norm statistics everywhere
+        if self.rank == 0:  # the others go on and wait for it at their first gradient sync
+            record.update(validate(p.model, self.data, cfg, self.device))
+        pos.history.append(record)
+        p.scheduler.step()
+        if p.attacker_scheduler is not None:
+            p.attacker_scheduler.step()
+        pos.epoch, pos.batch, pos.sums = pos.epoch + 1, 0, {}
+        if self.rank == 0:
+            score = record.get("val_pgd10_acc", record["val_clean_acc"])
+            if score > pos.best:
+                pos.best = score
+                _save(out / BEST, self.state(pos.epoch, 0, pos.sums))
+            _save(out / LAST, self.state(pos.epoch, 0, pos.sums))
+            ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in pos.history))
+            if board is not None:
+                for key, value in record.items():
+                    if key != "epoch":
+                        board.add_scalar(key, value, record["epoch"])
+                board.flush()
+            left = (time.perf_counter() - self.started) / (pos.epoch - self.first_epoch) * (cfg.epochs - pos.epoch)
+            _log(f"[{out.name}] " + _format_record(record, cfg.epochs) + f" | {_duration(left)} left")
+        pos.saved_at = (pos.epoch, 0)
+
+    def as_run(self) -> Run:
+        """The trained networks as a Run, in eval mode, without reading the folder."""
+        p = self.parts
+        p.model.eval()
+        if p.attacker is not None:
+            p.attacker.eval()
+        return Run(self.out, self.cfg, p.meta, p.model, p.attacker, self.pos.epoch, self.pos.history)
 
 
 STOP_CHECK_EVERY = 10  # under torchrun: steps between the ranks' agreement on a SIGINT/SIGTERM
@@ -608,6 +714,19 @@ def _rescale_position(batch: int, sums: dict[str, Any], saved_global: int, globa
              f"of {global_batch}: the epoch starts over")
         return 0, {}
     return batch * saved_global // global_batch, sums if distributed.is_main() else {}
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer buffer its parameter's memory layout again. Checkpoints store
+    tensors contiguous, so after --channels-last a loaded momentum buffer is NCHW while its
+    parameter and gradient are NHWC; the fused kernels (--amp fp16) then combine them
+    element by element in memory order, which is wrong (seen on the CPU, torch 2.14)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _holds(out: Path, saved_at: tuple[int, int] | None) -> str:

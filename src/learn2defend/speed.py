@@ -1,0 +1,132 @@
+"""The speed switches of a training step, in one place for `train` and `bench`.
+
+- `--amp bf16 | fp16`: the step runs under `torch.autocast` in that dtype (weights,
+  optimizer state and the loss stay float32). fp16 has a narrow exponent range, so it
+  also gets a `torch.amp.GradScaler` that multiplies every loss before its backward and
+  divides the gradients again before each optimizer step, for the classifier's optimizer
+  and the attacker's alike; the attacker's gradient arrives through the gradient-reversal
+  layer, which is linear, so it carries the same factor and is unscaled the same way.
+  A step whose gradients overflowed is skipped and the scale lowered. bf16 needs none of
+  this (float32's exponent range).
+- `--channels-last`: networks and input batches in NHWC memory layout, which cuDNN's and
+  oneDNN's fastest convolution kernels use.
+- `--compile`: `torch.compile` of the classifier and the attacker (not of the step: it
+  calls `autograd.grad`, a custom autograd Function and optimizers).
+- `--tf32`, `--cudnn-benchmark` (CUDA only): TF32 tensor-core math for float32 matrix
+  products and convolutions, and cuDNN's search for the fastest convolution algorithm.
+  Without `--tf32` the training step computes in IEEE float32, although PyTorch would
+  let cuDNN convolutions use TF32 by default.
+
+All are off by default. None applies to evaluation: validation during training and the
+attacks of `eval`, `transfer`, `sweep` and the sanity checks run in IEEE float32 on the
+modules as they are (`float32_math`), because an attack computed in low precision can
+find weaker adversarial examples and overstate robustness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import TrainConfig
+from .errors import UserError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.compile's backend. Tests swap in "aot_eager": the same graph capture and autograd
+# tracing, without generating and building C++/Triton kernels (tens of seconds per graph).
+COMPILE_BACKEND = "inductor"
+
+
+def check_switches(cfg: TrainConfig, device: torch.device, world: int) -> None:
+    """UserError for a switch this machine or run cannot honour, before anything is built."""
+    if cfg.amp == "fp16" and world > 1:
+        # The scaler decides on each process alone whether a step overflowed; the processes
+        # would then disagree on skipping it (their gradients are averaged only in the step).
+        raise UserError("--amp fp16 does not run under torchrun: the processes could disagree on "
+                        "skipping an overflowed step; use --amp bf16")
+    if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--amp bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 "
+                        "support; use --amp fp16")
+    if cfg.compile and device.type == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+        raise UserError("--compile on the CPU needs a C++ compiler (g++) to build its kernels; "
+                        "install one or leave --compile out")
+
+
+def prepare_modules(model: nn.Module, attacker: nn.Module | None,
+                    cfg: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
+    """Apply --channels-last to the networks in place (their parameters keep their identity,
+    so optimizers built before or after both work) and return the modules the training step
+    calls: the compiled ones with --compile (they share the parameters), else the same ones.
+    Checkpoints always come from the originals, whose state_dict has no compile prefix."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+        if attacker is not None:
+            attacker.to(memory_format=torch.channels_last)
+    if not cfg.compile:
+        return model, attacker
+    compiled_attacker = None if attacker is None else torch.compile(attacker, backend=COMPILE_BACKEND)
+    return torch.compile(model, backend=COMPILE_BACKEND), compiled_attacker
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for --amp fp16, else None."""
+    return torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+
+
+def fused_optimizers(cfg: TrainConfig) -> bool:
+    """Under --amp fp16 the optimizers use their fused kernels: the scaler then hands its
+    overflow flag to the kernel on the device, where an unfused optimizer step would read it
+    on the host (one device-to-host sync per step)."""
+    return cfg.amp == "fp16"
+
+
+Step = Callable[[Tensor, Tensor], dict[str, Tensor]]
+
+
+def wrap_step(step: Callable[[Tensor, Tensor], dict[str, Tensor]], cfg: TrainConfig,
+              device: torch.device) -> Step:
+    """`step(x, y)` with the switches around it: the batch in channels_last, autocast, and
+    the CUDA math flags. With every switch off, `step` itself."""
+    contexts: list[Callable[[], contextlib.AbstractContextManager]] = []
+    if cfg.amp != "off":
+        contexts.append(lambda: torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp]))
+    if device.type == "cuda":
+        contexts.append(lambda: cuda_math(tf32=cfg.tf32, benchmark=cfg.cudnn_benchmark))
+    if not contexts and not cfg.channels_last:
+        return step
+
+    def wrapped(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context())
+            return step(x, y)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def cuda_math(*, tf32: bool, benchmark: bool = False) -> Iterator[None]:
+    """TF32 for float32 matmuls and cuDNN convolutions on or off, and cuDNN's algorithm
+    search, for the duration; the previous settings come back afterwards."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = tf32
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=tf32):
+            yield
+    finally:
+        matmul.allow_tf32 = saved
+
+
+def float32_math(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """IEEE float32 on CUDA (no TF32) for evaluation attacks; nothing to change on the CPU."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return cuda_math(tf32=False)

@@ -1,0 +1,241 @@
+"""The speed switches (--amp, --channels-last, --compile) on the CPU: each one gives the
+float32 eager training step, exactly or within a stated tolerance; fp16 loss scaling
+keeps the one-backward gradient-reversal update equal to the two-backward reference;
+the switches are stored in config.json and survive a resume."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from learn2defend import TrainConfig, speed, train
+from learn2defend.config import L2L_METHODS, METHODS
+from learn2defend.errors import UserError
+from learn2defend.methods import STEPS, learned_perturbation, reverse_gradient
+from learn2defend.train import build_parts
+
+CPU = torch.device("cpu")
+META = {"image_shape": [1, 8, 8], "classes": ["0", "1"], "mean": [0.5], "std": [0.25]}
+
+
+def toy_batch(n=32, seed=0):
+    """Two classes that differ in mean brightness."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = (0.3 + 0.4 * y.view(-1, 1, 1, 1) + 0.1 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
+    return x, y
+
+
+def run_steps(method, steps, **switches):
+    """`steps` training steps as train() takes them (build_parts + Parts.step); returns the
+    parts, a copy from before and the per-image losses. The attacker uses SGD: Adam's first
+    steps move every weight by about lr * sign(gradient), so a weight whose true gradient is
+    zero (a conv bias right before batch norm) takes full steps in the direction of rounding
+    noise, which differs between any two ways of computing the same step."""
+    cfg = TrainConfig(method=method, eps=0.1, lr=0.05, attacker_width=0.125, attacker_optimizer="sgd",
+                      **switches).resolved()
+    parts = build_parts(cfg, META, CPU)
+    before = copy.deepcopy(parts)
+    step = parts.step(cfg, CPU)
+    x, y = toy_batch()
+    losses = [step(x, y)["loss"].item() / len(y) for _ in range(steps)]
+    return parts, before, losses
+
+
+def networks(parts):
+    return [parts.model] + ([parts.attacker] if parts.attacker is not None else [])
+
+
+def assert_same_step(a, b, before, classifier_rtol, attacker_min_cosine=0.99):
+    """The classifier's weight change agrees within `classifier_rtol` (relative L2 error over
+    all its weights), the attacker's points the same way."""
+    (a_cls, *a_att), (b_cls, *b_att) = updates(a, before), updates(b, before)
+    assert float((a_cls - b_cls).norm() / b_cls.norm()) < classifier_rtol
+    for u, v in zip(a_att, b_att, strict=True):
+        assert float(F.cosine_similarity(u, v, dim=0)) > attacker_min_cosine
+
+
+def updates(parts, before):
+    """Each network's weight change since `before`, flattened (classifier, then attacker)."""
+    return [torch.cat([(p - p0).detach().flatten() for p, p0 in zip(n.parameters(), n0.parameters(), strict=True)])
+            for n, n0 in zip(networks(parts), networks(before), strict=True)]
+
+
+# Measured on this toy problem (torch 2.14, 3 steps): the classifier's bf16 update differs
+# from the float32 one by 1-5 % (pgd most: ten sign steps amplify rounding), the losses by
+# < 0.3 %. The attacker's gradient comes back through a bf16 backward of the whole
+# classifier: its update differs by 14-17 % but points the same way (cosine 0.986-0.991).
+BF16_CLASSIFIER_RTOL = 0.15
+BF16_ATTACKER_MIN_COSINE = 0.95
+BF16_LOSS_RTOL = 0.02  # per step
+# TRADES' attack starts 0.001 from the image, where the adversarial and clean logits differ
+# by less than bf16 resolves: its first sign steps follow rounding, not the KL. Measured here:
+# the third step's loss 18 % off (0.33 against 0.28), the classifier's update 26 %.
+BF16_TOLERANCES = {"trades": (0.4, 0.25)}  # (classifier rtol, loss rtol)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast_trains_every_method_close_to_float32(method):
+    exact, before, exact_losses = run_steps(method, 3)
+    bf16, _, bf16_losses = run_steps(method, 3, amp="bf16")
+    assert bf16_losses[-1] < bf16_losses[0]  # it trains
+    classifier_rtol, loss_rtol = BF16_TOLERANCES.get(method, (BF16_CLASSIFIER_RTOL, BF16_LOSS_RTOL))
+    assert bf16_losses == pytest.approx(exact_losses, rel=loss_rtol)
+    assert_same_step(bf16, exact, before, classifier_rtol, BF16_ATTACKER_MIN_COSINE)
+    assert all(p.dtype == torch.float32 for net in networks(bf16) for p in net.parameters())
+
+
+# PGD's ten sign steps turn rounding-level differences of the input gradient into flipped
+# perturbation pixels: its update differs by ~4 % under channels_last (measured), the
+# other methods' by < 0.2 %, except TRADES (0.8 %): its attack's first steps, 0.001 from the
+# image, follow gradients at rounding level.
+LAYOUT_CLASSIFIER_RTOL = {"pgd": 0.1, "trades": 0.05}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_channels_last_gives_the_same_step(method):
+    exact, before, exact_losses = run_steps(method, 2)
+    nhwc, _, nhwc_losses = run_steps(method, 2, channels_last=True)
+    conv = next(p for p in nhwc.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # the switch really applied
+    assert_same_step(nhwc, exact, before, LAYOUT_CLASSIFIER_RTOL.get(method, 2e-3))
+    assert nhwc_losses[0] == pytest.approx(exact_losses[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("method, overrides",
+                         [(m, {}) for m in METHODS] + [("grad-l2l", {"l2l_update": "alternating"})])
+def test_compile_traces_every_method_and_gives_the_eager_step(method, overrides, monkeypatch):
+    # aot_eager: torch.compile's graph capture and autograd tracing of our networks, the
+    # alternating update's train/eval switch included, without building kernels (fast).
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    exact, before, exact_losses = run_steps(method, 2, **overrides)
+    compiled, _, compiled_losses = run_steps(method, 2, compile=True, **overrides)
+    assert type(compiled.ctx.model).__name__ == "OptimizedModule"
+    assert_same_step(compiled, exact, before, 1e-4, attacker_min_cosine=0.9999)
+    assert compiled_losses == pytest.approx(exact_losses, rel=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor builds C++ kernels on the CPU with g++")
+def test_compile_with_generated_kernels_gives_the_eager_step():
+    # Real inductor kernels for classifier and attacker. Slow on a cold cache (~45 s on two
+    # shared cores, building ~20 kernels), a few seconds once /tmp/torchinductor_$USER holds them.
+    exact, before, _ = run_steps("grad-l2l", 2)
+    compiled, _, _ = run_steps("grad-l2l", 2, compile=True)
+    assert_same_step(compiled, exact, before, 1e-3)
+
+
+@pytest.mark.parametrize("clean_weight", [0.0, 0.5])
+def test_loss_scaling_keeps_the_reversal_update_equal_to_two_backwards(clean_weight):
+    """Under a GradScaler the joint update's gradients, as the optimizers see them at their
+    step, equal the unscaled two-backward reference (classifier descends, attacker ascends)."""
+    cfg = TrainConfig(method="grad-l2l", eps=0.1, lr=0.05, attacker_width=0.125, clean_weight=clean_weight).resolved()
+    parts = build_parts(cfg, META, CPU)
+    ref = copy.deepcopy(parts)
+    parts.ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)  # float32 math: the scaling alone
+    seen = {}
+    for name, opt in (("model", parts.optimizer), ("attacker", parts.attacker_optimizer)):
+        opt.register_step_pre_hook(lambda o, a, k, name=name: seen.update(
+            {name: [p.grad.clone() for g in o.param_groups for p in g["params"]]}))
+    x, y = toy_batch()
+    STEPS["grad-l2l"](parts.ctx, x, y)
+
+    w, r = clean_weight, ref.ctx
+    x_q = x.clone().requires_grad_(True)
+    logits_clean = r.model(x_q)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits_clean, y, reduction="sum"), x_q, retain_graph=True)
+    adv_loss = F.cross_entropy(r.model((x + learned_perturbation(r, x, y, g)).clamp(0, 1)), y)
+    cls_grads = torch.autograd.grad((1 - w) * adv_loss + w * F.cross_entropy(logits_clean, y),
+                                    list(r.model.parameters()), retain_graph=True)
+    att_grads = torch.autograd.grad(adv_loss, list(r.attacker.parameters()))
+
+    assert parts.ctx.scaler.get_scale() == 2.0**12  # no overflow: the step was taken, the scale kept
+    for got, want in zip(seen["model"], cls_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for got, want in zip(seen["attacker"], att_grads, strict=True):
+        torch.testing.assert_close(got, -want, rtol=1e-4, atol=1e-6)
+
+
+def test_reversal_passes_a_scaled_gradient_through_linearly():
+    delta = torch.randn(4, 3, requires_grad=True)
+    (reverse_gradient(delta, 2.0) * 1024.0).sum().backward()
+    assert torch.equal(delta.grad, torch.full_like(delta, -2048.0))
+
+
+@pytest.mark.parametrize("method", ["fgsm", *L2L_METHODS])
+def test_fp16_autocast_with_scaler_trains(method):
+    parts, _, losses = run_steps(method, 4, amp="fp16")
+    assert parts.ctx.scaler is not None and parts.optimizer.defaults["fused"]
+    assert losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for net in networks(parts) for p in net.parameters())
+
+
+# ---- through train(): stored, resumed, refused -----------------------------------------------
+
+
+def cfg(tmp_path, name="run", **kw):
+    base = dict(out=str(tmp_path / name), dataset="fake:1x8x8:4", model="smallcnn", epochs=2, batch_size=64,
+                lr=0.05, val_size=1536, val_robust_n=32, progress=False, data_dir=str(tmp_path / "data"),
+                attacker_width=0.125, method="grad-l2l")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_fp16_run_stores_its_switches_and_resumes_exactly_with_its_scaler(tmp_path):
+    # both: the fused optimizers of fp16 once mixed up a loaded NCHW momentum buffer with its
+    # NHWC parameter (train._match_layouts); val_robust_n=0 and few images keep fp16 on the CPU quick
+    switches = {"amp": "fp16", "channels_last": True, "val_robust_n": 0, "train_size": 192, "val_size": 64}
+    full = train(cfg(tmp_path, "full", **switches))
+    train(cfg(tmp_path, "part", epochs=1, **switches))
+    stored = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert (stored["amp"], stored["channels_last"], stored["compile"]) == ("fp16", True, False)
+    from learn2defend.checkpoint import load_state
+
+    assert load_state(tmp_path / "part" / "last.safetensors")["scaler"]["scale"] > 0
+    resumed = train(cfg(tmp_path, "part", **switches), resume=True)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in full.history] == [r["train_loss"] for r in resumed.history]
+
+
+def test_resume_refuses_another_amp_and_allows_layout_switches(tmp_path, monkeypatch):
+    train(cfg(tmp_path, epochs=1, val_robust_n=0))
+    with pytest.raises(UserError, match=r"amp \(the run: off, now: bf16\)"):
+        train(cfg(tmp_path, epochs=2, val_robust_n=0, amp="bf16"), resume=True)
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    run = train(cfg(tmp_path, epochs=2, val_robust_n=0, channels_last=True, compile=True), resume=True)
+    assert run.epoch == 2 and json.loads((run.path / "config.json").read_text())["compile"] is True
+
+
+def test_old_config_without_switches_loads_with_them_off(tmp_path):
+    run = train(cfg(tmp_path, epochs=1, val_robust_n=0, method="plain"))
+    path = run.path / "config.json"
+    old = json.loads(path.read_text())
+    for name in ("amp", "channels_last", "compile", "tf32", "cudnn_benchmark"):
+        del old[name]  # as written before the switches existed
+    path.write_text(json.dumps(old))
+    loaded = TrainConfig.load(path)
+    assert (loaded.amp, loaded.channels_last, loaded.compile, loaded.tf32) == ("off", False, False, False)
+    assert train(cfg(tmp_path, epochs=2, val_robust_n=0, method="plain"), resume=True).epoch == 2
+
+
+def test_switches_this_run_cannot_honour_are_user_errors():
+    with pytest.raises(UserError, match="unknown amp 'fp8'"):
+        TrainConfig(amp="fp8").validate()
+    with pytest.raises(UserError, match="torchrun"):
+        speed.check_switches(TrainConfig(amp="fp16"), CPU, world=2)
+    speed.check_switches(TrainConfig(amp="bf16"), CPU, world=2)  # bf16 needs no scaler: fine
+
+
+def test_cuda_math_sets_and_restores_the_backend_flags():
+    # The flags are plain settings, so this runs without a GPU; on CUDA they pick the kernels.
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    with speed.cuda_math(tf32=True, benchmark=True):
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (True, True, True)
+        with speed.float32_math("cuda"):  # evaluation inside: IEEE float32
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+    assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
