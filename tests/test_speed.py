@@ -218,6 +218,7 @@ def test_old_config_without_switches_loads_with_them_off(tmp_path):
     path.write_text(json.dumps(old))
     loaded = TrainConfig.load(path)
     assert (loaded.amp, loaded.channels_last, loaded.compile, loaded.tf32) == ("off", False, False, False)
+    assert TrainConfig().tf32  # while a new run has TF32 on (CUDA only)
     assert train(cfg(tmp_path, epochs=2, val_robust_n=0, method="plain"), resume=True).epoch == 2
 
 

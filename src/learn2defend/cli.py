@@ -76,7 +76,7 @@ HELP = {
     "compile": "torch.compile the classifier and the attacker (the first steps are slow: compilation; "
                "on the CPU it needs g++)",
     "tf32": "CUDA: TF32 tensor-core math for the training step's float32 matmuls and convolutions "
-            "(off: IEEE float32); no effect on the CPU",
+            "(--no-tf32: IEEE float32; evaluation is IEEE float32 either way); no effect on the CPU",
     "cudnn_benchmark": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (not bit-reproducible "
                        "between runs); no effect on the CPU",
 }
@@ -295,7 +295,10 @@ def _add_switch_options(p: argparse.ArgumentParser) -> None:
     """The speed switches of TrainConfig (learn2defend.speed), for bench and doctor."""
     p.add_argument("--amp", default="off", help=HELP["amp"])
     for name in ("channels_last", "compile", "tf32", "cudnn_benchmark"):
-        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=HELP[name])
+        text = HELP[name] if name != "tf32" else (
+            "CUDA: TF32 math for the timed steps' matmuls and convolutions (training's default; "
+            "bench times IEEE float32 without it); no effect on the CPU")
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
 
 
 def _names(text: str) -> list[str]:
