@@ -179,10 +179,13 @@ def test_a_lost_figure_is_redrawn_from_the_cached_numbers(out: Path, interrupted
 # ---- the frontier (issue 15) ------------------------------------------------------------------
 
 
+FAKE = "fake:1x8x8:4"  # synthetic images made on the fly, as the issue asks
+
+
 def test_frontier_end_to_end_at_the_tiny_preset(tmp_path: Path) -> None:
-    report = rp.reproduce("frontier", "tiny", tmp_path, datasets=[DATASET])
+    report = rp.reproduce("frontier", "tiny", tmp_path, datasets=[FAKE])
     assert len(report["trained"]) == 1 + 8  # one plain net, then every method from it
-    files = report["experiments"]["frontier"][DATASET]["files"]
+    files = report["experiments"]["frontier"][FAKE]["files"]
     lines = [line for line in Path(files["md"]).read_text().splitlines() if line.startswith("|")]
     assert len(lines) == 2 + 8
     assert [line.split("|")[1].strip() for line in lines[2:]] == [
@@ -197,7 +200,7 @@ def test_frontier_end_to_end_at_the_tiny_preset(tmp_path: Path) -> None:
                for r in rows.values())
     data = json.loads(Path(files["json"]).read_text())
     assert data["attacker_ratio"] and len(data["points"]) == 8
-    again = rp.reproduce("frontier", "tiny", tmp_path, datasets=[DATASET])
+    again = rp.reproduce("frontier", "tiny", tmp_path, datasets=[FAKE])
     assert again["trained"] == []  # finished runs and their evaluations are reused
 
 
