@@ -174,3 +174,12 @@ def test_old_attacker_layout_is_refused(tmp_path):
         train(cfg(tmp_path, method="grad-l2l", epochs=2, val_robust_n=0), resume=True)
     # the classifier alone still loads, and can be evaluated
     assert load(run.path)(torch.rand(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_smallcnn_on_large_images_gets_one_line_of_advice(tmp_path, capsys):
+    from learn2defend.train import SMALLCNN_ADVICE
+
+    train(cfg(tmp_path, "small", epochs=1, val_robust_n=0, method="plain"))
+    assert SMALLCNN_ADVICE not in capsys.readouterr().err  # 8x8 digits: what smallcnn is for
+    train(cfg(tmp_path, "large", epochs=1, val_robust_n=0, method="plain", dataset="fake:1x20x20:4"))
+    assert SMALLCNN_ADVICE in capsys.readouterr().err
