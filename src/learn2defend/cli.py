@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
-    p = sub.add_parser("demo", help="the digits comparison of every method (about two minutes on a CPU)")
+    p = sub.add_parser("demo", help="the digits comparison of every method (about 3.5 minutes on a 2-core CPU)")
     p.add_argument("--out", default="runs/demo", help="folder holding one run folder per method")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
