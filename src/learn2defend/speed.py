@@ -19,10 +19,12 @@
 
 The others are off by default: on the H200, channels_last and compile alone made the
 step slower, cudnn_benchmark changed nothing, and bf16/fp16 autocast (2.0-2.7x) changes
-the numbers a run trains on (docs/performance.md). None applies to evaluation: validation during training and the
-attacks of `eval`, `transfer`, `sweep` and the sanity checks run in IEEE float32 on the
-modules as they are (`float32_math`), because an attack computed in low precision can
-find weaker adversarial examples and overstate robustness.
+the numbers a run trains on (docs/performance.md).
+
+None applies to evaluation: validation during training and the attacks of `eval`,
+`transfer`, `sweep` and the sanity checks run in IEEE float32 on the modules as they are
+(`float32_math`), because an attack computed in low precision can find weaker adversarial
+examples and overstate robustness.
 """
 
 from __future__ import annotations
