@@ -17,7 +17,8 @@ from learn2defend.cli import main
 from learn2defend.config import TrainConfig
 from learn2defend.errors import UserError
 from learn2defend.evaluate import STATE_DIR, EvalConfig, evaluate, first_n
-from learn2defend.train import load_run, train
+from learn2defend.runs import load_run
+from learn2defend.train import train
 
 EPS = 0.2  # the digits default
 N = 48  # images per evaluation: keeps AutoAttack and the checks cheap

@@ -51,3 +51,12 @@ def test_no_import_cycles():
     # The package __init__ imports everything; only cycles between the modules themselves count.
     cycles = [c for name in graph if name != "learn2defend" and (c := cycle_from(name)) and "learn2defend" not in c]
     assert cycles == []
+
+
+def test_readers_of_run_folders_do_not_import_the_training_loop():
+    """The run folder is a format (learn2defend.runs); reading one needs no training code."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for reader in ("evaluate", "export", "figures", "learned_attack"):
+        imports = _imports(files[f"learn2defend.{reader}"], set(files))
+        assert "learn2defend.runs" in imports, reader
+        assert "learn2defend.train" not in imports, reader

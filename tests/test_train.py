@@ -111,7 +111,7 @@ def test_a_run_folder_in_use_is_refused_and_left_alone(tmp_path):
     import fcntl
     import os
 
-    from learn2defend.train import RunFolderBusy
+    from learn2defend.runs import RunFolderBusy
 
     run = train(cfg(tmp_path, epochs=1))
     before = {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()}

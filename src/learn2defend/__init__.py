@@ -9,7 +9,8 @@ from .config import TrainConfig
 from .errors import UserError
 from .evaluate import EvalConfig, evaluate
 from .export import load
-from .train import Run, load_run, train
+from .runs import Run, load_run
+from .train import train
 from .version import __version__
 
 __all__ = ["TrainConfig", "EvalConfig", "Run", "UserError", "evaluate", "load", "load_run", "train", "__version__"]

@@ -35,8 +35,9 @@ from .data import DeviceLoader, load_dataset
 from .errors import UserError
 from .methods import attacker_in_channels, step_optimizers
 from .models import ATTACKERS, list_models
+from .runs import build_attacker, build_classifier, data_meta, resolve_device
 from .speed import check_switches, wrap_step
-from .train import build_attacker, build_classifier, build_parts, data_meta, resolve_device
+from .train import build_parts
 
 ATTACKER_ONLY = "attacker-only"
 BENCH_METHODS = (*METHODS, ATTACKER_ONLY)

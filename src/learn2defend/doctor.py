@@ -43,7 +43,7 @@ from .bench import BENCH_METHODS, BenchConfig, bench, switches
 from .config import TrainConfig
 from .errors import UserError
 from .models import list_models
-from .train import resolve_device
+from .runs import resolve_device
 from .version import __version__
 
 DATASET = "fake:3x32x32:10"  # CIFAR-shaped and deterministic; needs no download

@@ -36,7 +36,7 @@ from .config import parse_fraction
 from .correctness import attack_correct, fraction
 from .data import Dataset, ImageData, load_dataset
 from .errors import UserError
-from .train import BEST, LAST, Run, load_run, resolve_device
+from .runs import BEST, LAST, Run, load_run, resolve_device
 
 STATE_DIR = "eval-state"
 

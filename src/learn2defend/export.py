@@ -21,7 +21,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .errors import UserError
 from .models import create_model
-from .train import load_run, load_weights
+from .runs import load_run, load_weights
 from .version import __version__
 
 FORMAT = "learn2defend-model-1"

@@ -32,7 +32,7 @@ from .attacks import Attack, make_attack
 from .data import DeviceLoader
 from .errors import UserError
 from .evaluate import EvalConfig, attack_correct, build_attacks, check_same_task, eval_data, first_n, fraction
-from .train import Run, load_run, resolve_device
+from .runs import Run, load_run, resolve_device
 
 SWEEP_OVER = ("pgd-steps", "eps")
 SWEEP_ATTACKS = ("fgsm", "pgd", "pgm")

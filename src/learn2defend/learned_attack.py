@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .attacks import Attack, register_attack_prefix
 from .errors import UserError
 from .methods import StepContext, learned_perturbation
-from .train import load_run
+from .runs import load_run
 
 
 class LearnedAttack(Attack):

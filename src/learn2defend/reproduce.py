@@ -35,7 +35,8 @@ from .config import L2L_METHODS, TrainConfig, default_eps
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
 from .methods import attacker_in_channels
-from .train import FolderLock, RunFolderBusy, build_attacker, load_run, resolve_device, train
+from .runs import FolderLock, RunFolderBusy, build_attacker, load_run, resolve_device
+from .train import train
 
 EXPERIMENTS = ("table2", "table3", "table4", "table5", "table6", "table7", "fig3", "fig4", "fig5")
 # Beyond the paper (not part of "all"): AutoAttack accuracy against training cost, per method.
