@@ -38,7 +38,11 @@ WORKER = textwrap.dedent("""
         def forward(self, a, eps):
             return eps * torch.tanh(self.conv(a))
 
-    train_module.build_attacker = lambda cfg, meta: Attacker(2 * meta["image_shape"][0], meta["image_shape"][0])
+    def build_attacker(cfg, meta):
+        return Attacker(2 * meta["image_shape"][0], meta["image_shape"][0])
+
+    train_module.build_attacker = build_attacker  # training builds it,
+    sys.modules["learn2defend.runs"].build_attacker = build_attacker  # loading the run too
     out, batch, epochs, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "resume"
     stop_at, seen = int(sys.argv[5]), []
     real_step = methods.STEPS["grad-l2l"]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .config import KL_METHODS, METHODS, TrainConfig
 from .data import DeviceLoader, load_dataset
 from .errors import UserError
-from .methods import attacker_in_channels, step_optimizers
+from .methods import METHOD_RECORDS, attacker_in_channels, step_optimizers
 from .models import ATTACKERS, list_models
 from .runs import build_attacker, build_classifier, data_meta, resolve_device
 from .speed import check_switches, wrap_step
@@ -61,7 +61,7 @@ class BenchConfig:
     steps: int = 10  # timed rounds; the reported time is their median
     warmup: int = 2  # untimed rounds first
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    attacker: str = "slim"
+    attacker: str | None = None  # None: each method's own (slim; sdi for fgsm-sdi)
     attacker_width: float = 1.0
     eps: float | None = None  # None: the data set's default, as in training
     clean_weight: float | None = None  # None: each method's training default
@@ -87,7 +87,7 @@ class BenchConfig:
         if self.model not in list_models():
             known = ", ".join(list_models())
             raise UserError(f"unknown model '{self.model}'; choose one of: {known}")
-        if self.attacker not in ATTACKERS:
+        if self.attacker is not None and self.attacker not in ATTACKERS:
             known = ", ".join(ATTACKERS)
             raise UserError(f"unknown attacker '{self.attacker}'; choose one of: {known}")
         for name, low in (("steps", 1), ("warmup", 0), ("batch_size", 1)):
@@ -327,39 +327,13 @@ def forward_macs(module: nn.Module, *inputs: Any) -> int:
 
 
 def step_forwards(config: TrainConfig, attacker_only: bool = False) -> tuple[float, float]:
-    """(classifier forwards F, attacker forwards A) per image of one training step of
-    `config.method`. A backward costs 2 forwards (input and weight gradients), 1 when only
-    input gradients are taken; `attacker_only`: the bench's attacker-alone step (3A)."""
+    """(classifier forwards F, attacker forwards A) per image of one (average) training step
+    of `config.method`, from its record (`learn2defend.methods.Method.forwards`). A backward
+    costs 2 forwards (input and weight gradients), 1 when only input gradients are taken;
+    `attacker_only`: the bench's attacker-alone step (3A)."""
     if attacker_only:
         return 0.0, 3.0
-    c, m = config, config.method
-    w = 1.0 if c.clean_weight else 0.0
-    if m == "plain":
-        return 3.0, 0.0
-    if m == "fgsm":  # FGSM-RS queries at a random point, so the clean term needs its own pass
-        return (5.0 + 3 * w, 0.0) if c.random_start else (5.0 + w + _scaled_clean(c), 0.0)
-    if m in ("pgd", "pgd-at"):  # each attack step a forward and an input backward
-        return 2.0 * c.pgd_steps + 3 + 3 * w, 0.0
-    if m in KL_METHODS:  # the attack, then clean and adversarial forwards trained on together
-        prediction = 1.0 if m == "trades" else 0.0  # TRADES' attack first fixes the clean prediction
-        return 2.0 * c.pgd_steps + 6 + prediction, 0.0
-    two_step = m == "2step-l2l"
-    if m == "naive-l2l":  # attacker, adversarial forward and backward, attacker backward; clean term apart
-        cls, att = 3.0 + 3 * w, 3.0
-    else:  # + the gradient query (forward, input backward; weight gradients of the clean term with it)
-        cls, att = 5.0 + w + _scaled_clean(c), 3.0
-    if two_step:  # a second query and a second attacker pass, backward through both
-        cls, att = cls + 2, att + 3
-    if c.l2l_update == "alternating":  # the attacker's step: one more forward and input backward
-        cls += 2
-    extra = c.attacker_steps - 1  # each: the perturbation, forward, input backward, attacker backward
-    return cls + extra * (4.0 if two_step else 2.0), att + extra * (6.0 if two_step else 3.0)
-
-
-def _scaled_clean(config: TrainConfig) -> float:
-    """Under --amp fp16 the clean term's weight gradients come from the final backward
-    (methods.clean_forward_with_grad): one more input backward of the clean graph."""
-    return 1.0 if config.amp == "fp16" and config.clean_weight else 0.0
+    return METHOD_RECORDS[config.method].forwards(config)
 
 
 def step_macs_per_image(config: TrainConfig, meta: dict[str, Any], attacker_only: bool = False) -> float:
@@ -385,10 +359,10 @@ def switches(config: BenchConfig | TrainConfig) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """A readable table, with the paper's Table 4 ratios beside the measured ones."""
-    paper = PAPER_SECONDS_PER_EPOCH[result["attacker"]]
+    paper = PAPER_SECONDS_PER_EPOCH.get(result["attacker"] or "slim", {})
     res = result
     head = (f"{res['model']} on {res['dataset']}, batch {res['batch_size']}, {res['device']}, "
-            f"{res['threads']} threads, attacker {res['attacker']} x{res['attacker_width']:g}, "
+            f"{res['threads']} threads, attacker {res['attacker'] or 'per method'} x{res['attacker_width']:g}, "
             f"median of {res['steps']} steps after {res['warmup']} warm-up")
     cols = ["method", "s/step", "min s", "cpu s", "x fgsm", "x pgd", "paper x fgsm",
             "paper x pgd", "peak MiB"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import METHODS, TrainConfig, parse_fraction
 from .errors import UserError
+from .methods import METHOD_RECORDS
 from .version import __version__
 
 HELP = {
@@ -31,18 +32,24 @@ HELP = {
     "flip": "random horizontal flips; turn them off where a mirrored image is another class (digits, text)",
     "crop_padding": "random crops from the image zero-padded by this many pixels (0: no crops)",
     "model": "classifier name (see `learn2defend models`)",
-    "method": "plain | fgsm | pgd | pgd-at | trades | mart | naive-l2l | grad-l2l | 2step-l2l",
+    "method": "; ".join(f"{name}: {m.help}" for name, m in METHOD_RECORDS.items()),
     "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255",
     "init": "run folder whose classifier starts this run (the paper starts from a plain net)",
     "optimizer": "sgd | adam",
     "betas": "Adam betas",
     "lr_milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
     "clean_weight": "weight of the clean loss",
-    "pgd_steps": "attack iterations of --method pgd, pgd-at, trades and mart",
-    "step_size": "attack step size of fgsm, pgd, pgd-at, trades and mart training",
+    "pgd_steps": "attack iterations of --method pgd, pgd-at, trades and mart; fgsm-sdi: steps after the learned start",
+    "noise": "n-fgsm: half-width of the uniform noise before the FGSM step, in pixels (e.g. 16/255)",
+    "label_smoothing": "label smoothing of the classifier's training cross-entropy (attacks use plain CE); "
+                       "FGSM-SDI's code uses 0.111 (its factor 0.9)",
+    "ema": "keep an exponential moving average of the classifier's weights (and batch-norm statistics) with "
+           "this decay, e.g. 0.999; validation, best, eval and export then use the averaged weights",
+    "attacker_every": "update the attacker every K batches (learned-attacker methods)",
+    "step_size": "attack step size of the training attack, in pixels",
     "random_start": "uniform random start (FGSM-RS of Wong et al. for --method fgsm)",
     "beta": "trades, mart: weight of the KL term against the clean (trades) or boosted (mart) cross-entropy",
-    "attacker": "slim | wide (the paper's Table 1)",
+    "attacker": "slim | wide (the paper's Table 1) | sdi (FGSM-SDI's generator)",
     "attacker_width": "multiplies the attacker's channel counts",
     "attacker_scale": "attacker output tanh(s*h) with a learnable s starting at 5 (authors' code)",
     "attacker_optimizer": "sgd | adam (adam: lr 1e-3, no weight decay, fixed; sgd takes the "
@@ -81,6 +88,17 @@ HELP = {
                        "between runs); no effect on the CPU",
 }
 
+def _per_method(name: str) -> str:
+    """The methods' defaults of a config field, from their records: 'eps/4 for pgd-at, ...'."""
+    by_text: dict[str, list[str]] = {}
+    for method, m in METHOD_RECORDS.items():
+        if name in m.defaults:
+            by_text.setdefault(m.defaults[name].text, []).append(method)
+    texts = [f"{text} for {', '.join(methods)}" for text, methods in by_text.items()]
+    fallback = {"clean_weight": "0 for the others", "pgd_steps": "10 for the others"}.get(name)
+    return ", ".join(texts + ([fallback] if fallback else []))
+
+
 # What a None default of a TrainConfig field resolves to (TrainConfig.resolved), for --help.
 NONE_DEFAULTS = {
     "image_size": "the images' own size",
@@ -89,10 +107,9 @@ NONE_DEFAULTS = {
     "init": "none, random initial weights",
     "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
     "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",
-    "clean_weight": "0.5 for fgsm and pgd, 0 otherwise",
-    "step_size": "eps/3 for pgd, eps/4 for pgd-at, 0.007/0.031 eps for trades and mart, eps for fgsm, "
-                 "1.25 eps with --random-start",
-    "beta": "6 for trades, 5 for mart",
+    **{name: _per_method(name) for name in ("clean_weight", "step_size", "beta", "noise", "pgd_steps",
+                                            "attacker", "attacker_every")},
+    "ema": "off",
     "attacker_optimizer": "adam",
     "attacker_lr": "1e-3 with adam, --lr with sgd",
     "attacker_momentum": "--momentum",

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .methods import METHOD_RECORDS
 
-METHODS = ("plain", "fgsm", "pgd", "pgd-at", "trades", "mart", "naive-l2l", "grad-l2l", "2step-l2l")
-L2L_METHODS = ("naive-l2l", "grad-l2l", "2step-l2l")
+METHODS = tuple(METHOD_RECORDS)
+L2L_METHODS = tuple(name for name, m in METHOD_RECORDS.items() if m.has_attacker)
 # Methods whose loss carries its own clean term and a KL term weighted by --beta.
-KL_METHODS = ("trades", "mart")
+KL_METHODS = tuple(name for name, m in METHOD_RECORDS.items() if "beta" in m.options)
 OPTIMIZERS = ("sgd", "adam")
 GRAD_NORMS = ("sample", "batch", "sign", "none")
 L2L_UPDATES = ("joint", "alternating")
@@ -44,13 +45,9 @@ DEFAULT_EPS = {"digits": 0.2, "mnist": 0.3, "svhn": 0.05}
 FALLBACK_EPS = 0.03
 ATTACKER_ADAM_LR = 1e-3
 
-# --beta defaults: TRADES' 6 (Zhang et al. 2019, their CIFAR-10 setting); MART's 5 (Wang et
-# al. 2020, as the paper reports; their public code's default is 6).
-DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 MAX_BETA = 1e3
-# TRADES' and MART's reference code: 10 steps of 0.007 at eps 0.031 (~eps/4.4); kept as a
-# fraction of eps so that it carries over to other radii (0.0068 at 0.03).
-KL_METHOD_STEP = 0.007 / 0.031
+MAX_NOISE = 1.0
+MAX_ATTACKER_EVERY = 10**6
 
 
 def parse_fraction(text: str | float) -> float:
@@ -103,15 +100,18 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
     # hand-designed attacks used for training (fgsm, pgd)
-    clean_weight: float | None = None  # None: 0.5 for fgsm/pgd (Kurakin et al.), 0 for the rest
-    pgd_steps: int = 10  # attack iterations of pgd, pgd-at, trades and mart
-    # None: eps/3 for pgd (the paper's 0.01 at 0.03), eps/4 for pgd-at (Madry's 2/255 at 8/255),
-    # 0.007/0.031 eps for trades and mart (their reference code), eps for fgsm
-    step_size: float | None = None
+    # None below: the method's default (its record in learn2defend.methods)
+    clean_weight: float | None = None  # 0.5 for fgsm/pgd (Kurakin et al.), 0 for the rest
+    pgd_steps: int | None = None  # attack iterations of pgd, pgd-at, trades and mart (10); fgsm-sdi's steps (1)
+    step_size: float | None = None  # the attack's step size in pixels
     random_start: bool = False  # fgsm: Fast-AT's FGSM-RS (uniform start, step 1.25 eps)
-    beta: float | None = None  # trades, mart: weight of the KL term; None: DEFAULT_BETA
+    beta: float | None = None  # trades, mart: weight of the KL term
+    noise: float | None = None  # n-fgsm: half-width of the uniform noise, in pixels (2 eps)
+    label_smoothing: float = 0.0  # of the classifier's training cross-entropy (every method)
+    ema: float | None = None  # decay of an exponential moving average of the classifier's weights (off: None)
     # learned attacker (L2L methods)
-    attacker: str = "slim"
+    attacker: str | None = None  # slim for the paper's methods, sdi for fgsm-sdi
+    attacker_every: int | None = None  # update the attacker every K batches (1; fgsm-sdi 20)
     attacker_width: float = 1.0
     attacker_scale: bool = False  # authors' code: tanh(s * h) with a learnable s starting at 5
     # None below: Adam at lr 1e-3 without weight decay, fixed (learn2defend's default, see
@@ -148,6 +148,7 @@ class TrainConfig:
     # ---- derived values: resolved once, never stored twice ---------------------------
     @property
     def is_l2l(self) -> bool:
+        """Whether the method trains an attacker network (it has an attacker, its optimizer, ...)."""
         return self.method in L2L_METHODS
 
     def resolved(self) -> TrainConfig:
@@ -155,18 +156,12 @@ class TrainConfig:
         c = dataclasses.replace(self)
         if c.eps is None:
             c.eps = default_eps(c.dataset)
-        if c.clean_weight is None:
-            c.clean_weight = 0.5 if c.method in ("fgsm", "pgd") else 0.0
-        if c.step_size is None and c.method == "pgd":
-            c.step_size = c.eps / 3
-        if c.step_size is None and c.method == "pgd-at":
-            c.step_size = c.eps / 4
-        if c.step_size is None and c.method in KL_METHODS:
-            c.step_size = KL_METHOD_STEP * c.eps
-        if c.beta is None and c.method in KL_METHODS:
-            c.beta = DEFAULT_BETA[c.method]
-        if c.step_size is None and c.method == "fgsm":
-            c.step_size = 1.25 * c.eps if c.random_start else c.eps
+        for name, default in METHOD_RECORDS[c.method].defaults.items():  # in order: step_size may use pgd_steps
+            if getattr(c, name) is None:
+                setattr(c, name, default.value(c))
+        c.pgd_steps = 10 if c.pgd_steps is None else c.pgd_steps
+        c.clean_weight = 0.0 if c.clean_weight is None else c.clean_weight
+        c.attacker = c.attacker or "slim"  # what runs without an attacker have always stored
         if c.is_l2l:
             c.attacker_optimizer = c.attacker_optimizer or "adam"
             adam = c.attacker_optimizer == "adam"
@@ -193,14 +188,16 @@ class TrainConfig:
         _choice("amp", c.amp, AMP_MODES)
         from .models.attackers import ATTACKERS
 
-        _choice("attacker", c.attacker, ATTACKERS)
+        if c.attacker is not None:
+            _choice("attacker", c.attacker, ATTACKERS)
         if c.attacker_optimizer is not None:
             _choice("attacker-optimizer", c.attacker_optimizer, OPTIMIZERS)
         if c.eps is not None and not (0.0 <= c.eps <= 1.0):
             raise UserError(f"--eps must lie in [0, 1] (pixel units), got {c.eps}")
         _positive_int("epochs", c.epochs)
         _positive_int("batch-size", c.batch_size)
-        _positive_int("pgd-steps", c.pgd_steps)
+        if c.pgd_steps is not None:
+            _positive_int("pgd-steps", c.pgd_steps)
         _positive_int("attacker-steps", c.attacker_steps)
         _non_negative_int("val-robust-n", c.val_robust_n)
         _non_negative_int("checkpoint-every", c.checkpoint_every)
@@ -244,11 +241,17 @@ class TrainConfig:
             _positive_int("train-size", c.train_size)
         if not math.isfinite(c.val_size) or c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
             raise UserError(f"--val-size must be a fraction in (0, 1) or a count >= 1, got {c.val_size}")
-        if c.random_start and c.method != "fgsm" and c.method != "pgd":
-            raise UserError("--random-start applies to --method fgsm or pgd only (pgd-at, trades and mart "
-                            "always start at random)")
-        if c.beta is not None and c.method not in KL_METHODS:
-            raise UserError(f"--beta applies to --method {' or '.join(KL_METHODS)} only")
+        _method_options(c)
+        if c.noise is not None and not (math.isfinite(c.noise) and 0 <= c.noise <= MAX_NOISE):
+            raise UserError(f"--noise must lie in [0, {MAX_NOISE:g}] (pixel units), got {c.noise}")
+        if not (isinstance(c.label_smoothing, (int, float)) and 0 <= c.label_smoothing < 1):
+            raise UserError(f"--label-smoothing must lie in [0, 1), got {c.label_smoothing}")
+        if c.ema is not None and not (isinstance(c.ema, (int, float)) and 0 < c.ema < 1):
+            raise UserError(f"--ema must be a decay in (0, 1), e.g. 0.999, got {c.ema}")
+        if c.attacker_every is not None:
+            _positive_int("attacker-every", c.attacker_every)
+            if c.attacker_every > MAX_ATTACKER_EVERY:
+                raise UserError(f"--attacker-every must be at most {MAX_ATTACKER_EVERY}, got {c.attacker_every}")
         if c.beta is not None and not (math.isfinite(c.beta) and 0 <= c.beta <= MAX_BETA):
             raise UserError(f"--beta must lie in [0, {MAX_BETA:g}], got {c.beta}")
         if c.clean_weight and c.method in KL_METHODS:
@@ -308,6 +311,21 @@ def _has_type(value: Any, annotation: str) -> bool:
         if kind == "tuple[float, float]" and isinstance(value, (list, tuple)) and len(value) == 2:
             return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     return False
+
+
+# Method-specific options with no value of their own: giving one to a method that does not
+# take it (its record's `options`) is an error. The others (--pgd-steps, --grad-norm, ...)
+# have always been accepted and ignored by the methods they do not concern.
+_CHECKED_OPTIONS = {"random_start": False, "beta": None, "noise": None, "attacker_every": None}
+
+
+def _method_options(c: TrainConfig) -> None:
+    method = METHOD_RECORDS[c.method]
+    for name, not_given in _CHECKED_OPTIONS.items():
+        if getattr(c, name) != not_given and name not in method.options:
+            takers = [m for m, r in METHOD_RECORDS.items() if name in r.options]
+            raise UserError(f"--{name.replace('_', '-')} applies to --method {', '.join(takers)} only, "
+                            f"not {c.method}")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

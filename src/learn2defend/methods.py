@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import fgsm_delta, kl_pgd_delta, pgd_delta
-from .config import TrainConfig
+from .attacks import fgsm_delta, kl_pgd_delta, pgd_delta, project
 
 Metrics = dict[str, Tensor]
 Grads = list[Tensor | None]  # one entry per classifier parameter, in optimizer order
@@ -38,22 +38,29 @@ class StepContext:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    config: TrainConfig  # resolved: every default filled in
+    config: Any  # the run's learn2defend.config.TrainConfig, resolved: every default filled in
     attacker: nn.Module | None = None
     attacker_optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None  # --amp fp16 (learn2defend.speed)
+    step_index: int = 0  # global batches trained before this one (the loop sets it): --attacker-every
+
+    @property
+    def attacker_due(self) -> bool:
+        """Whether the attacker is updated on this batch (every --attacker-every batches)."""
+        return self.step_index % self.config.attacker_every == 0
 
 
 # ---- shared pieces -------------------------------------------------------------------
 
 
-def update(ctx: StepContext, loss: Tensor, clean_grads: Grads | None = None) -> None:
+def update(ctx: StepContext, loss: Tensor, clean_grads: Grads | None = None, attacker: bool = True) -> None:
     """One backward and one step of every optimizer that has gradients to apply.
 
     `clean_grads`: the classifier's gradients of the clean term, when
     `clean_forward_with_grad` already took them; they are added before the step.
+    `attacker`: False leaves the attacker out (a batch it does not learn from).
     """
-    optimizers = [ctx.optimizer] + ([ctx.attacker_optimizer] if ctx.attacker_optimizer else [])
+    optimizers = [ctx.optimizer] + ([ctx.attacker_optimizer] if ctx.attacker_optimizer and attacker else [])
     step_optimizers(ctx, loss, optimizers, clean_grads)
 
 
@@ -95,11 +102,12 @@ def _add_grads(params: list[Tensor], grads: Grads | None) -> None:
 
 
 def mixed_loss(ctx: StepContext, logits_adv: Tensor, y: Tensor, logits_clean: Tensor | None) -> Tensor:
-    """(1 - w) * CE(adversarial) + w * CE(clean), Kurakin et al.'s clean-batch trick."""
-    w = ctx.config.clean_weight
-    loss = F.cross_entropy(logits_adv, y)
+    """(1 - w) * CE(adversarial) + w * CE(clean), Kurakin et al.'s clean-batch trick; both
+    cross-entropies with --label-smoothing (the training loss only: attacks use plain CE)."""
+    w, smoothing = ctx.config.clean_weight, ctx.config.label_smoothing
+    loss = F.cross_entropy(logits_adv, y, label_smoothing=smoothing)
     if w:
-        loss = (1 - w) * loss + w * F.cross_entropy(logits_clean, y)
+        loss = (1 - w) * loss + w * F.cross_entropy(logits_clean, y, label_smoothing=smoothing)
     return loss
 
 
@@ -142,10 +150,12 @@ def clean_forward_with_grad(
     if not w:  # input gradient only
         (grad,) = torch.autograd.grad(loss, x)
         return logits.detach(), grad, None
-    if ctx.scaler is not None:
+    if ctx.scaler is not None or ctx.config.label_smoothing:
         # fp16: the weight gradients of the clean term come from the final backward, where
         # the loss is scaled (this backward is not: its input gradient feeds the attack, and
         # a scaled one could overflow into it); one more backward of the clean graph.
+        # --label-smoothing: the clean term is trained on the smoothed cross-entropy, while
+        # the attack follows the plain one; they differ, so the same.
         (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
         return logits, grad, None
     grad, *param_grads = torch.autograd.grad(loss, [x, *_params(ctx.optimizer)], allow_unused=True)
@@ -158,7 +168,7 @@ def clean_forward_with_grad(
 
 def plain_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     logits = ctx.model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y, label_smoothing=ctx.config.label_smoothing)
     update(ctx, loss)
     return batch_metrics(loss, logits, y, adversarial=False)
 
@@ -215,16 +225,18 @@ def _train_on(ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor) -> Metrics:
 # ---- TRADES and MART: a clean term plus beta x a KL term ------------------------------------
 
 
-def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float,
+                label_smoothing: float = 0.0) -> Tensor:
     """Zhang et al. 2019: CE(f(x), y) + beta * KL(p(x) || p(x')), the KL summed over classes
     and averaged over the batch (the reference's sum / batch size). The gradient flows
     through both distributions, as in the reference code."""
     kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_clean, dim=1),
                   reduction="batchmean", log_target=True)
-    return F.cross_entropy(logits_clean, y) + beta * kl
+    return F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing) + beta * kl
 
 
-def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float,
+              label_smoothing: float = 0.0) -> Tensor:
     """Wang et al. 2020: boosted CE at x' plus beta * KL(p(x) || p(x')) weighted per image
     by 1 - p_y(x), averaged over the batch.
 
@@ -235,7 +247,8 @@ def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) 
     """
     p_adv = F.softmax(logits_adv, dim=1)
     strongest_wrong = p_adv.scatter(1, y[:, None], 0.0).amax(dim=1)
-    boosted_ce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - strongest_wrong).mean()
+    boosted_ce = (F.cross_entropy(logits_adv, y, label_smoothing=label_smoothing)
+                  - torch.log(1.0001 - strongest_wrong).mean())
     log_p_clean = F.log_softmax(logits_clean, dim=1)
     p_clean = log_p_clean.exp()
     kl = (p_clean * (log_p_clean - F.log_softmax(logits_adv, dim=1))).sum(dim=1)
@@ -262,10 +275,10 @@ def mart_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
 
 
 def _kl_update(ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor,
-               loss_fn: Callable[[Tensor, Tensor, Tensor, float], Tensor]) -> Metrics:
+               loss_fn: Callable[..., Tensor]) -> Metrics:
     logits_clean = ctx.model(x)
     logits_adv = ctx.model(x + delta)
-    loss = loss_fn(logits_clean, logits_adv, y, ctx.config.beta)
+    loss = loss_fn(logits_clean, logits_adv, y, ctx.config.beta, ctx.config.label_smoothing)
     update(ctx, loss)
     return batch_metrics(loss, logits_adv, y, adversarial=True)
 
@@ -348,7 +361,7 @@ def l2l_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
         logits_clean = ctx.model(x) if c.clean_weight else None
     else:
         logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
-    if c.attacker_steps > 1:
+    if c.attacker_steps > 1 and ctx.attacker_due:
         _extra_attacker_updates(ctx, x, y, grad)
     delta = learned_perturbation(ctx, x, y, grad)
 
@@ -358,10 +371,16 @@ def l2l_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     # The clean term does not depend on the attacker, so the attacker's gradient is
     # (1 - w) * dL_adv/dphi; the reversal scale undoes that factor.
     scale = 1.0 / (1.0 - c.clean_weight)
-    logits = ctx.model((x + reverse_gradient(delta, scale)).clamp(0, 1))
+    logits = ctx.model((x + _toward_attacker(ctx, delta, scale)).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
-    update(ctx, loss, clean_grads)
+    update(ctx, loss, clean_grads, attacker=ctx.attacker_due)
     return batch_metrics(loss, logits, y, adversarial=True)
+
+
+def _toward_attacker(ctx: StepContext, delta: Tensor, scale: float) -> Tensor:
+    """delta with its gradient reversed into the attacker on the batches the attacker learns
+    from (--attacker-every); detached on the others, so no backward reaches the attacker."""
+    return reverse_gradient(delta, scale) if ctx.attacker_due else delta.detach()
 
 
 def _alternating_update(
@@ -374,25 +393,201 @@ def _alternating_update(
     loss = mixed_loss(ctx, logits, y, logits_clean)
     step_optimizers(ctx, loss, [ctx.optimizer], clean_grads)
 
-    with eval_mode(ctx.model):
-        attacker_loss = -F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
-        step_optimizers(ctx, attacker_loss, [ctx.attacker_optimizer])
+    if ctx.attacker_due:
+        with eval_mode(ctx.model):
+            attacker_loss = -F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
+            step_optimizers(ctx, attacker_loss, [ctx.attacker_optimizer])
     return batch_metrics(loss, logits, y, adversarial=True)
 
 
+# ---- learned start + signed-gradient steps (FGSM-SDI) and N-FGSM -------------------------
+
+
+def fgsm_sdi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    """FGSM-SDI (Jia et al. 2022, "Boosting Fast Adversarial Training with Learnable
+    Adversarial Initialization", section 3): a learned, per-image start, then FGSM from it.
+
+    1. the clean input gradient g at x (one forward and input backward);
+    2. the start delta0 = g_phi([x, sign g]) = eps * tanh(.), inside the eps-ball;
+    3. --pgd-steps signed-gradient steps of --step-size from delta0 (default one step of eps),
+       each projected to the eps-ball and to [0, 1]: x' = x + delta;
+    4. the classifier descends CE(f(x'), y) (with --label-smoothing); the attacker ascends the
+       same loss through its start (the steps' signs are constants; the projection passes the
+       gradient where it does not clip), every --attacker-every batches.
+
+    As the authors' code (github.com/jiaxiaojunQAQ/FGSM-SDI): the attacker's input is the image
+    and the sign of the clean gradient; its output is eps * tanh; Adam at 1e-3 updates it every
+    K batches (their --att_num 20). Where this differs:
+    - one backward serves both networks (the gradient-reversal layer of the L2L methods), where
+      their attacker update is a separate forward on every K-th batch, with the attacker in
+      train mode there and in eval mode for the classifier's batches; here it stays in train mode;
+    - x' is clipped to [0, 1] (their code, in normalized space, does not clip);
+    - label smoothing is an option (--label-smoothing, their factor 0.9 is 0.111 here), not
+      built in, so that every method can be compared with and without it;
+    - their Adam also decays the attacker's weights (5e-4); here --attacker-weight-decay (0).
+    """
+    c = ctx.config
+    logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
+    with torch.set_grad_enabled(ctx.attacker_due):  # no attacker graph on the batches it skips
+        start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), c.eps)
+    delta = project(start, x, c.eps)  # into [0, 1] too: the first query must see a real image
+    for _ in range(c.pgd_steps):
+        query = delta.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(x + query), y, reduction="sum"), query)
+        delta = project(delta + c.step_size * g.sign(), x, c.eps)
+    logits = ctx.model(x + _toward_attacker(ctx, delta, 1.0 / (1.0 - c.clean_weight)))
+    loss = mixed_loss(ctx, logits, y, logits_clean)
+    update(ctx, loss, clean_grads, attacker=ctx.attacker_due)
+    return batch_metrics(loss, logits, y, adversarial=True)
+
+
+def n_fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    """N-FGSM (de Jorge et al. 2022, "Make Some Noise", Algorithm 1): uniform noise in
+    [-noise, noise] (default 2 eps), one FGSM step of --step-size (default eps) from the noisy
+    point, and no projection back to the eps-ball: |x' - x| <= noise + step (3 eps), then
+    clipped to [0, 1]. As their code, the noisy point is clipped to [0, 1] before the query."""
+    c = ctx.config
+    noisy = (x + torch.empty_like(x).uniform_(-c.noise, c.noise)).clamp(0, 1).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(noisy), y, reduction="sum"), noisy)
+    x_adv = (noisy.detach() + c.step_size * g.sign()).clamp(0, 1)
+    return _train_on(ctx, x, y, x_adv - x)
+
+
+# ---- the method records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Default:
+    """A method's default for a config field left at None: `value(config)` (eps resolved)."""
+
+    value: Callable[[Any], Any]
+    text: str  # for --help, e.g. "eps/4"
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything that makes a training method what it is; config, the CLI, bench, the
+    run folder and the l2l: attack all read it from here (`METHOD_RECORDS`).
+
+    attacker_sees: "" (no attacker), "image" or "image+gradient" (channels: 1x or 2x the image's).
+    defaults: config fields left at None and what they become for this method.
+    options: the method-specific options (config field names) it takes; giving one of them to
+    another method is an error.
+    forwards: (classifier forwards, attacker forwards) per image of an average step: the MAC
+    cost model (learn2defend.bench.step_forwards). A backward costs 2 forwards (input and
+    weight gradients), 1 when only input gradients are taken.
+    """
+
+    name: str
+    step: Callable[[StepContext, Tensor, Tensor], Metrics]
+    help: str
+    forwards: Callable[[Any], tuple[float, float]]
+    attacker_sees: str = ""
+    defaults: dict[str, Default] = field(default_factory=dict)
+    options: frozenset[str] = frozenset()
+
+    @property
+    def has_attacker(self) -> bool:
+        return bool(self.attacker_sees)
+
+
+_L2L = frozenset({"attacker_every", "attacker_steps"})
+_PAPER_L2L = _L2L | {"l2l_update"}
+
+
+def _eps_times(k: float, text: str) -> Default:
+    return Default(lambda c: k * c.eps, text)
+
+
+def _w(c: Any) -> float:
+    return 1.0 if c.clean_weight else 0.0
+
+
+def _split_clean(c: Any) -> float:
+    """An input backward more when the clean term's weight gradients cannot come with the
+    gradient query (methods.clean_forward_with_grad: fp16 or label smoothing)."""
+    return 1.0 if (c.amp == "fp16" or c.label_smoothing) and c.clean_weight else 0.0
+
+
+def _fgsm_forwards(c: Any) -> tuple[float, float]:
+    # FGSM-RS queries at a random point, so the clean term needs its own pass
+    return (5.0 + 3 * _w(c), 0.0) if c.random_start else (5.0 + _w(c) + _split_clean(c), 0.0)
+
+
+def _l2l_forwards(c: Any) -> tuple[float, float]:
+    two_step, due = c.method == "2step-l2l", 1.0 / c.attacker_every  # share of batches the attacker learns on
+    if c.method == "naive-l2l":  # attacker, adversarial forward and backward, attacker backward; clean term apart
+        cls, att = 3.0 + 3 * _w(c), 1.0 + 2 * due
+    else:  # + the gradient query (forward, input backward; weight gradients of the clean term with it)
+        cls, att = 5.0 + _w(c) + _split_clean(c), 1.0 + 2 * due
+    if two_step:  # a second query and a second attacker pass, backward through both
+        cls, att = cls + 2, att + 1 + 2 * due
+    if c.l2l_update == "alternating":  # the attacker's step: one more forward and input backward
+        cls += 2 * due
+    extra = (c.attacker_steps - 1) * due  # each: the perturbation, forward, input backward, attacker backward
+    return cls + extra * (4.0 if two_step else 2.0), att + extra * (6.0 if two_step else 3.0)
+
+
+def _sdi_forwards(c: Any) -> tuple[float, float]:
+    # the clean query, a forward and input backward per step, the trained forward and backward
+    return 2.0 + _w(c) + _split_clean(c) + 2.0 * c.pgd_steps + 3.0, 1.0 + 2.0 / c.attacker_every
+
+
+# Per-method defaults. Step sizes follow each method's reference: the paper's PGM 0.01 at
+# 0.03 (eps/3), Madry's 2/255 at 8/255 (eps/4), TRADES' and MART's 0.007 at 0.031.
+KL_METHOD_STEP = 0.007 / 0.031
+_KL_DEFAULTS = {"step_size": _eps_times(KL_METHOD_STEP, "0.007/0.031 eps")}
+_L2L_DEFAULTS = {"attacker": Default(lambda c: "slim", "slim"), "attacker_every": Default(lambda c: 1, "1")}
+
+METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
+    Method("plain", plain_step, "clean training", lambda c: (3.0, 0.0)),
+    Method("fgsm", fgsm_step, "FGSM training (Goodfellow et al.); with --random-start FGSM-RS (Wong et al. 2020)",
+           _fgsm_forwards, defaults={
+               "clean_weight": Default(lambda c: 0.5, "0.5"),
+               "step_size": Default(lambda c: 1.25 * c.eps if c.random_start else c.eps,
+                                    "eps, 1.25 eps with --random-start")},
+           options=frozenset({"random_start"})),
+    Method("n-fgsm", n_fgsm_step, "N-FGSM (de Jorge et al. 2022): noise of 2 eps, an FGSM step of eps, no projection",
+           lambda c: (5.0 + 3 * _w(c), 0.0),
+           defaults={"step_size": _eps_times(1.0, "eps"), "noise": _eps_times(2.0, "2 eps")},
+           options=frozenset({"noise"})),
+    Method("pgd", pgd_step, "the paper's PGM net: PGD-10 from zero, step eps/3, clean weight 0.5",
+           lambda c: (2.0 * c.pgd_steps + 3 + 3 * _w(c), 0.0),
+           defaults={"clean_weight": Default(lambda c: 0.5, "0.5"), "step_size": _eps_times(1 / 3, "eps/3")},
+           options=frozenset({"random_start", "pgd_steps"})),
+    Method("pgd-at", pgd_at_step, "PGD-AT (Madry et al. 2018): PGD-10 from a random start, step eps/4",
+           lambda c: (2.0 * c.pgd_steps + 3 + 3 * _w(c), 0.0),
+           defaults={"step_size": _eps_times(1 / 4, "eps/4")}, options=frozenset({"pgd_steps"})),
+    Method("trades", trades_step, "TRADES (Zhang et al. 2019): clean CE + beta x KL to a KL-PGD-10 point",
+           lambda c: (2.0 * c.pgd_steps + 7, 0.0),  # TRADES' attack first fixes the clean prediction
+           defaults={**_KL_DEFAULTS, "beta": Default(lambda c: 6.0, "6")},
+           options=frozenset({"beta", "pgd_steps"})),
+    Method("mart", mart_step, "MART (Wang et al. 2020): boosted CE + beta x KL weighted by misclassification",
+           lambda c: (2.0 * c.pgd_steps + 6, 0.0),
+           defaults={**_KL_DEFAULTS, "beta": Default(lambda c: 5.0, "5")},
+           options=frozenset({"beta", "pgd_steps"})),
+    Method("naive-l2l", l2l_step, "the paper's Naive L2L: the attacker sees the image", _l2l_forwards,
+           attacker_sees="image", defaults=_L2L_DEFAULTS, options=_PAPER_L2L),
+    Method("grad-l2l", l2l_step, "the paper's Grad L2L: the attacker sees the image and its loss gradient",
+           _l2l_forwards, attacker_sees="image+gradient", defaults=_L2L_DEFAULTS,
+           options=_PAPER_L2L | {"grad_norm"}),
+    Method("2step-l2l", l2l_step, "the paper's 2-Step L2L: the Grad attacker applied twice", _l2l_forwards,
+           attacker_sees="image+gradient", defaults=_L2L_DEFAULTS, options=_PAPER_L2L | {"grad_norm"}),
+    Method("fgsm-sdi", fgsm_sdi_step, "FGSM-SDI (Jia et al. 2022): a learned start, then an FGSM step of eps",
+           _sdi_forwards, attacker_sees="image+gradient", defaults={
+               "attacker": Default(lambda c: "sdi", "sdi"),
+               "attacker_every": Default(lambda c: 20, "20"),
+               "pgd_steps": Default(lambda c: 1, "1"),
+               "step_size": Default(lambda c: c.eps / c.pgd_steps, "eps / --pgd-steps")},
+           options=_L2L | {"pgd_steps"}),
+]}
+
+# The step of each method by name; the loop looks its step up here.
 STEPS: dict[str, Callable[[StepContext, Tensor, Tensor], Metrics]] = {
-    "plain": plain_step,
-    "fgsm": fgsm_step,
-    "pgd": pgd_step,
-    "pgd-at": pgd_at_step,
-    "trades": trades_step,
-    "mart": mart_step,
-    "naive-l2l": l2l_step,
-    "grad-l2l": l2l_step,
-    "2step-l2l": l2l_step,
+    name: m.step for name, m in METHOD_RECORDS.items()
 }
 
 
 def attacker_in_channels(method: str, image_channels: int) -> int:
     """The naive attacker sees the image; the gradient attackers see image and gradient."""
-    return image_channels if method == "naive-l2l" else 2 * image_channels
+    return image_channels * (2 if METHOD_RECORDS[method].attacker_sees == "image+gradient" else 1)

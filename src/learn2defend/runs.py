@@ -3,9 +3,12 @@
 A run folder holds:
 - `config.json`: the resolved `TrainConfig` (every default filled in);
 - `last.safetensors`: everything needed to continue exactly (weights, optimizers,
-  schedulers, epoch and step, metric sums of a half-done epoch, random generators);
-- `best.safetensors`: the weights with the best validation robust accuracy so far;
-- `metrics.jsonl`: one JSON line per finished epoch.
+  schedulers, epoch and step, metric sums of a half-done epoch, random generators, and
+  with --ema the averaged weights, which loading a run gives as its classifier);
+- `best.safetensors`: the weights with the best validation robust accuracy so far (with
+  --ema: the averaged weights with the best validation robust accuracy of the averaged net);
+- `metrics.jsonl`: one JSON line per finished epoch (`"collapsed": true` where validation
+  robust accuracy collapsed: catastrophic overfitting, `learn2defend.train.collapsed`).
 
 `learn2defend.train` writes run folders; everything else (evaluate, export, figures,
 the `l2l:` attack) reads them through this module alone.
@@ -140,13 +143,22 @@ def load_run(path: str | Path, which: str = "last", device: str | torch.device =
     state = ckpt.load_state(path / (LAST if which == "last" else BEST), device=device)
     meta = checked_meta(state, path / (LAST if which == "last" else BEST))
     model = build_classifier(config, meta)
-    load_weights(model, state["model"], f"checkpoint {path}")
+    load_weights(model, classifier_weights(state), f"checkpoint {path}")
     attacker = build_attacker(config, meta) if with_attacker else None
     if attacker is not None:
         check_attacker_layout(state, path)
         load_weights(attacker, state["attacker"], f"attacker in {path}")
         attacker.to(device).eval()
     return Run(path, config, meta, model.to(device).eval(), attacker, state.get("epoch", 0), state.get("history", []))
+
+
+def classifier_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The classifier's weights of a checkpoint: the averaged ones where the run kept an
+    average (--ema; torch's AveragedModel stores them under "module."), else the trained ones."""
+    ema = state.get("ema")
+    if not isinstance(ema, dict):
+        return state["model"]
+    return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
 
 
 def check_attacker_layout(state: dict[str, Any], path: Path) -> None:

@@ -197,7 +197,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) ->
 def _check_resumable(out: Path, cfg: TrainConfig) -> TrainConfig:
     """The stored config of the run being continued; UserError if `cfg` changes what it computes."""
     stored = TrainConfig.load(out / CONFIG)
-    before, now = stored.to_dict(), cfg.to_dict()
+    # resolved again: a field added since the run was written gets the value the run had
+    before, now = stored.resolved().to_dict(), cfg.to_dict()
     changed = sorted(k for k, v in before.items() if k not in RESUMABLE_CHANGES | {"batch_size"} and now[k] != v)
     if changed:  # the values too: a default that changed between versions is set back with its flag
         details = ", ".join(f"{k} (the run: {before[k]}, now: {now[k]})" for k in changed)
@@ -239,6 +240,13 @@ class Parts:
     attacker_optimizer: torch.optim.Optimizer | None = None
     attacker_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     ctx: StepContext | None = None
+    ema: WeightAverage | None = None  # --ema: the averaged classifier, updated after every step
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The classifier that is validated, kept as best, evaluated and exported: the
+        averaged one under --ema, else the trained one."""
+        return self.model if self.ema is None else self.ema.module
 
     def step(self, cfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Metrics]:
         """One training step of `cfg.method` on a batch, with the speed switches around it."""
@@ -280,7 +288,44 @@ def build_parts(cfg: TrainConfig, meta: dict[str, Any], device: torch.device, wo
     distributed.install_gradient_sync([parts.optimizer, parts.attacker_optimizer])
     parts.ctx = StepContext(step_model, optimizer, cfg, step_attacker, parts.attacker_optimizer,
                             speed.grad_scaler(cfg, device))
+    if cfg.ema is not None:
+        parts.ema = WeightAverage(model, cfg.ema)
     return parts
+
+
+class WeightAverage(nn.Module):
+    """An exponential moving average of a classifier's weights (--ema DECAY): after step t,
+    avg <- d_t avg + (1 - d_t) weights, with d_t = min(DECAY, (1 + t) / (10 + t)).
+
+    The warm-up of d_t (TensorFlow's ExponentialMovingAverage with num_updates) keeps the
+    average from clinging to the first, random weights in short runs: 0.99 is reached after
+    900 steps, 0.999 after 9,000. Batch-norm running statistics are averaged alike, so the
+    averaged net normalizes with statistics of the weights it holds (as timm's ModelEmaV2);
+    integer buffers (batch counts) are copied. The step t comes from the loop's position, so
+    a resumed run averages exactly as an uninterrupted one, and nothing syncs with the host
+    (torch's AveragedModel reads its counter on the host every update). Fast-AT benchmarks
+    average weights this way (Pan & Yao 2026; de Jorge et al. 2022).
+
+    `module` is the averaged classifier (eval mode, no gradients); the state dict holds its
+    weights under "module.", which `learn2defend.runs.classifier_weights` reads.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
+                         [*model.parameters(), *model.buffers()], strict=True))
+        self._floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+        self._others = [(a, m) for a, m in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Average in the trained model's current weights after step `step` (0-based)."""
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_([a for a, _ in self._floats], [m.detach() for _, m in self._floats], weight)
+        for a, m in self._others:
+            a.copy_(m)
 
 
 def _train_loader(cfg: TrainConfig, data: Dataset, device: torch.device) -> DeviceLoader:
@@ -341,6 +386,8 @@ class _Loop:
                      attacker_scheduler=p.attacker_scheduler.state_dict())
         if p.ctx.scaler is not None:  # --amp fp16: the loss scale and its growth counter
             s["scaler"] = p.ctx.scaler.state_dict()
+        if p.ema is not None:  # load_run takes the classifier from here (runs.EMA)
+            s["ema"] = p.ema.state_dict()
         return s
 
     def restore(self, stored: TrainConfig) -> None:
@@ -359,6 +406,8 @@ class _Loop:
                 p.attacker_scheduler.load_state_dict(s["attacker_scheduler"])
             if p.ctx.scaler is not None:
                 p.ctx.scaler.load_state_dict(s["scaler"])
+            if p.ema is not None:
+                load_weights(p.ema, s["ema"], f"averaged weights in {path}")
             for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
                 if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
                     raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
@@ -394,7 +443,7 @@ class _Loop:
         # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
         guard = None
         if cfg.on_nonfinite == "skip":
-            guard = _SkipGuard([p.model, p.attacker], [p.optimizer, p.attacker_optimizer])
+            guard = _SkipGuard([p.model, p.attacker, p.ema], [p.optimizer, p.attacker_optimizer])
         p.model.train()
         if p.attacker is not None:
             p.attacker.train()
@@ -418,7 +467,10 @@ class _Loop:
         for i, (x, y) in enumerate(batches, start=pos.batch + 1):
             if guard is not None:
                 guard.snapshot()
+            self.parts.ctx.step_index = pos.epoch * len(loader) + i - 1  # global batches before this one
             metrics = self.step(x, y)
+            if self.parts.ema is not None:
+                self.parts.ema.update(self.parts.ctx.step_index)
             if guard is not None and not guard.finite(metrics["loss"]):
                 guard.restore()  # as if this batch had not been drawn
                 pos.sums["skipped"] = pos.sums.get("skipped", 0) + 1
@@ -459,7 +511,12 @@ class _Loop:
             record["skipped_steps"] = pos.sums.get("skipped", 0)
         distributed.broadcast_buffers([p.model, p.attacker])  # rank 0's batch-norm statistics everywhere
         if self.rank == 0:  # the others go on and wait for it at their first gradient sync
-            record.update(validate(p.model, self.data, cfg, self.device))
+            record.update(validate(p.evaluated, self.data, cfg, self.device))
+            if pos.history and collapsed(pos.history[-1], record):
+                record["collapsed"] = True
+                _log(f"[{out.name}] catastrophic overfitting at epoch {record['epoch']}: validation PGD-10 "
+                     f"{pos.history[-1]['val_pgd10_acc']:.3f} -> {record['val_pgd10_acc']:.3f} while clean accuracy "
+                     f"rose to {record['val_clean_acc']:.3f}; {BEST} keeps the best robust weights so far")
         pos.history.append(record)
         p.scheduler.step()
         if p.attacker_scheduler is not None:
@@ -484,10 +541,28 @@ class _Loop:
     def as_run(self) -> Run:
         """The trained networks as a Run, in eval mode, without reading the folder."""
         p = self.parts
-        p.model.eval()
+        p.evaluated.eval()
         if p.attacker is not None:
             p.attacker.eval()
-        return Run(self.out, self.cfg, p.meta, p.model, p.attacker, self.pos.epoch, self.pos.history)
+        return Run(self.out, self.cfg, p.meta, p.evaluated, p.attacker, self.pos.epoch, self.pos.history)
+
+
+# Catastrophic overfitting (Wong et al. 2020): within one epoch, validation PGD-10 accuracy
+# falls to less than COLLAPSE_FRACTION of the previous epoch's, and by at least
+# COLLAPSE_MIN_DROP, while clean accuracy rises. FGSM-RS collapses from tens of percent to
+# near zero in an epoch or two; an ordinary noisy epoch moves robust accuracy by a few points.
+COLLAPSE_FRACTION = 0.5
+COLLAPSE_MIN_DROP = 0.05
+
+
+def collapsed(before: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether the epoch record `now` shows catastrophic overfitting after the record `before`
+    (both metrics.jsonl records with val_clean_acc and val_pgd10_acc; False without the latter)."""
+    if "val_pgd10_acc" not in before or "val_pgd10_acc" not in now:
+        return False
+    robust_before, robust_now = before["val_pgd10_acc"], now["val_pgd10_acc"]
+    return (robust_now < COLLAPSE_FRACTION * robust_before and robust_before - robust_now >= COLLAPSE_MIN_DROP
+            and now["val_clean_acc"] > before["val_clean_acc"])
 
 
 STOP_CHECK_EVERY = 10  # under torchrun: steps between the ranks' agreement on a SIGINT/SIGTERM
@@ -613,7 +688,7 @@ def _format_record(r: dict[str, Any], epochs: int) -> str:
         parts.append(f"skipped {r['skipped_steps']} non-finite steps")
     parts.append(f"val clean {r['val_clean_acc']:.3f}")
     if "val_pgd10_acc" in r:
-        parts.append(f"val pgd10 {r['val_pgd10_acc']:.3f}")
+        parts.append(f"val pgd10 {r['val_pgd10_acc']:.3f}" + (" (collapsed)" if r.get("collapsed") else ""))
     parts.append(f"{r['seconds']:.1f}s")
     return " | ".join(parts)
 

@@ -9,6 +9,8 @@ with torch.utils.flop_counter.FlopCounterMode (multiply-adds, forward pass):
 - slim: 0.37 GMAC. Its first ResBlock's first conv has stride 2 (the paper's "second
   convolutional layer downsamples"), so both ResBlocks run at 16x16;
 - wide: 1.79 GMAC. Four ResBlocks at full resolution, up to 256 channels.
+- sdi: 0.08 GMAC. FGSM-SDI's generator (Jia et al. 2022): one conv, one 64-channel
+  residual block and one conv at full resolution; it proposes a start, not the whole attack.
 For comparison, WRN-34-10 costs 6.7 GMAC and WRN-34-4 1.1 GMAC per 32x32 image.
 
 ATTACKER_LAYOUT numbers this layout. Checkpoints store it; an attacker saved with another
@@ -24,7 +26,7 @@ from torch import nn
 
 from learn2defend.errors import UserError
 
-ATTACKERS = ("slim", "wide")
+ATTACKERS = ("slim", "wide", "sdi")
 ATTACKER_LAYOUT = 2
 
 
@@ -119,6 +121,29 @@ class WideAttacker(_Attacker):
         return self.squash(self.head(self.bn(self.blocks(self.stem(a)))), eps)
 
 
+class SdiAttacker(_Attacker):
+    """FGSM-SDI's generator, as in the authors' code (github.com/jiaxiaojunQAQ/FGSM-SDI,
+    attacker.py): conv 64 (no bias, BN, ReLU), one residual block of 64 channels (BN without
+    affine parameters, PReLU, conv, twice), BN without affine parameters, conv to the image's
+    channels, eps * tanh. 0.08 GMAC per 32x32 image with 6 input channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: float, learnable_scale: bool):
+        super().__init__(learnable_scale)
+        c64 = _scaled(64, width)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c64, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(c64, eps=1e-3), nn.ReLU())
+        self.residual = nn.Sequential(
+            nn.BatchNorm2d(c64, affine=False), nn.PReLU(), nn.Conv2d(c64, c64, 3, padding=1),
+            nn.BatchNorm2d(c64, affine=False), nn.PReLU(), nn.Conv2d(c64, c64, 3, padding=1),
+        )
+        self.bn = nn.BatchNorm2d(c64, affine=False)
+        self.head = nn.Conv2d(c64, out_channels, 3, padding=1)
+
+    def forward(self, a: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+        h = self.stem(a)
+        return self.squash(self.head(self.bn(h + self.residual(h))), eps)
+
+
 def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
@@ -131,7 +156,7 @@ def create_attacker(
     width: float = 1.0,
     learnable_scale: bool = False,
 ) -> nn.Module:
-    """Build the paper's "slim" or "wide" attacker; `width` scales its channel counts.
+    """Build the paper's "slim" or "wide" attacker, or FGSM-SDI's "sdi"; `width` scales its channel counts.
 
     The returned module is called as `attacker(a, eps)` with a of shape [B, in_channels, H, W]
     and returns a perturbation of shape [B, out_channels, H, W] with values in [-eps, eps].
@@ -144,5 +169,5 @@ def create_attacker(
         )
     if not width > 0:
         raise UserError(f"attacker width must be positive, got {width}")
-    cls = SlimAttacker if kind == "slim" else WideAttacker
+    cls = {"slim": SlimAttacker, "wide": WideAttacker, "sdi": SdiAttacker}[kind]
     return cls(in_channels, out_channels, width, learnable_scale)
