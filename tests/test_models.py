@@ -159,8 +159,8 @@ def test_smallcnn_learns_digits():
 
 
 def test_attacker_names():
-    assert ATTACKERS == ("slim", "wide")
-    with pytest.raises(UserError, match="unknown attacker 'huge'; choose one of: slim, wide"):
+    assert ATTACKERS == ("slim", "wide", "sdi")
+    with pytest.raises(UserError, match="unknown attacker 'huge'; choose one of: slim, wide, sdi"):
         create_attacker("huge", in_channels=3, out_channels=3)
     with pytest.raises(UserError, match="width"):
         create_attacker("slim", in_channels=3, out_channels=3, width=0)

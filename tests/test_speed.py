@@ -74,7 +74,12 @@ BF16_LOSS_RTOL = 0.02  # per step
 # TRADES' attack starts 0.001 from the image, where the adversarial and clean logits differ
 # by less than bf16 resolves: its first sign steps follow rounding, not the KL. Measured here:
 # the third step's loss 18 % off (0.33 against 0.28), the classifier's update 26 %.
-BF16_TOLERANCES = {"trades": (0.4, 0.25)}  # (classifier rtol, loss rtol)
+# FGSM-SDI's learned start is followed by a sign step: rounding flips some of its pixels, and
+# the third step's loss differs by 2.9 % (measured: 0.130 against 0.126).
+BF16_TOLERANCES = {"trades": (0.4, 0.25), "fgsm-sdi": (0.15, 0.05)}  # (classifier rtol, loss rtol)
+# FGSM-SDI's attacker takes one Adam step in three (every 20 batches): Adam's per-coordinate
+# normalization makes tiny coordinates count as much as large ones; cosine 0.949 measured.
+BF16_ATTACKER_COSINE = {"fgsm-sdi": 0.9}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -84,7 +89,7 @@ def test_bf16_autocast_trains_every_method_close_to_float32(method):
     assert bf16_losses[-1] < bf16_losses[0]  # it trains
     classifier_rtol, loss_rtol = BF16_TOLERANCES.get(method, (BF16_CLASSIFIER_RTOL, BF16_LOSS_RTOL))
     assert bf16_losses == pytest.approx(exact_losses, rel=loss_rtol)
-    assert_same_step(bf16, exact, before, classifier_rtol, BF16_ATTACKER_MIN_COSINE)
+    assert_same_step(bf16, exact, before, classifier_rtol, BF16_ATTACKER_COSINE.get(method, BF16_ATTACKER_MIN_COSINE))
     assert all(p.dtype == torch.float32 for net in networks(bf16) for p in net.parameters())
 
 
