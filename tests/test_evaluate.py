@@ -229,24 +229,27 @@ def test_eval_text_mode_prints_checks_flag_and_warnings(monkeypatch, capsys):
 
 
 def test_autoattack_runs_chunk_by_chunk_resumes_and_reports_warnings(runs, monkeypatch):
-    cfg = dict(checkpoint=str(runs / "pgd"), attacks=["autoattack-fast"], n=16, batch_size=8, progress=False)
+    from learn2defend.attacks import auto
+
+    monkeypatch.setattr(auto, "CHUNK", 8)  # AutoAttack's chunk, whatever --batch-size is
+    cfg = dict(checkpoint=str(runs / "pgd"), attacks=["autoattack-fast"], n=16, batch_size=5, progress=False)
     reference = evaluate(EvalConfig(**cfg, attack_state=False))["accuracy"]
     chunks = []
     original = AutoAttack.__call__
 
-    def killed_on_chunk_2(self, model, x, y, *, state_path=None):
+    def killed_on_chunk_2(self, model, x, y, *, state_path=None, **kwargs):
         chunks.append((len(x), state_path))
         if len(chunks) == 2:
             raise KeyboardInterrupt
-        return original(self, model, x, y, state_path=state_path)
+        return original(self, model, x, y, state_path=state_path, **kwargs)
 
     monkeypatch.setattr(AutoAttack, "__call__", killed_on_chunk_2)
     with pytest.raises(KeyboardInterrupt):
         evaluate(EvalConfig(**cfg))
-    assert [n for n, _ in chunks] == [8, 8]  # fed one batch at a time
+    assert [n for n, _ in chunks] == [8, 8]  # fed one chunk at a time
     saved = list((runs / "pgd" / STATE_DIR).glob("*/autoattack-fast-chunk00000.pt"))
     assert len(saved) == 1 and chunks[0][1] == saved[0]
-    monkeypatch.undo()
+    monkeypatch.setattr(AutoAttack, "__call__", original)  # CHUNK stays patched
 
     logged = []
     original_perturb = AutoAttack.perturb

@@ -5,8 +5,10 @@ Robust accuracy is only meaningful against the strongest attack tried, so beside
 one number per attack we report `worst`: the fraction of images that survive
 *every* attack that was run on them.
 
-Attacks run batch by batch (the batches are AutoAttack's chunks too), so a data set
-of any size never sits on the device as float images at once. AutoAttack is slow
+Attacks run batch by batch, so a data set of any size never sits on the device as
+float images at once. A result depends only on the model, the images, the attack and
+the seed: not on `--batch-size`, nor on the other attacks or their order (see
+`correctness.attack_correct`). AutoAttack is slow
 enough to be worth resuming: by default each chunk's progress is saved under
 `<run>/eval-state/<key>/`, where the key hashes everything the result depends on
 (checkpoint file, data, eps, seed, batch size, attack). An interrupted `eval` run again
@@ -102,14 +104,15 @@ def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
 
 def build_attacks(names: list[str], eps: float, batch_size: int, pgm_step: float | None = None) -> list[Attack]:
     """Attack objects, duplicates dropped (they would count twice); bad names fail here,
-    before any work. `pgm_step` replaces the pgmK attacks' default step of eps/3."""
+    before any work. `pgm_step` replaces the pgmK attacks' default step of eps/3.
+
+    `batch_size` is accepted for compatibility and changes nothing: results must not
+    depend on it, so AutoAttack keeps its own chunk of 250 images (see `attack_correct`)."""
+    del batch_size
     attacks = []
     for name in dict.fromkeys(names):
         is_pgm = re.fullmatch(r"pgm[0-9]+", name.strip().lower()) is not None
-        attack = make_attack(name, eps, **({"step_size": pgm_step} if is_pgm and pgm_step is not None else {}))
-        if isinstance(attack, AutoAttack):
-            attack.batch_size = batch_size  # one chunk = one of our batches
-        attacks.append(attack)
+        attacks.append(make_attack(name, eps, **({"step_size": pgm_step} if is_pgm and pgm_step is not None else {})))
     return attacks
 
 
