@@ -154,7 +154,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
     resumable = world == 1 and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
-    with _state_discarded_on_failure(state):
+    with _state_discarded_on_failure(state), _interruptible(state):
         correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
                                  config.progress and distributed.is_main(), state)
         if world > 1:
@@ -198,6 +198,39 @@ def _discard_state(state: Path | None) -> None:
     shutil.rmtree(state, ignore_errors=True)
     with contextlib.suppress(OSError):
         state.parent.rmdir()  # only if no other evaluation's state is left there
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during `evaluate`; the message says how to continue."""
+
+
+@contextlib.contextmanager
+def _interruptible(state: Path | None):
+    """SIGTERM is handled as SIGINT (a KeyboardInterrupt: AutoAttack's saved progress is
+    kept), and either ends in EvalInterrupted saying how to continue."""
+    import signal
+    import threading
+
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise KeyboardInterrupt
+
+        previous, installed = signal.signal(signal.SIGTERM, _term), True
+    try:
+        yield
+    except EvalInterrupted:
+        raise
+    except KeyboardInterrupt as e:
+        if state is not None and state.is_dir() and any(state.iterdir()):
+            how = (f"AutoAttack's finished stages are saved in {state}; run the same eval command again "
+                   "to continue from there")
+        else:
+            how = "no progress was saved (only AutoAttack's is); run the same eval command again to start over"
+        raise EvalInterrupted(f"eval interrupted: {how}") from e
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @contextlib.contextmanager
@@ -317,6 +350,6 @@ def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) 
 
 
 __all__ = [
-    "EvalConfig", "TransferConfig", "evaluate", "transfer", "attack_accuracy", "attack_correct",
+    "EvalConfig", "EvalInterrupted", "TransferConfig", "evaluate", "transfer", "attack_accuracy", "attack_correct",
     "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
 ]
