@@ -327,3 +327,55 @@ def test_attack_correct_checks_labels_once_against_the_model(mlp, digits):
         attack_correct(mlp, _data(x, y), [], 8, CPU)
     ok = attack_correct(mlp, _data(x, digits[1][:20].to(torch.uint8)), [make_attack("fgsm", EPS)], 8, CPU)
     assert len(ok["fgsm"]) == 20
+
+
+# ---- 8. evaluating any nn.Module -------------------------------------------------------------
+
+
+def test_evaluate_model_on_tensors(digits):
+    from learn2defend import evaluate_model
+
+    model = _mlp(*digits, seed=3, dropout=True)
+    x, y = digits[0][1400:1440], digits[1][1400:1440]
+    modes, flags = _unusual_state(model)
+    try:
+        result = evaluate_model(model, x, y.to(torch.int32), attacks=["fgsm", "pgd5", "pgd5"], eps=EPS, batch_size=16)
+        assert [m.training for m in model.modules()] == modes
+        assert [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        _restore(model)
+    acc = result["accuracy"]
+    assert list(acc) == ["clean", "fgsm", "pgd5", "worst"] and result["n"] == 40 and result["eps"] == EPS
+    with torch.no_grad():
+        assert acc["clean"] == (model(x).argmax(1) == y).sum().item() / 40
+    assert acc["worst"] <= min(acc["fgsm"], acc["pgd5"]) < acc["clean"]
+    same = evaluate_model(model, x, y, attacks=[make_attack("pgd5", EPS), "fgsm"], eps=EPS, batch_size=7)
+    assert same["accuracy"] == acc  # any batch size, any order, Attack objects or names
+    assert evaluate_model(model, x, y)["accuracy"] == {"clean": acc["clean"]}
+
+
+def test_evaluate_model_on_a_data_set_with_checks(mlp):
+    from learn2defend import evaluate_model
+
+    result = evaluate_model(mlp, "digits", attacks=["pgd5"], eps=EPS, n=24, checks=True, batch_size=24)
+    assert result["dataset"] == "digits" and result["split"] == "val" and result["n"] == 24
+    assert set(result["checks"]) >= {"more_steps", "large_eps", "gradients"}
+    assert isinstance(result["flagged"], bool)
+
+
+def test_evaluate_model_rejects_bad_input(mlp, digits):
+    from learn2defend import evaluate_model
+
+    x, y = digits[0][:8], digits[1][:8]
+    for kwargs, match in (
+        (dict(images=x, labels=y, attacks=["pgd5"]), "eps is required"),
+        (dict(images=x, labels=None), "labels are required"),
+        (dict(images=x * 255, labels=y), r"\[0, 1\]"),
+        (dict(images=x, labels=y + 5), "out of range"),
+        (dict(images=x, labels=y, attacks=["pgd"], eps=EPS), "unknown attack"),
+        (dict(images=x, labels=y, attacks=[3], eps=EPS), "attack names or"),
+        (dict(images=x, labels=y, eps=2.0), "eps"),
+        (dict(images=x, labels=y, batch_size=0), "batch_size"),
+    ):
+        with pytest.raises(UserError, match=match):
+            evaluate_model(mlp, **kwargs)

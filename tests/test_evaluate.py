@@ -322,6 +322,19 @@ def test_sigterm_during_eval_says_how_to_continue(runs, monkeypatch, capsys):
     assert not (runs / "pgd" / STATE_DIR).exists()
 
 
+def test_evaluate_model_returns_what_eval_json_returns(runs, images):
+    from learn2defend import evaluate_model, load
+
+    cfg = EvalConfig(checkpoint=str(runs / "pgd"), attacks=["fgsm", "pgd10"], n=N, progress=False)
+    reference = evaluate(cfg)
+    model = load(runs / "pgd")
+    by_name = evaluate_model(model, "digits", attacks=["fgsm", "pgd10"], eps=EPS, n=N)
+    x, y = images
+    by_tensor = evaluate_model(model, x, y, attacks=["fgsm", "pgd10"], eps=EPS, batch_size=11)
+    assert by_name["accuracy"] == by_tensor["accuracy"] == reference["accuracy"]
+    assert by_name["n"] == by_tensor["n"] == reference["n"] and by_name["eps"] == reference["eps"]
+
+
 # ---- transfer, sweep, show ----------------------------------------------------------------
 
 

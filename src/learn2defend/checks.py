@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import PGD, Attack, make_attack, model_state_kept
-from .correctness import attack_correct, fraction
-from .data import DeviceLoader, ImageData
+from .correctness import attack_correct, batches_in_order, fraction
+from .data import ImageData
 from .errors import UserError
 
 LARGE_EPS = 0.5  # the all-gray image lies within 0.5 of every [0, 1] image
@@ -59,7 +59,7 @@ def input_gradient_ok(model: nn.Module, images: ImageData, batch_size: int, devi
     ok = []
     with model_state_kept(model):
         model.eval()
-        for x, y in DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False):
+        for x, y in batches_in_order(images, batch_size, device):
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
@@ -146,7 +146,7 @@ def sanity_checks(
     )
 
     # 2. large eps
-    counts = torch.bincount(images.labels.long())
+    counts = torch.bincount(images.labels.long().cpu())
     limit = max(LARGE_EPS_FLOOR, float(counts.max()) / n)
     bound = limit + noise(limit, n)
     a = acc["large_eps_pgd20"]

@@ -7,8 +7,10 @@ it without importing `evaluate` back.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +24,30 @@ from .speed import float32_math
 def fraction(flags: Tensor) -> float:
     """Share of True entries, exact (count / n in float64, not a float32 mean)."""
     return int(flags.sum()) / len(flags) if len(flags) else 0.0
+
+
+class _FloatBatches:
+    """Consecutive batches of float images (already in [0, 1]) moved to `device` as they are."""
+
+    def __init__(self, data: ImageData, batch_size: int, device: torch.device) -> None:
+        self.data, self.batch_size, self.device = data, batch_size, torch.device(device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, len(self.data), self.batch_size):
+            yield (self.data.images[i : i + self.batch_size].to(self.device),
+                   self.data.labels[i : i + self.batch_size].to(self.device).long())
+
+
+def batches_in_order(data: ImageData, batch_size: int, device: torch.device) -> DeviceLoader | _FloatBatches:
+    """(images [B, C, H, W] float in [0, 1], labels int64 [B]) on `device`, in order, the last
+    batch possibly smaller. `data.images` may be uint8 (the data sets: divided by 255 here)
+    or floating point in [0, 1] (a user's own tensors: used as they are)."""
+    if data.images.is_floating_point():
+        return _FloatBatches(data, batch_size, device)
+    return DeviceLoader(data, batch_size, device, shuffle=False, drop_last=False)
 
 
 def attack_correct(
@@ -66,11 +92,11 @@ def attack_correct(
     source = source if transfer else model
     correct: dict[str, Tensor] = {}
     own: dict[str, Tensor] = {}
-    loaders: dict[int, DeviceLoader] = {}
+    loaders: dict[int, DeviceLoader | _FloatBatches] = {}
 
-    def batches(size: int) -> DeviceLoader:
+    def batches(size: int) -> DeviceLoader | _FloatBatches:
         if size not in loaders:
-            loaders[size] = DeviceLoader(images, size, device, shuffle=False, drop_last=False)
+            loaders[size] = batches_in_order(images, size, device)
         return loaders[size]
 
     def chunk_size(attack: Attack) -> int:

@@ -24,6 +24,7 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import learned_attack  # noqa: F401 - registers the "l2l:DIR" attack names
-from .attacks import Attack, AutoAttack, make_attack
+from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, make_attack
 from .checks import sanity_checks
 from .config import parse_fraction
 from .correctness import attack_correct, fraction
@@ -189,6 +190,109 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         if warnings:
             result["warnings"] = warnings
     _discard_state(state)  # finished: the next evaluation starts afresh
+    return result
+
+
+def evaluate_model(
+    model: nn.Module,
+    images: Tensor | str,
+    labels: Tensor | None = None,
+    *,
+    attacks: Sequence[str | Attack] = (),
+    eps: float | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    checks: bool = False,
+    surrogate: nn.Module | None = None,
+    split: str = "val",
+    n: int | None = None,
+    data_dir: str = "data",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate your own model, as `learn2defend eval --json` evaluates a run.
+
+    model: any nn.Module mapping images [B, C, H, W] in [0, 1] to logits [B, K]. A model
+        trained on normalized input must normalize inside its forward, e.g.
+        `nn.Sequential(learn2defend.models.Normalize(mean, std), net)`.
+    images: a floating-point tensor [N, C, H, W] in [0, 1] (on any device), with `labels`
+        an integer tensor [N] (any integer dtype) in [0, K); or the name of a learn2defend
+        data set ("digits", "cifar10", "folder:PATH", ...), of which the first `n` images of
+        `split` ("val", "test" or "train") are used, read from `data_dir` (no download).
+    attacks: attack names as in `eval --attacks` ("fgsm", "pgd10", "autoattack", ...) or
+        Attack objects; duplicate names count once. Default: none (clean accuracy only).
+    eps: the l-inf radius in pixel units (e.g. 8/255); required with attacks or checks.
+    batch_size: images per attack batch (memory only: the numbers do not depend on it).
+    device: where to attack; default the device of the model's first parameter (CPU for a
+        model without parameters). The model is not moved: it must already be there.
+    seed: the attacks' seed; the result depends only on the model, the images, the
+        attacks, eps and the seed. The global torch RNG is neither used nor reseeded.
+    checks, surrogate: run the sanity checks of `learn2defend.checks` on the same images
+        (`surrogate`, another model, enables the white-box-vs-transfer check).
+
+    Returns {"accuracy": {"clean": float, <attack name>: float, ..., "worst": float (the
+    share of images that survive every attack; only with attacks)}, "n": int, "eps":
+    float | None, and with a data set name "dataset" and "split"; with checks "checks" and
+    "flagged"; "warnings" (list of str) when an attack had any}. Accuracies are fractions
+    in [0, 1]. The model's (and surrogate's) train/eval modes, `requires_grad` flags and
+    `.grad`s are restored.
+
+    Raises UserError for bad images, labels (dtype, shape, range against the model's
+    number of classes), eps, attack names or options.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if (attacks or checks) and eps is None:
+        raise UserError("eps is required with attacks or checks (pixel units, e.g. 8/255)")
+    if eps is not None:
+        eps = check_eps(eps)
+    if checks and not eps > 0:
+        raise UserError("the sanity checks attack the model, so they need eps > 0")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
+    device = torch.device(device)
+    result: dict[str, Any] = {}
+    if isinstance(images, str):
+        if labels is not None:
+            raise UserError("labels come with the data set: pass labels only with an images tensor")
+        if split not in ("train", "val", "test"):
+            raise UserError(f"split must be val, test or train, got {split!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise UserError(f"n must be a positive integer, got {n!r}")
+        data = first_n(load_dataset(images, data_dir), split, n)
+        result.update(dataset=images, split=split)
+    else:
+        check_images(images)
+        if labels is None:
+            raise UserError("labels are required with an images tensor: an integer tensor [N]")
+        labels = check_labels(labels, len(images))
+        if n is not None:
+            images, labels = images[:n], labels[:n]
+        data = ImageData(images.detach(), labels.cpu())
+    if not len(data):
+        raise UserError("no images to evaluate")
+    attack_objects: list[Attack] = []
+    for a in attacks:
+        attack = build_attacks([a], eps, batch_size)[0] if isinstance(a, str) else a
+        if not isinstance(attack, Attack):
+            raise UserError(f"attacks must be attack names or learn2defend Attack objects, got {a!r}")
+        if attack.name not in {b.name for b in attack_objects}:  # a duplicate would count twice
+            attack_objects.append(attack)
+    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
+    accuracy = {name: fraction(ok) for name, ok in correct.items()}
+    if not attack_objects:
+        del accuracy["worst"]
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps} | result
+    ran = list(attack_objects)
+    if checks:
+        report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
+                               surrogate=surrogate, progress=progress)
+        result["checks"], result["flagged"] = report["checks"], report["flagged"]
+        ran += report["attacks"]
+    warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
+    if warnings:
+        result["warnings"] = warnings
     return result
 
 
@@ -350,6 +454,7 @@ def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) 
 
 
 __all__ = [
-    "EvalConfig", "EvalInterrupted", "TransferConfig", "evaluate", "transfer", "attack_accuracy", "attack_correct",
+    "EvalConfig", "EvalInterrupted", "TransferConfig", "evaluate", "evaluate_model", "transfer", "attack_accuracy",
+    "attack_correct",
     "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
 ]
