@@ -157,7 +157,7 @@ def test_cw_freezes_fooled_samples_and_reduces_accuracy(mlp, digits):
         hook.remove()
     assert_valid(adv, x, EPS)
     assert wrong[:16].all() and torch.equal(adv[wrong], x[wrong])  # delta exactly 0
-    assert len(calls) <= 100  # the iteration budget, all samples together
+    assert len(calls) <= 101  # the budget, all samples together, + one forward reading the classes
     cw = accuracy(mlp, adv, y)
     assert cw < accuracy(mlp, x, y) - 0.2
     torch.manual_seed(0)

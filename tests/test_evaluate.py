@@ -230,24 +230,27 @@ def test_eval_text_mode_prints_checks_flag_and_warnings(monkeypatch, capsys):
 
 
 def test_autoattack_runs_chunk_by_chunk_resumes_and_reports_warnings(runs, monkeypatch):
-    cfg = dict(checkpoint=str(runs / "pgd"), attacks=["autoattack-fast"], n=16, batch_size=8, progress=False)
+    from learn2defend.attacks import auto
+
+    monkeypatch.setattr(auto, "CHUNK", 8)  # AutoAttack's chunk, whatever --batch-size is
+    cfg = dict(checkpoint=str(runs / "pgd"), attacks=["autoattack-fast"], n=16, batch_size=5, progress=False)
     reference = evaluate(EvalConfig(**cfg, attack_state=False))["accuracy"]
     chunks = []
     original = AutoAttack.__call__
 
-    def killed_on_chunk_2(self, model, x, y, *, state_path=None):
+    def killed_on_chunk_2(self, model, x, y, *, state_path=None, **kwargs):
         chunks.append((len(x), state_path))
         if len(chunks) == 2:
             raise KeyboardInterrupt
-        return original(self, model, x, y, state_path=state_path)
+        return original(self, model, x, y, state_path=state_path, **kwargs)
 
     monkeypatch.setattr(AutoAttack, "__call__", killed_on_chunk_2)
     with pytest.raises(KeyboardInterrupt):
         evaluate(EvalConfig(**cfg))
-    assert [n for n, _ in chunks] == [8, 8]  # fed one batch at a time
+    assert [n for n, _ in chunks] == [8, 8]  # fed one chunk at a time
     saved = list((runs / "pgd" / STATE_DIR).glob("*/autoattack-fast-chunk00000.pt"))
     assert len(saved) == 1 and chunks[0][1] == saved[0]
-    monkeypatch.undo()
+    monkeypatch.setattr(AutoAttack, "__call__", original)  # CHUNK stays patched
 
     logged = []
     original_perturb = AutoAttack.perturb
@@ -263,6 +266,74 @@ def test_autoattack_runs_chunk_by_chunk_resumes_and_reports_warnings(runs, monke
     assert result["warnings"] == ["there are 2 points with zero gradient"]
     assert len(logged) == 2 and logged[0] == saved[0]
     assert not (runs / "pgd" / STATE_DIR).exists()
+
+
+def test_eval_numbers_depend_only_on_model_images_attack_and_seed(runs):
+    base = dict(checkpoint=str(runs / "pgd"), n=N, progress=False, attack_state=False)
+    alone = evaluate(EvalConfig(**base, attacks=["pgd10"], batch_size=48))["accuracy"]
+    mixed = evaluate(EvalConfig(**base, attacks=["autoattack-fast", "pgd20", "pgd10"], batch_size=7))["accuracy"]
+    reordered = evaluate(EvalConfig(**base, attacks=["pgd10", "pgd20", "autoattack-fast"], batch_size=13))["accuracy"]
+    assert alone["pgd10"] == mixed["pgd10"] == reordered["pgd10"]
+    assert mixed == reordered
+    assert 0 < mixed["autoattack-fast"] < mixed["clean"]  # numbers that could have differed
+    torch.manual_seed(99)  # the global RNG plays no part
+    assert evaluate(EvalConfig(**base, attacks=["pgd10"], batch_size=5))["accuracy"] == alone
+
+
+def test_eval_off_a_terminal_prints_a_line_per_attack_and_stage(runs, capsys):
+    assert main(["eval", "--checkpoint", str(runs / "pgd"), "--attacks", "pgd5,autoattack-fast", "--n", "16",
+                 "--no-attack-state", "--json"]) == 0
+    out, err = capsys.readouterr()
+    accuracy = json.loads(out)["accuracy"]
+    lines = err.splitlines()
+    assert any(ln.startswith("learn2defend: pgd5 [1/2]: accuracy ") for ln in lines)
+    stages = [ln for ln in lines if ln.startswith("learn2defend: autoattack-fast [2/2] chunk 1/1: ")]
+    assert [ln.split(": ")[2] for ln in stages] == ["apgd-ce", "apgd-t"]
+    final = next(ln for ln in lines if ln.startswith("learn2defend: autoattack-fast [2/2]: accuracy "))
+    assert f"accuracy {accuracy['autoattack-fast']:.4f}" in final and f"worst so far {accuracy['worst']:.4f}" in final
+
+
+def test_sigterm_during_eval_says_how_to_continue(runs, monkeypatch, capsys):
+    import os
+    import signal
+
+    from learn2defend.attacks import auto
+
+    monkeypatch.setattr(auto, "CHUNK", 8)
+    argv = ["eval", "--checkpoint", str(runs / "pgd"), "--attacks", "autoattack-fast", "--n", "16", "--json"]
+    original = AutoAttack.__call__
+    calls = []
+
+    def terminated_on_chunk_2(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping the job would
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoAttack, "__call__", terminated_on_chunk_2)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "eval interrupted" in err and "run the same eval command again to continue" in err
+    assert str(runs / "pgd" / STATE_DIR) in err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+    monkeypatch.setattr(AutoAttack, "__call__", original)
+    assert main(argv) == 0
+    assert "resuming AutoAttack" in capsys.readouterr().err
+    assert not (runs / "pgd" / STATE_DIR).exists()
+
+
+def test_evaluate_model_returns_what_eval_json_returns(runs, images):
+    from learn2defend import evaluate_model, load
+
+    cfg = EvalConfig(checkpoint=str(runs / "pgd"), attacks=["fgsm", "pgd10"], n=N, progress=False)
+    reference = evaluate(cfg)
+    model = load(runs / "pgd")
+    by_name = evaluate_model(model, "digits", attacks=["fgsm", "pgd10"], eps=EPS, n=N)
+    x, y = images
+    by_tensor = evaluate_model(model, x, y, attacks=["fgsm", "pgd10"], eps=EPS, batch_size=11)
+    assert by_name["accuracy"] == by_tensor["accuracy"] == reference["accuracy"]
+    assert by_name["n"] == by_tensor["n"] == reference["n"] and by_name["eps"] == reference["eps"]
 
 
 # ---- transfer, sweep, show ----------------------------------------------------------------

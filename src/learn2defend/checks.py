@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import PGD, Attack, make_attack
-from .correctness import attack_correct, fraction
-from .data import DeviceLoader, ImageData
+from .attacks import PGD, Attack, make_attack, model_state_kept
+from .correctness import attack_correct, batches_in_order, fraction
+from .data import ImageData
 from .errors import UserError
 
 LARGE_EPS = 0.5  # the all-gray image lies within 0.5 of every [0, 1] image
@@ -54,15 +54,17 @@ def noise(p: float, n: int) -> float:
 
 
 def input_gradient_ok(model: nn.Module, images: ImageData, batch_size: int, device: torch.device) -> Tensor:
-    """Per image (bool, CPU): the cross-entropy's input gradient is finite and not all zero."""
-    model.eval()
+    """Per image (bool, CPU): the cross-entropy's input gradient is finite and not all zero.
+    The model's modes, `requires_grad` flags and `.grad`s are restored."""
     ok = []
-    for x, y in DeviceLoader(images, batch_size, device, shuffle=False, drop_last=False):
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
-        g = grad.flatten(1)
-        ok.append((torch.isfinite(g).all(1) & (g != 0).any(1)).cpu())
+    with model_state_kept(model):
+        model.eval()
+        for x, y in batches_in_order(images, batch_size, device):
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+            g = grad.flatten(1)
+            ok.append((torch.isfinite(g).all(1) & (g != 0).any(1)).cpu())
     return torch.cat(ok)
 
 
@@ -93,7 +95,9 @@ def sanity_checks(
     (attack name -> bool tensor, as `correctness.attack_correct` returns it); attacks found
     there are not run again. Returns {"checks": {name: {"passed": bool | None,
     "detail": str, "values": {...}}}, "flagged": bool, "accuracy": {attack: accuracy},
-    "attacks": [the Attack objects run, for their warnings]}.
+    "attacks": [the Attack objects run, for their warnings]}. The models' modes,
+    `requires_grad` flags and `.grad`s are restored; the global torch RNG is not touched
+    (the attacks draw from their own generators seeded with `seed`).
     """
     if not eps > 0:
         raise UserError("the sanity checks attack the model, so they need eps > 0")
@@ -142,7 +146,7 @@ def sanity_checks(
     )
 
     # 2. large eps
-    counts = torch.bincount(images.labels.long())
+    counts = torch.bincount(images.labels.long().cpu())
     limit = max(LARGE_EPS_FLOOR, float(counts.max()) / n)
     bound = limit + noise(limit, n)
     a = acc["large_eps_pgd20"]

@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the run's own)")
     p.add_argument("--split", default="val", help="val or test")
     p.add_argument("--n", type=int, help="evaluate the first N images of the split (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
+    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (memory only: the "
+                   "numbers do not depend on it; AutoAttack always attacks chunks of 250)")
     p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
     p.add_argument("--which", default="last", help="last or best checkpoint")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -601,8 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:  # one line, even when the message quotes a file name with a newline
         print(f"learn2defend: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("learn2defend: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a message (eval's EvalInterrupted) says how to continue
+        print(f"learn2defend: {e}" if str(e) else "learn2defend: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - only to name TrainingInterrupted without importing train eagerly
         if type(e).__name__ != "TrainingInterrupted":

@@ -5,8 +5,10 @@ Robust accuracy is only meaningful against the strongest attack tried, so beside
 one number per attack we report `worst`: the fraction of images that survive
 *every* attack that was run on them.
 
-Attacks run batch by batch (the batches are AutoAttack's chunks too), so a data set
-of any size never sits on the device as float images at once. AutoAttack is slow
+Attacks run batch by batch, so a data set of any size never sits on the device as
+float images at once. A result depends only on the model, the images, the attack and
+the seed: not on `--batch-size`, nor on the other attacks or their order (see
+`correctness.attack_correct`). AutoAttack is slow
 enough to be worth resuming: by default each chunk's progress is saved under
 `<run>/eval-state/<key>/`, where the key hashes everything the result depends on
 (checkpoint file, data, eps, seed, batch size, attack). An interrupted `eval` run again
@@ -22,6 +24,7 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import learned_attack  # noqa: F401 - registers the "l2l:DIR" attack names
-from .attacks import Attack, AutoAttack, make_attack
+from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, make_attack
 from .checks import sanity_checks
 from .config import parse_fraction
 from .correctness import attack_correct, fraction
@@ -102,14 +105,15 @@ def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
 
 def build_attacks(names: list[str], eps: float, batch_size: int, pgm_step: float | None = None) -> list[Attack]:
     """Attack objects, duplicates dropped (they would count twice); bad names fail here,
-    before any work. `pgm_step` replaces the pgmK attacks' default step of eps/3."""
+    before any work. `pgm_step` replaces the pgmK attacks' default step of eps/3.
+
+    `batch_size` is accepted for compatibility and changes nothing: results must not
+    depend on it, so AutoAttack keeps its own chunk of 250 images (see `attack_correct`)."""
+    del batch_size
     attacks = []
     for name in dict.fromkeys(names):
         is_pgm = re.fullmatch(r"pgm[0-9]+", name.strip().lower()) is not None
-        attack = make_attack(name, eps, **({"step_size": pgm_step} if is_pgm and pgm_step is not None else {}))
-        if isinstance(attack, AutoAttack):
-            attack.batch_size = batch_size  # one chunk = one of our batches
-        attacks.append(attack)
+        attacks.append(make_attack(name, eps, **({"step_size": pgm_step} if is_pgm and pgm_step is not None else {})))
     return attacks
 
 
@@ -151,7 +155,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
     resumable = world == 1 and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
-    with _state_discarded_on_failure(state):
+    with _state_discarded_on_failure(state), _interruptible(state):
         correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
                                  config.progress and distributed.is_main(), state)
         if world > 1:
@@ -189,12 +193,148 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     return result
 
 
+def evaluate_model(
+    model: nn.Module,
+    images: Tensor | str,
+    labels: Tensor | None = None,
+    *,
+    attacks: Sequence[str | Attack] = (),
+    eps: float | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    checks: bool = False,
+    surrogate: nn.Module | None = None,
+    split: str = "val",
+    n: int | None = None,
+    data_dir: str = "data",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate your own model, as `learn2defend eval --json` evaluates a run.
+
+    model: any nn.Module mapping images [B, C, H, W] in [0, 1] to logits [B, K]. A model
+        trained on normalized input must normalize inside its forward, e.g.
+        `nn.Sequential(learn2defend.models.Normalize(mean, std), net)`.
+    images: a floating-point tensor [N, C, H, W] in [0, 1] (on any device), with `labels`
+        an integer tensor [N] (any integer dtype) in [0, K); or the name of a learn2defend
+        data set ("digits", "cifar10", "folder:PATH", ...), of which the first `n` images of
+        `split` ("val", "test" or "train") are used, read from `data_dir` (no download).
+    attacks: attack names as in `eval --attacks` ("fgsm", "pgd10", "autoattack", ...) or
+        Attack objects; duplicate names count once. Default: none (clean accuracy only).
+    eps: the l-inf radius in pixel units (e.g. 8/255); required with attacks or checks.
+    batch_size: images per attack batch (memory only: the numbers do not depend on it).
+    device: where to attack; default the device of the model's first parameter (CPU for a
+        model without parameters). The model is not moved: it must already be there.
+    seed: the attacks' seed; the result depends only on the model, the images, the
+        attacks, eps and the seed. The global torch RNG is neither used nor reseeded.
+    checks, surrogate: run the sanity checks of `learn2defend.checks` on the same images
+        (`surrogate`, another model, enables the white-box-vs-transfer check).
+
+    Returns {"accuracy": {"clean": float, <attack name>: float, ..., "worst": float (the
+    share of images that survive every attack; only with attacks)}, "n": int, "eps":
+    float | None, and with a data set name "dataset" and "split"; with checks "checks" and
+    "flagged"; "warnings" (list of str) when an attack had any}. Accuracies are fractions
+    in [0, 1]. The model's (and surrogate's) train/eval modes, `requires_grad` flags and
+    `.grad`s are restored.
+
+    Raises UserError for bad images, labels (dtype, shape, range against the model's
+    number of classes), eps, attack names or options.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if (attacks or checks) and eps is None:
+        raise UserError("eps is required with attacks or checks (pixel units, e.g. 8/255)")
+    if eps is not None:
+        eps = check_eps(eps)
+    if checks and not eps > 0:
+        raise UserError("the sanity checks attack the model, so they need eps > 0")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
+    device = torch.device(device)
+    result: dict[str, Any] = {}
+    if isinstance(images, str):
+        if labels is not None:
+            raise UserError("labels come with the data set: pass labels only with an images tensor")
+        if split not in ("train", "val", "test"):
+            raise UserError(f"split must be val, test or train, got {split!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise UserError(f"n must be a positive integer, got {n!r}")
+        data = first_n(load_dataset(images, data_dir), split, n)
+        result.update(dataset=images, split=split)
+    else:
+        check_images(images)
+        if labels is None:
+            raise UserError("labels are required with an images tensor: an integer tensor [N]")
+        labels = check_labels(labels, len(images))
+        if n is not None:
+            images, labels = images[:n], labels[:n]
+        data = ImageData(images.detach(), labels.cpu())
+    if not len(data):
+        raise UserError("no images to evaluate")
+    attack_objects: list[Attack] = []
+    for a in attacks:
+        attack = build_attacks([a], eps, batch_size)[0] if isinstance(a, str) else a
+        if not isinstance(attack, Attack):
+            raise UserError(f"attacks must be attack names or learn2defend Attack objects, got {a!r}")
+        if attack.name not in {b.name for b in attack_objects}:  # a duplicate would count twice
+            attack_objects.append(attack)
+    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
+    accuracy = {name: fraction(ok) for name, ok in correct.items()}
+    if not attack_objects:
+        del accuracy["worst"]
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps} | result
+    ran = list(attack_objects)
+    if checks:
+        report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
+                               surrogate=surrogate, progress=progress)
+        result["checks"], result["flagged"] = report["checks"], report["flagged"]
+        ran += report["attacks"]
+    warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
+    if warnings:
+        result["warnings"] = warnings
+    return result
+
+
 def _discard_state(state: Path | None) -> None:
     if state is None:
         return
     shutil.rmtree(state, ignore_errors=True)
     with contextlib.suppress(OSError):
         state.parent.rmdir()  # only if no other evaluation's state is left there
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during `evaluate`; the message says how to continue."""
+
+
+@contextlib.contextmanager
+def _interruptible(state: Path | None):
+    """SIGTERM is handled as SIGINT (a KeyboardInterrupt: AutoAttack's saved progress is
+    kept), and either ends in EvalInterrupted saying how to continue."""
+    import signal
+    import threading
+
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise KeyboardInterrupt
+
+        previous, installed = signal.signal(signal.SIGTERM, _term), True
+    try:
+        yield
+    except EvalInterrupted:
+        raise
+    except KeyboardInterrupt as e:
+        if state is not None and state.is_dir() and any(state.iterdir()):
+            how = (f"AutoAttack's finished stages are saved in {state}; run the same eval command again "
+                   "to continue from there")
+        else:
+            how = "no progress was saved (only AutoAttack's is); run the same eval command again to start over"
+        raise EvalInterrupted(f"eval interrupted: {how}") from e
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @contextlib.contextmanager
@@ -314,6 +454,7 @@ def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) 
 
 
 __all__ = [
-    "EvalConfig", "TransferConfig", "evaluate", "transfer", "attack_accuracy", "attack_correct",
+    "EvalConfig", "EvalInterrupted", "TransferConfig", "evaluate", "evaluate_model", "transfer", "attack_accuracy",
+    "attack_correct",
     "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
 ]

@@ -244,14 +244,13 @@ def show(config: ShowConfig) -> dict[str, Any]:
     attacks = build_attacks(config.attacks, eps, config.n)
     images = first_n(eval_data(run, config.dataset, config.data_dir), config.split, config.n)
     classes = [str(c) for c in run.meta["classes"]]
-    torch.manual_seed(config.seed)
     x, y = next(iter(DeviceLoader(images, len(images), device, shuffle=False, drop_last=False)))
     model = run.model.eval()
     with torch.no_grad():
         clean_pred = model(x).argmax(1)
     advs, preds = {}, {}
     for attack in attacks:
-        advs[attack.name] = attack(model, x, y)
+        advs[attack.name] = attack(model, x, y, seed=config.seed)
         with torch.no_grad():
             preds[attack.name] = model(advs[attack.name]).argmax(1)
     out = Path(config.out)

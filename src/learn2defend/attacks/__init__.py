@@ -5,7 +5,17 @@ All attacks are l-inf with radius eps in pixel units, on images in [0, 1].
 """
 
 from .auto import AutoAttack
-from .base import FGSM, PGD, Attack, check_eps
+from .base import (
+    FGSM,
+    NONFINITE_GRADIENT_WARNING,
+    PGD,
+    Attack,
+    check_eps,
+    check_images,
+    check_labels,
+    model_state_kept,
+    num_classes,
+)
 from .cw import CWLinf
 from .functional import fgsm_delta, kl_pgd_delta, margin_loss, pgd_delta, project
 from .registry import ATTACK_FORMS, list_attack_names, make_attack, register_attack_prefix
@@ -16,13 +26,18 @@ __all__ = [
     "AutoAttack",
     "CWLinf",
     "FGSM",
+    "NONFINITE_GRADIENT_WARNING",
     "PGD",
     "check_eps",
+    "check_images",
+    "check_labels",
     "fgsm_delta",
     "kl_pgd_delta",
     "list_attack_names",
     "make_attack",
     "margin_loss",
+    "model_state_kept",
+    "num_classes",
     "pgd_delta",
     "project",
     "register_attack_prefix",

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 from learn2defend.errors import UserError
 
-from .base import Attack, _check_positive_int
+from .base import Attack, _check_positive_int, _check_seed, stream_seed
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 FAST_ATTACKS = ("apgd-ce", "apgd-t")
 GRADIENT_ATTACKS = ("apgd-ce", "apgd-t", "fab-t")
 _STATE_FORMAT = "learn2defend-autoattack-1"
+CHUNK = 250  # the default batch_size: pyautoattack's own default
 
 
 class _Collect(logging.Handler):
@@ -100,8 +101,11 @@ class AutoAttack(Attack):
     """AutoAttack, l-inf: "standard" (APGD-CE, APGD-T, FAB-T, Square) or "fast"
     (APGD-CE + APGD-T with the standard settings: 1 restart, 9 target classes).
 
-    Each call is seeded with `seed` (the global RNG is restored afterwards), so a data
-    set attacked chunk by chunk gives the same result as long as the chunks are the same.
+    Each call seeds pyautoattack from `seed` (the call's, else `self.seed`; the global RNG
+    is restored afterwards). pyautoattack draws its random starts (APGD) and squares
+    (Square) for a whole batch at once, so an image's result depends on the other images
+    of its chunk: `learn2defend.correctness.attack_correct` therefore always attacks
+    chunks of `batch_size` (`CHUNK`, 250) consecutive images, whatever its own batch size.
     `attack(model, x, y, state_path=p)` checkpoints to p after every attack and resumes
     from it; p must belong to this chunk (same images, labels, eps, attacks, seed).
 
@@ -118,7 +122,7 @@ class AutoAttack(Attack):
         *,
         attacks: Sequence[str] | None = None,
         seed: int = 0,
-        batch_size: int = 250,
+        batch_size: int | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(eps)
@@ -132,15 +136,14 @@ class AutoAttack(Attack):
         bad = [a for a in attacks if a not in STANDARD_ATTACKS]
         if bad or not attacks:
             raise UserError(f"AutoAttack attacks must be among {', '.join(STANDARD_ATTACKS)}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise UserError(f"seed must be an integer, got {seed!r}")
-        self.version, self.attacks, self.seed = version, tuple(attacks), seed
-        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.version, self.attacks, self.seed = version, tuple(attacks), _check_seed(seed)
+        self.batch_size = _check_positive_int("batch_size", CHUNK if batch_size is None else batch_size)
         self.name = name or ("autoattack" if version == "standard" else f"autoattack-{version}")
         self.warnings: list[str] = []
         self.log: list[str] = []
         self.robust: Tensor | None = None
         self._state_path: Path | None = None
+        self._progress: Callable[[str], None] | None = None
 
     def __call__(
         self,
@@ -148,20 +151,32 @@ class AutoAttack(Attack):
         images: Tensor,
         labels: Tensor,
         *,
+        seed: int | None = None,
         state_path: str | os.PathLike | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> Tensor:
+        """As `Attack.__call__`; `state_path` saves progress after every stage and resumes
+        from it; `progress(line)` is called after every stage with its robust count."""
         self._state_path = None if state_path is None else Path(state_path)
+        self._progress = progress
         try:
-            return super().__call__(model, images, labels)
+            return super().__call__(model, images, labels, seed=seed)
         finally:
             self._state_path = None
+            self._progress = None
+
+    @property
+    def pyautoattack_seed(self) -> int:
+        """The seed given to pyautoattack in the current call: derived from the call's seed
+        (the same for every AutoAttack version, so their shared stages agree)."""
+        return stream_seed(self._call_seed, "autoattack") % 2**31
 
     def _fingerprint(self, x: Tensor, y: Tensor) -> dict:
         return {
             "format": _STATE_FORMAT,
             "eps": self.eps,
             "attacks": list(self.attacks),
-            "seed": self.seed,
+            "seed": self.pyautoattack_seed,
             "shape": list(x.shape),
             "labels": y.cpu(),
             "checksum": [float(x.double().sum()), float(x.double().square().sum())],
@@ -221,7 +236,7 @@ class AutoAttack(Attack):
                     eps=self.eps,
                     version="standard",
                     device=x.device,
-                    seed=self.seed,
+                    seed=self.pyautoattack_seed,
                 )
                 # The standard 9 target classes crash APGD-T/FAB-T with fewer than 10 classes.
                 n_classes = int(model(x[:1]).shape[1]) if len(x) else 10
@@ -253,6 +268,8 @@ class AutoAttack(Attack):
                             f"{attack}: fooled {n_broken} of {len(idx)} robust samples; "
                             f"robust {int(robust.sum())}/{len(y)}"
                         )
+                        if self._progress is not None:
+                            self._progress(f"{attack}: robust {int(robust.sum())}/{len(y)}")
                         if (
                             attack == "square"
                             and n_broken

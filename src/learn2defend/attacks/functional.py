@@ -52,19 +52,22 @@ def pgd_delta(
     random_start: bool = False,
     start_std: float = 0.0,
     loss: str = "ce",
+    init: Tensor | None = None,
 ) -> Tensor:
     """l-inf PGD (sign-gradient ascent, projected after every step); returns detached delta.
 
     random_start draws delta uniformly from [-eps, eps] (then projected into the image
     box), as in Madry et al.; start_std > 0 draws it from N(0, start_std^2) instead, as
     TRADES' and MART's reference code do (0.001); with neither PGD starts at 0 like the
-    paper's PGM.
+    paper's PGM. Both draw from the global torch RNG; `init` (a delta shaped like x,
+    projected here) replaces the drawn start, for callers that keep their own random
+    streams (the evaluation attacks do).
     """
     if loss not in LOSSES:
         raise UserError(f"unknown attack loss {loss!r}; use one of {', '.join(LOSSES)}")
     x = x.detach()
-    return _ascend(model, x, lambda logits: _loss(logits, y, loss), eps, steps, step_size,
-                   _start(x, eps, random_start, start_std))
+    start = _start(x, eps, random_start, start_std) if init is None else project(init.detach(), x, eps)
+    return _ascend(model, x, lambda logits: _loss(logits, y, loss), eps, steps, step_size, start)
 
 
 def kl_pgd_delta(
@@ -95,12 +98,16 @@ def _ascend(
     model: nn.Module, x: Tensor, objective: Callable[[Tensor], Tensor], eps: float, steps: int,
     step_size: float, delta: Tensor,
 ) -> Tensor:
-    """`steps` signed-gradient ascent steps on objective(model(x + delta)), each projected."""
+    """`steps` signed-gradient ascent steps on objective(model(x + delta)), each projected.
+
+    A NaN gradient component gives no step (sign 0) and an infinite one a full step, so
+    delta stays finite whatever the model's gradients are."""
     with torch.enable_grad():  # callers may be inside torch.no_grad()
         for _ in range(steps):
             delta.requires_grad_(True)
             (grad,) = torch.autograd.grad(objective(model(x + delta)), delta)
-            delta = project(delta.detach() + step_size * grad.sign(), x, eps)
+            step = torch.nan_to_num(grad.sign(), nan=0.0)  # NaN -> no step, whatever sign(NaN) gives
+            delta = project(delta.detach() + step_size * step, x, eps)
     return delta.detach()
 
 
@@ -112,7 +119,9 @@ def fgsm_delta(
     *,
     step_size: float | None = None,
     random_start: bool = False,
+    init: Tensor | None = None,
 ) -> Tensor:
-    """FGSM = one PGD step of size eps; FGSM-RS (Wong et al.) = random start, step 1.25*eps."""
+    """FGSM = one PGD step of size eps; FGSM-RS (Wong et al.) = random start, step 1.25*eps.
+    `init`: a given start, as in `pgd_delta`."""
     step = eps if step_size is None else step_size
-    return pgd_delta(model, x, y, eps, steps=1, step_size=step, random_start=random_start)
+    return pgd_delta(model, x, y, eps, steps=1, step_size=step, random_start=random_start, init=init)
