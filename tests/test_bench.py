@@ -160,3 +160,25 @@ def test_bench_starts_no_step_after_its_deadline():
                    deadline=time.monotonic() - 1)
     assert result["rounds_timed"] == 0 and result["seconds_per_step"] == {"plain": None, "fgsm": None}
     assert result["macs_per_step"]["fgsm"] == pytest.approx(2 * result["macs_per_step"]["plain"])
+
+
+def test_mac_model_averages_the_attacker_updates_over_attacker_every():
+    """--attacker-every K: the attacker's backward runs on one batch in K; the model charges
+    1 + 2/K attacker forwards per step. Two steps at K = 2 with a wide attacker (about twice
+    the classifier's forward, so a wrong charge could not hide in the tolerance)."""
+    from learn2defend.bench import count_macs, step_macs_per_image
+    from learn2defend.config import TrainConfig
+    from learn2defend.train import build_parts
+
+    meta = {"image_shape": [1, 8, 8], "classes": ["0", "1"], "mean": [0.5], "std": [0.25]}
+    cfg = TrainConfig(method="fgsm-sdi", eps=0.1, lr=0.05, attacker_every=2).resolved()
+    parts = build_parts(cfg, meta, torch.device("cpu"))
+    step = parts.step(cfg, torch.device("cpu"))
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 2
+
+    def two_steps():
+        for index in (0, 1):
+            parts.ctx.step_index = index
+            step(x, y)
+
+    assert count_macs(two_steps) == pytest.approx(2 * 16 * step_macs_per_image(cfg, meta), rel=0.01)
