@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import L2L_METHODS, TrainConfig, default_eps
+from .config import TrainConfig, default_eps
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
 from .methods import attacker_in_channels
@@ -58,6 +58,8 @@ BLACKBOX_ATTACKER = {"table3": "slim", "table6": "slim", "table7": "wide"}
 WHITEBOX_COLUMNS = ("clean", "fgsm", "pgm10", "cw")  # the paper's columns; pgm10 is its "PGM10"/PGD
 SURROGATES = ("plain", "fgsm", "pgd")
 BLACKBOX_ATTACKS = ("fgsm", "pgm10")
+# The paper's L2L methods (fgsm-sdi, also with an attacker, is not the paper's).
+PAPER_L2L_METHODS = ("naive-l2l", "grad-l2l", "2step-l2l")
 ROW_LABELS = {"plain": "Plain Net", "fgsm": "FGSM Net", "pgd": "PGM Net", "naive-l2l": "Naive L2L",
               "grad-l2l": "Grad L2L", "2step-l2l": "2-Step L2L"}
 
@@ -194,7 +196,7 @@ def white_box_specs(preset: Preset, attackers: tuple[str, ...] = ("slim", "wide"
     specs = []
     for seed in range(preset.seeds):
         specs += [RunSpec(m, seed) for m in SURROGATES]
-        specs += [RunSpec(m, seed, a) for a in attackers for m in L2L_METHODS]
+        specs += [RunSpec(m, seed, a) for a in attackers for m in PAPER_L2L_METHODS]
     return specs
 
 
@@ -252,7 +254,7 @@ class Reproduction:
         if spec.method == "pgd" and self.pgm_step(dataset) is not None:
             common.update(step_size=self.pgm_step(dataset))
         milestones = _scaled(p.l2l_milestones, p.epochs)
-        if recipe == "frontier" and spec.method not in ("pgd", *L2L_METHODS):
+        if recipe == "frontier" and spec.method not in ("pgd", *PAPER_L2L_METHODS):
             # The methods the paper has no recipe for train with its L2L schedule (SGD, lr / 10
             # late), the schedule shape of the PGD-AT, TRADES and MART references; FGSM-RS as
             # Wong et al. (adversarial loss only). The PGM and L2L nets keep the paper's recipe.
@@ -511,7 +513,7 @@ def _black_box_table(r: Reproduction, experiment: str, dataset: str) -> dict[str
     p = r.preset
     recipe = EXPERIMENT_RECIPE.get(experiment, "sgd")
     attacker = BLACKBOX_ATTACKER[experiment]
-    targets = [RunSpec(m, 0) for m in SURROGATES] + [RunSpec(m, 0, attacker) for m in L2L_METHODS]
+    targets = [RunSpec(m, 0) for m in SURROGATES] + [RunSpec(m, 0, attacker) for m in PAPER_L2L_METHODS]
     surrogate_specs = [RunSpec(m, p.transfer_seed) for m in SURROGATES]
     trained = r.ensure_all(dataset, recipe, surrogate_specs + targets)
     surrogates = dict(zip(SURROGATES, trained[: len(SURROGATES)], strict=True))
