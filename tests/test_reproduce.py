@@ -311,6 +311,17 @@ def test_frontier_recipes(tmp_path: Path) -> None:
     assert (configs["fgsm-rs"].random_start, configs["fgsm-rs"].clean_weight) == (True, 0.0)
     assert configs["pgd"].lr == cpu.baseline_lr and configs["trades"].lr == cpu.l2l_lr
     assert configs["plain-continued"].method == "plain"
+    assert (configs["fgsm-sdi-sdi"].attacker, configs["fgsm-sdi-sdi"].attacker_width) == ("sdi", 0.11)
+    assert configs["grad-l2l-slim"].attacker_width == 0.07
+    assert configs["fgsm-sdi-sdi"].lr == cpu.l2l_lr and configs["n-fgsm"].lr == cpu.l2l_lr
+    assert configs["fgsm-sdi-sdi"].resolved().attacker_optimizer == "adam"  # not the paper's SGD attacker
+    # validation PGD-10 every epoch of the adversarial runs (collapse detection), none for the plain nets
+    assert {k for k, c in configs.items() if c.val_robust_n == 500} == set(configs) - {"plain-continued"}
+    assert configs["plain-continued"].val_robust_n == 0
+    assert r.config("cifar10", "frontier", rp.RunSpec("plain", 0)).val_robust_n == 0
+    digits = rp.FRONTIER_PRESETS["cpu"].for_dataset("digits")
+    assert (digits.width("slim"), digits.width("sdi"), digits.val_robust_n) == (0.18, 0.25, rp.EVERY_VALIDATION_IMAGE)
+    assert rp.FRONTIER_PRESETS["paper"].width("sdi") == 1.0
     assert "frontier" not in rp.EXPERIMENTS  # not part of "all"
     assert main(["reproduce", "frontier", "--preset", "cpu", "--dataset", "nosuch", "--out", str(tmp_path / "x")]) == 2
 
