@@ -12,7 +12,8 @@ the paper's number beside it), a CSV and a JSON of the raw numbers, and PNG figu
 Runs are shared between experiments: table3/4, fig3/4/5 reuse table2's runs, table7
 reuses table5's. The run folder of a configuration depends only on the data set, the
 training recipe (SGD for CIFAR as in the paper's 3.2; Adam for SVHN as in its 3.3), the
-method, the attacker and the seed.
+method, the attacker and the seed; the frontier's also on its eps (`--eps`) when that is not the
+data set's default (its plain nets excepted: they do not depend on eps).
 """
 
 from __future__ import annotations
