@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,26 +183,120 @@ def test_a_lost_figure_is_redrawn_from_the_cached_numbers(out: Path, interrupted
 FAKE = "fake:1x8x8:4"  # synthetic images made on the fly, as the issue asks
 
 
+FRONTIER_ROWS = ["Plain Net (continued)", "FGSM-RS", "N-FGSM", "PGM Net (paper)", "PGD-AT", "TRADES", "MART",
+                 "Grad L2L (S)", "2-Step L2L (S)", "FGSM-SDI"]
+
+
+def _table(md: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("|")]
+
+
 def test_frontier_end_to_end_at_the_tiny_preset(tmp_path: Path) -> None:
     report = rp.reproduce("frontier", "tiny", tmp_path, datasets=[FAKE])
-    assert len(report["trained"]) == 1 + 8  # one plain net, then every method from it
+    assert len(report["trained"]) == 1 + 10  # one plain net, then every method from it
     files = report["experiments"]["frontier"][FAKE]["files"]
-    lines = [line for line in Path(files["md"]).read_text().splitlines() if line.startswith("|")]
-    assert len(lines) == 2 + 8
-    assert [line.split("|")[1].strip() for line in lines[2:]] == [
-        "Plain Net (continued)", "FGSM-RS", "PGM Net (paper)", "PGD-AT", "TRADES", "MART", "Grad L2L (S)",
-        "2-Step L2L (S)"]
+    table = _table(Path(files["md"]).read_text())
+    assert table[0] == ["method", "clean", "AutoAttack-fast", "worst", "training s", "GMAC / step", "collapsed",
+                        "flagged"]
+    assert [row[0] for row in table[2:]] == FRONTIER_ROWS
+    collapsed = {row[0]: row[6] for row in table[2:]}
+    assert collapsed["Plain Net (continued)"] == "not measured"  # plain nets skip validation PGD-10
+    assert {v for k, v in collapsed.items() if k != "Plain Net (continued)"} == {"no"}  # one epoch: nothing to drop
     rows = {(r["method"] + r["variant"]): r for r in csv.DictReader(open(files["csv"]))}
-    assert len(rows) == 8 and Path(files["png"]).stat().st_size > 0
+    assert len(rows) == 10 and Path(files["png"]).stat().st_size > 0
+    epochs_png = Path(files["epochs_png"])  # validation PGD-10 per epoch, beside the frontier's PNG
+    assert epochs_png.stat().st_size > 0 and epochs_png.parent == Path(files["png"]).parent
     macs = {k: int(r["step_macs"]) for k, r in rows.items()}
     assert macs["plaincontinued"] < macs["fgsmrs"] < macs["grad-l2l"] < macs["pgd-at"] < macs["pgd"]
+    assert macs["n-fgsm"] == macs["fgsmrs"] < macs["fgsm-sdi"] < macs["pgd-at"]
+    assert rows["fgsm-sdi"]["attacker"] == "sdi" and rows["n-fgsm"]["collapsed"] == "False"
     assert all(float(r["training_seconds"]) > 0 and int(r["n"]) == 16 for r in rows.values())
     assert all(0 <= float(r["acc_worst"]) <= float(r["acc_autoattack-fast"]) <= float(r["acc_clean"]) + 1e-9
                for r in rows.values())
     data = json.loads(Path(files["json"]).read_text())
-    assert data["attacker_ratio"] and len(data["points"]) == 8
+    assert data["attacker_ratio"] and len(data["points"]) == 10
+    assert {c["label"] for c in data["curves"]} == set(FRONTIER_ROWS) - {"Plain Net (continued)"}
+    run = rp.Reproduction(rp.FRONTIER_PRESETS["tiny"], tmp_path).run_dir(FAKE, "frontier", rp.RunSpec("n-fgsm", 0))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_pgd10_acc" in record for record in records)
+    # A collapse recorded in metrics.jsonl reaches the table (evaluations are cached; the history is not).
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**rec, "collapsed": True}) + "\n" for rec in records))
     again = rp.reproduce("frontier", "tiny", tmp_path, datasets=[FAKE])
     assert again["trained"] == []  # finished runs and their evaluations are reused
+    table = _table(Path(again["experiments"]["frontier"][FAKE]["files"]["md"]).read_text())
+    assert {row[0]: row[6] for row in table[2:]}["N-FGSM"] == "yes"
+    rows = {(r["method"] + r["variant"]): r for r in csv.DictReader(open(files["csv"]))}
+    assert (rows["n-fgsm"]["collapsed"], rows["n-fgsm"]["collapsed_epoch"]) == ("True", "1")
+
+
+def test_frontier_at_another_eps_lies_beside_the_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    preset = replace(rp.FRONTIER_PRESETS["tiny"], frontier_methods=("fgsm-rs", "n-fgsm", "fgsm-sdi-sdi"))
+    default = rp.reproduce("frontier", preset, tmp_path, datasets=[FAKE])["experiments"]["frontier"][FAKE]
+    report = rp.reproduce("frontier", preset, tmp_path, datasets=[FAKE], eps=16 / 255)
+    assert len(report["trained"]) == 3  # the plain net is shared: it does not depend on eps
+    large = report["experiments"]["frontier"][FAKE]
+    assert large["files"]["md"] != default["files"]["md"] and "eps0.0627451" in large["files"]["md"]
+    assert all(Path(f).is_file() for f in (*default["files"].values(), *large["files"].values()))
+    assert {round(r["eps"], 6) for r in large["rows"]} == {round(16 / 255, 6)}
+    assert {r["eps"] for r in default["rows"]} == {0.03}
+    assert len({Path(r["run"]).parent for r in (*default["rows"], *large["rows"])}) == 2
+    config = json.loads((Path(large["rows"][0]["run"]) / "config.json").read_text())
+    assert config["eps"] == pytest.approx(16 / 255)
+    again = rp.reproduce("frontier", preset, tmp_path, datasets=[FAKE], eps=16 / 255)
+    assert again["trained"] == []
+    capsys.readouterr()
+    for bad in ("1.5", "-0.5", "nan"):
+        assert main(["reproduce", "frontier", "--preset", "cpu", "--eps", bad, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "--eps" in err and len(err.strip().splitlines()) == 1
+    assert main(["reproduce", "table2", "--eps", "8/255", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_gpu_preset_trains_from_scratch_with_the_speed_switches(tmp_path: Path) -> None:
+    gpu = rp.FRONTIER_PRESETS["gpu"].for_dataset("cifar10")
+    specs = rp.frontier_specs(gpu)
+    assert [s.key for s in specs] == ["fgsm-rs", "n-fgsm", "pgd-at", "fgsm-sdi-sdi"]
+    r = rp.Reproduction(gpu, tmp_path)
+    configs = [r.config("cifar10", "frontier", s) for s in specs]
+    for c in configs:
+        c.validate()
+        assert (c.model, c.amp, c.channels_last, c.epochs, c.init, c.train_size) == (
+            "preact-resnet18", "bf16", True, 6, None, None)
+        assert (c.batch_size, c.lr, c.lr_milestones, c.weight_decay, c.val_robust_n) == (128, 0.1, [3, 5], 5e-4, 500)
+    assert (configs[3].attacker, configs[3].attacker_width) == ("sdi", 1.0)
+    assert (gpu.seeds, gpu.n, gpu.autoattack, gpu.checks) == (1, 1000, "autoattack-fast", False)
+    assert "gpu" not in rp.PRESETS  # the frontier only
+    assert main(["reproduce", "table2", "--preset", "gpu", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_gpu_preset_fits_its_budget_on_the_mac_model() -> None:
+    """The sizing in reproduce.py's comment: one epoch of the four methods on 45,000 images at
+    25 TMAC/s, times the preset's epochs, leaves the 194 s the evaluations and start-up need
+    out of 480 s."""
+    from learn2defend.bench import step_macs
+
+    gpu = rp.FRONTIER_PRESETS["gpu"]
+    meta = {"image_shape": [3, 32, 32], "classes": [str(i) for i in range(10)], "mean": [0.5] * 3, "std": [0.5] * 3}
+    r = rp.Reproduction(gpu, "unused")
+    per_image = sum(step_macs(r.config("cifar10", "frontier", s).resolved(), meta, 1) for s in rp.frontier_specs(gpu))
+    training_seconds = gpu.epochs * 45_000 * per_image / 25e12
+    assert 200 < training_seconds <= 480 - 164 - 30 - 4 * gpu.epochs * 0.7
+
+
+def test_a_tiny_variant_of_the_gpu_preset_runs_on_the_cpu(tmp_path: Path) -> None:
+    tiny = replace(rp.FRONTIER_PRESETS["gpu"], name="tiny-gpu", model="smallcnn", epochs=1, l2l_milestones=(),
+                   batch_size=16, n=16, train_size=64, subset_small_data=True, val_robust_n=16,
+                   frontier_methods=("fgsm-rs", "fgsm-sdi-sdi"))
+    report = rp.reproduce("frontier", tiny, tmp_path, datasets=[FAKE])
+    assert len(report["trained"]) == 2  # no plain net: both from scratch
+    result = report["experiments"]["frontier"][FAKE]
+    assert [r["method"] for r in result["rows"]] == ["fgsm", "fgsm-sdi"]
+    for row in result["rows"]:
+        config = json.loads((Path(row["run"]) / "config.json").read_text())
+        assert (config["init"], config["amp"], config["channels_last"]) == (None, "bf16", True)
+        assert row["init_seconds"] == 0.0 and row["step_macs"] > 0
+    assert "from scratch" in Path(result["files"]["md"]).read_text()
 
 
 def test_frontier_recipes(tmp_path: Path) -> None:
@@ -216,6 +311,17 @@ def test_frontier_recipes(tmp_path: Path) -> None:
     assert (configs["fgsm-rs"].random_start, configs["fgsm-rs"].clean_weight) == (True, 0.0)
     assert configs["pgd"].lr == cpu.baseline_lr and configs["trades"].lr == cpu.l2l_lr
     assert configs["plain-continued"].method == "plain"
+    assert (configs["fgsm-sdi-sdi"].attacker, configs["fgsm-sdi-sdi"].attacker_width) == ("sdi", 0.11)
+    assert configs["grad-l2l-slim"].attacker_width == 0.07
+    assert configs["fgsm-sdi-sdi"].lr == cpu.l2l_lr and configs["n-fgsm"].lr == cpu.l2l_lr
+    assert configs["fgsm-sdi-sdi"].resolved().attacker_optimizer == "adam"  # not the paper's SGD attacker
+    # validation PGD-10 every epoch of the adversarial runs (collapse detection), none for the plain nets
+    assert {k for k, c in configs.items() if c.val_robust_n == 500} == set(configs) - {"plain-continued"}
+    assert configs["plain-continued"].val_robust_n == 0
+    assert r.config("cifar10", "frontier", rp.RunSpec("plain", 0)).val_robust_n == 0
+    digits = rp.FRONTIER_PRESETS["cpu"].for_dataset("digits")
+    assert (digits.width("slim"), digits.width("sdi"), digits.val_robust_n) == (0.18, 0.25, rp.EVERY_VALIDATION_IMAGE)
+    assert rp.FRONTIER_PRESETS["paper"].width("sdi") == 1.0
     assert "frontier" not in rp.EXPERIMENTS  # not part of "all"
     assert main(["reproduce", "frontier", "--preset", "cpu", "--dataset", "nosuch", "--out", str(tmp_path / "x")]) == 2
 

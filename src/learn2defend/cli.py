@@ -511,15 +511,18 @@ def _doctor(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_reproduce_commands(sub) -> None:
     """reproduce (the paper's tables and figures) and plot (training curves)."""
-    from .reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, PRESETS_PUBLIC
+    from .reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, FRONTIER_PRESETS_PUBLIC
 
     p = sub.add_parser("reproduce", help="the paper's Tables 2-7 and Figures 3-5, and the robustness-against-cost "
                        "frontier: runs, tables (ours vs paper), PNGs")
     p.add_argument("experiment", choices=[*EXPERIMENTS, *EXTRA_EXPERIMENTS, "all"], metavar="EXPERIMENT",
                    help=f"{', '.join(EXPERIMENTS)}, all (the paper's); frontier (AutoAttack accuracy against "
                    "training seconds of every method, PGD-AT, TRADES and MART included)")
-    p.add_argument("--preset", default="cpu", choices=PRESETS_PUBLIC,
-                   help="paper (WRN-34-4, 40 epochs, 5 seeds; a GPU) | cpu (small CNN, few epochs; default)")
+    p.add_argument("--preset", default="cpu", choices=FRONTIER_PRESETS_PUBLIC,
+                   help="paper (WRN-34-4, 40 epochs, 5 seeds; a GPU) | cpu (small CNN, few epochs; default) | "
+                   "gpu (frontier only: PreAct-ResNet-18 from scratch, about 8 minutes on one H200)")
+    p.add_argument("--eps", type=_number, help="frontier only: train and evaluate every method at this radius, "
+                   "e.g. 16/255 (default: the data set's); results beside those at the default")
     p.add_argument("--out", required=True, help="folder for runs, cached evaluations, tables and figures")
     p.add_argument("--dataset", type=_names,
                    help="data set(s) instead of the paper's, e.g. digits or folder:PATH (default: the paper's)")
@@ -548,7 +551,7 @@ def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
 
     report = reproduce(args.experiment, args.preset, args.out, datasets=args.dataset, device=args.device,
                        data_dir=args.data_dir, download=args.download,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+                       log=lambda s: print(s, file=sys.stderr, flush=True), eps=args.eps)
     if args.json:
         return report
     print(summary(report))

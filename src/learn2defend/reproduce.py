@@ -12,7 +12,8 @@ the paper's number beside it), a CSV and a JSON of the raw numbers, and PNG figu
 Runs are shared between experiments: table3/4, fig3/4/5 reuse table2's runs, table7
 reuses table5's. The run folder of a configuration depends only on the data set, the
 training recipe (SGD for CIFAR as in the paper's 3.2; Adam for SVHN as in its 3.3), the
-method, the attacker and the seed.
+method, the attacker and the seed; the frontier's also on its eps (`--eps`) when that is not the
+data set's default (its plain nets excepted: they do not depend on eps).
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ from .train import train
 EXPERIMENTS = ("table2", "table3", "table4", "table5", "table6", "table7", "fig3", "fig4", "fig5")
 # Beyond the paper (not part of "all"): AutoAttack accuracy against training cost, per method.
 EXTRA_EXPERIMENTS = ("frontier",)
-# The paper's learned attackers: the rows of its tables (fgsm-sdi is not the paper's).
-PAPER_L2L = ("naive-l2l", "grad-l2l", "2step-l2l")
 PRESETS_PUBLIC = ("paper", "cpu")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
 BUSY_WAIT_SECONDS = 20  # a run folder another reproduce is training: look again after this long
@@ -60,6 +59,8 @@ BLACKBOX_ATTACKER = {"table3": "slim", "table6": "slim", "table7": "wide"}
 WHITEBOX_COLUMNS = ("clean", "fgsm", "pgm10", "cw")  # the paper's columns; pgm10 is its "PGM10"/PGD
 SURROGATES = ("plain", "fgsm", "pgd")
 BLACKBOX_ATTACKS = ("fgsm", "pgm10")
+# The paper's L2L methods (fgsm-sdi, also with an attacker, is not the paper's).
+PAPER_L2L_METHODS = ("naive-l2l", "grad-l2l", "2step-l2l")
 ROW_LABELS = {"plain": "Plain Net", "fgsm": "FGSM Net", "pgd": "PGM Net", "naive-l2l": "Naive L2L",
               "grad-l2l": "Grad L2L", "2step-l2l": "2-Step L2L"}
 
@@ -99,10 +100,25 @@ class Preset:
     # schedule) or None (learn2defend's default, Adam 1e-3; see config.ATTACKER_ADAM_LR).
     attacker_optimizer: str | None = None
     frontier_attackers: tuple[str, ...] = ("slim",)  # the L2L attackers on the frontier
+    # Width per attacker kind (slim, wide, sdi), where it differs from attacker_width.
+    attacker_widths: dict[str, float] = field(default_factory=dict)
+    # The frontier only. eps: the l-inf radius (pixels) every run trains and is evaluated at
+    # (None: the data set's default); runs at another radius than the default get their own
+    # folders and tables. frontier_methods: the row keys (RunSpec.key) to run (empty: all).
+    eps: float | None = None
+    frontier_methods: tuple[str, ...] = ()
+    from_scratch: bool = False  # adversarial runs start from random weights, not from a plain net
+    weight_decay: float | None = None  # None: TrainConfig's default
+    amp: str = "off"  # the training step's speed switches (TrainConfig.amp, .channels_last)
+    channels_last: bool = False
 
     @property
     def title(self) -> str:
         return f"preset {self.name}" + (f" ({self.label})" if self.label else "")
+
+    def width(self, attacker: str) -> float:
+        """The attacker network's width multiplier for `attacker` (slim, wide, sdi)."""
+        return self.attacker_widths.get(attacker, self.attacker_width)
 
     def for_dataset(self, dataset: str) -> Preset:
         """The preset as it applies to `dataset`."""
@@ -146,26 +162,66 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# The frontier's presets: every method from one plain net per seed, the same adversarial epochs,
-# at least 1,000 validation images, and the slim attacker at about 0.35x the classifier's
-# multiply-adds, as in the paper (slim 0.37 GMAC against WRN-34-4's 1.07 per 32x32 image).
+# val_robust_n that validates on every validation image (train.validate takes the smaller of the two).
+EVERY_VALIDATION_IMAGE = 10**9
+
+# The frontier's presets: every method from one plain net per seed (except preset gpu: from
+# scratch), the same adversarial epochs, at least 1,000 validation images, validation PGD-10
+# every epoch of the adversarial runs (to see catastrophic overfitting: metrics.jsonl's
+# "collapsed"), and each attacker kind at the papers' ratio to the classifier's multiply-adds
+# per image (learn2defend.bench.forward_macs, one 32x32 or 8x8 image):
+# - slim at about 0.35x, as in the paper (slim 0.37 GMAC against WRN-34-4's 1.07);
+# - sdi at about 0.14x, as FGSM-SDI (its 0.08 GMAC generator against ResNet-18's 0.56).
+# Measured: smallcnn-pooled 10.32 MMAC with slim x0.07 3.46 (0.34x) and sdi x0.11 1.48 (0.14x);
+# smallcnn (8x8) 2.38 MMAC with slim x0.18 0.85 (0.36x) and sdi x0.25 0.32 (0.14x);
+# preact-resnet18 555 MMAC with sdi x1 81 (0.15x); wrn-34-4 1072 MMAC with sdi x1 81 (0.08x).
 FRONTIER_PRESETS: dict[str, Preset] = {
     # wrn-34-4 as the paper's table2; both attackers (slim 0.35x, wide 1.67x the classifier);
     # 3 seeds (not 5: nine runs a seed); standard AutoAttack on the whole validation split.
     "paper": replace(PRESETS["paper"], seeds=3, frontier_attackers=("slim", "wide"), checks_all_seeds=False,
-                     label="WRN-34-4, 40 adversarial epochs, 3 seeds, slim and wide attackers at width 1, "
+                     label="WRN-34-4, 40 adversarial epochs, 3 seeds, slim, wide and sdi attackers at width 1, "
                            "every validation image, checks on seed 0"),
     # Sized for about two hours on a 2-core CPU with two processes (docs/results.md, "Frontier").
-    # Digits: smallcnn with the slim attacker at width 0.18 (0.36x its multiply-adds).
+    # Digits: smallcnn, slim attacker at width 0.18, sdi at 0.25; PGD-10 on every validation image.
     "cpu": replace(
-        PRESETS["cpu"], attacker_width=0.18, checks=False, n=1000,
-        label="smallcnn, 5 adversarial epochs, 2 seeds, slim attacker width 0.18, n<=1000",
+        PRESETS["cpu"], attacker_width=0.18, attacker_widths={"sdi": 0.25}, checks=False, n=1000,
+        val_robust_n=EVERY_VALIDATION_IMAGE,
+        label="smallcnn, 5 adversarial epochs, 2 seeds, slim attacker width 0.18, sdi 0.25, n<=1000",
         large_data=dict(
             model="smallcnn-pooled", train_size=20000, plain_epochs=10, n=1000, attacker_width=0.07,
+            attacker_widths={"sdi": 0.11}, val_robust_n=500,
             label="smallcnn-pooled, 20,000 training images, 10 plain + 5 adversarial epochs, 2 seeds, "
-                  "slim attacker width 0.07, n=1000")),
-    "tiny": PRESETS["tiny"],
+                  "slim attacker width 0.07, sdi 0.11, n=1000")),
+    # For when a GPU is lent: the fast-AT papers' setting (PreAct-ResNet-18 from scratch on all
+    # of CIFAR-10's training images, batch 128, SGD with weight decay 5e-4, bf16, channels
+    # last; TrainConfig has no cyclic schedule: lr 0.1, / 10 at half and five sixths), sized to
+    # finish in about 8 minutes on one H200 with the MAC model (bench.step_macs):
+    # - per image and step: FGSM-RS 2.78 GMAC (5.0 forwards of 0.555), N-FGSM 2.78 (5.0),
+    #   FGSM-SDI 4.13 (7.4, sdi attacker x1 included), PGD-AT 12.77 (23.0); one epoch of the
+    #   45,000 training images (50,000 less the 10 % validation split): 125 + 125 + 186 + 575
+    #   = 1,011 TMAC, 40 s at 25 TMAC/s (docs/measurements/doctor-h200.json: wrn-34-4 at batch
+    #   128 trains at 27.5-31.0 TMAC/s under bf16; PreAct-ResNet-18, half its size, likely less);
+    # - validation per epoch and method, in float32 (13 TMAC/s measured): clean on 5,000 images
+    #   (2.8 TMAC) and PGD-10 on 500 (5.8 TMAC): 0.7 s, 2.6 s for the four methods;
+    # - AutoAttack-fast on 1,000 images, float32: APGD-CE 100 iterations on ~750 correct images
+    #   and APGD-T 9 x 100 on ~450 robust ones, ~960k forward+backward pairs of 2 forwards
+    #   (0.53 PMAC): 41 s per method, 164 s for four;
+    # - E epochs: 42.6 E + 164 s + ~30 s start-up (data, the MAC counts on the CPU) <= 480 s
+    #   gives E <= 6.7. 15 epochs of these four would take ~830 s (15 epochs of PGD-AT alone
+    #   345 s of training); TRADES, MART and the PGM net cost PGD-AT's, Grad/2-Step L2L (slim
+    #   x1: 7.0 and 11.0 forwards) another 8-12 s per epoch. So: FGSM-RS, N-FGSM, FGSM-SDI and
+    #   the PGD-AT reference, 6 epochs, one seed: predicted 422 s (7.0 min).
+    "gpu": replace(
+        PRESETS["paper"], name="gpu", model="preact-resnet18", epochs=6, l2l_lr=0.1, l2l_milestones=(3, 5),
+        weight_decay=5e-4, batch_size=128, seeds=1, n=1000, train_size=None, attacker_width=1.0,
+        autoattack="autoattack-fast", checks=False, val_robust_n=500, attacker_optimizer=None,
+        frontier_methods=("fgsm-rs", "n-fgsm", "fgsm-sdi-sdi", "pgd-at"), from_scratch=True, amp="bf16",
+        channels_last=True,
+        label="PreAct-ResNet-18 from scratch, every training image, 6 epochs, bf16, channels last, 1 seed, "
+              "FGSM-RS, N-FGSM, FGSM-SDI and PGD-AT, n=1000"),
+    "tiny": replace(PRESETS["tiny"], val_robust_n=16),
 }
+FRONTIER_PRESETS_PUBLIC = ("paper", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -174,7 +230,7 @@ class RunSpec:
 
     method: str
     seed: int
-    attacker: str | None = None  # slim | wide for L2L methods
+    attacker: str | None = None  # slim | wide for the paper's L2L methods, sdi for fgsm-sdi
     variant: str = ""  # another recipe of the same method (the frontier's "plain-continued", "fgsm-rs")
 
     @property
@@ -196,7 +252,7 @@ def white_box_specs(preset: Preset, attackers: tuple[str, ...] = ("slim", "wide"
     specs = []
     for seed in range(preset.seeds):
         specs += [RunSpec(m, seed) for m in SURROGATES]
-        specs += [RunSpec(m, seed, a) for a in attackers for m in PAPER_L2L]
+        specs += [RunSpec(m, seed, a) for a in attackers for m in PAPER_L2L_METHODS]
     return specs
 
 
@@ -234,7 +290,15 @@ class Reproduction:
 
     # ---- training -------------------------------------------------------------------
     def run_dir(self, dataset: str, recipe: str, spec: RunSpec) -> Path:
-        return self.out / "runs" / f"{_dataset_tag(dataset)}-{recipe}" / spec.name
+        """The run's folder; runs at a preset eps other than the data set's default get their
+        own (the plain nets every run starts from do not depend on eps: they are shared)."""
+        return self.out / "runs" / f"{_dataset_tag(dataset)}-{recipe}{self.eps_suffix(dataset, spec)}" / spec.name
+
+    def eps_suffix(self, dataset: str, spec: RunSpec | None = None) -> str:
+        eps = self.preset.eps
+        if eps is None or eps == default_eps(dataset) or (spec is not None and spec.is_init):
+            return ""
+        return f"-eps{eps:.6g}"
 
     def config(self, dataset: str, recipe: str, spec: RunSpec) -> TrainConfig:
         p = self.preset
@@ -244,20 +308,32 @@ class Reproduction:
             device=self.device,
             val_robust_n=p.val_robust_n, progress=False, out=str(self.run_dir(dataset, recipe, spec)),
         )
+        if recipe == "frontier":
+            # Plain nets skip validation PGD-10 (nothing to collapse); eps, weight decay and the
+            # speed switches of the preset (the plain net every eps shares keeps the defaults).
+            if spec.method == "plain":
+                common.update(val_robust_n=0)
+            if p.weight_decay is not None:
+                common.update(weight_decay=p.weight_decay)
+            common.update(amp=p.amp, channels_last=p.channels_last)
+            if not spec.is_init and p.eps is not None:
+                common.update(eps=p.eps)
         if spec.is_init:  # the same plain schedule for every recipe: it only starts the others
             return TrainConfig(**common, method="plain", epochs=p.plain_epochs, lr=p.plain_lr,
                                lr_milestones=_scaled(p.plain_milestones, p.plain_epochs))
-        init = str(self.run_dir(dataset, recipe, RunSpec("plain", spec.seed)))
+        init = None if p.from_scratch else str(self.run_dir(dataset, recipe, RunSpec("plain", spec.seed)))
         common.update(method=spec.method, init=init, epochs=p.epochs)
         if spec.attacker:
-            common.update(attacker=spec.attacker, attacker_width=p.attacker_width)
+            common.update(attacker=spec.attacker, attacker_width=p.width(spec.attacker))
         if spec.method == "pgd" and self.pgm_step(dataset) is not None:
             common.update(step_size=self.pgm_step(dataset))
         milestones = _scaled(p.l2l_milestones, p.epochs)
-        if recipe == "frontier" and spec.method not in ("pgd", *PAPER_L2L):
+        if recipe == "frontier" and spec.method not in ("pgd", *PAPER_L2L_METHODS):
             # The methods the paper has no recipe for train with its L2L schedule (SGD, lr / 10
             # late), the schedule shape of the PGD-AT, TRADES and MART references; FGSM-RS as
-            # Wong et al. (adversarial loss only). The PGM and L2L nets keep the paper's recipe.
+            # Wong et al. (adversarial loss only); N-FGSM and FGSM-SDI with their defaults (the
+            # sdi attacker with learn2defend's Adam, updated every 20 batches). The PGM and the
+            # paper's L2L nets keep the paper's recipe.
             if spec.variant == "rs":
                 common.update(random_start=True, clean_weight=0.0)
             return TrainConfig(**common, lr=p.l2l_lr, lr_milestones=milestones)
@@ -323,11 +399,11 @@ class Reproduction:
 
     def _try_train(self, dataset: str, recipe: str, spec: RunSpec) -> Path | None:
         """Make sure the run (and its plain run) is trained; the folder another process holds, if any."""
-        if not spec.is_init:
+        cfg = self.config(dataset, recipe, spec)
+        if cfg.init is not None and not spec.is_init:
             held = self._try_train(dataset, recipe, RunSpec("plain", spec.seed))
             if held is not None:
                 return held
-        cfg = self.config(dataset, recipe, spec)
         path = Path(cfg.out)
         if _finished(path, cfg.epochs):
             return None
@@ -513,7 +589,7 @@ def _black_box_table(r: Reproduction, experiment: str, dataset: str) -> dict[str
     p = r.preset
     recipe = EXPERIMENT_RECIPE.get(experiment, "sgd")
     attacker = BLACKBOX_ATTACKER[experiment]
-    targets = [RunSpec(m, 0) for m in SURROGATES] + [RunSpec(m, 0, attacker) for m in PAPER_L2L]
+    targets = [RunSpec(m, 0) for m in SURROGATES] + [RunSpec(m, 0, attacker) for m in PAPER_L2L_METHODS]
     surrogate_specs = [RunSpec(m, p.transfer_seed) for m in SURROGATES]
     trained = r.ensure_all(dataset, recipe, surrogate_specs + targets)
     surrogates = dict(zip(SURROGATES, trained[: len(SURROGATES)], strict=True))
@@ -619,18 +695,22 @@ def _figure(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
 
 # ---- the frontier: robustness against training cost ---------------------------------------
 
-FRONTIER_LABELS = {"plain-continued": "Plain Net (continued)", "fgsm-rs": "FGSM-RS", "pgd": "PGM Net (paper)",
-                   "pgd-at": "PGD-AT", "trades": "TRADES", "mart": "MART"}
+FRONTIER_LABELS = {"plain-continued": "Plain Net (continued)", "fgsm-rs": "FGSM-RS", "n-fgsm": "N-FGSM",
+                   "pgd": "PGM Net (paper)", "pgd-at": "PGD-AT", "trades": "TRADES", "mart": "MART",
+                   "fgsm-sdi-sdi": "FGSM-SDI"}
 
 
 def frontier_specs(preset: Preset) -> list[RunSpec]:
-    """Every method of the frontier, seed by seed: each starts from its seed's plain net."""
+    """Every method of the frontier (those of `preset.frontier_methods`, if it names any), seed by
+    seed: each starts from its seed's plain net, or from scratch (`preset.from_scratch`)."""
     specs = []
     for seed in range(preset.seeds):
         specs += [RunSpec("plain", seed, variant="continued"), RunSpec("fgsm", seed, variant="rs"),
-                  RunSpec("pgd", seed), RunSpec("pgd-at", seed), RunSpec("trades", seed), RunSpec("mart", seed)]
+                  RunSpec("n-fgsm", seed), RunSpec("pgd", seed), RunSpec("pgd-at", seed), RunSpec("trades", seed),
+                  RunSpec("mart", seed)]
         specs += [RunSpec(m, seed, a) for a in preset.frontier_attackers for m in ("grad-l2l", "2step-l2l")]
-    return specs
+        specs.append(RunSpec("fgsm-sdi", seed, "sdi"))
+    return [s for s in specs if not preset.frontier_methods or s.key in preset.frontier_methods]
 
 
 def _label(key: str) -> str:
@@ -640,9 +720,43 @@ def _label(key: str) -> str:
     return f"{ROW_LABELS[method]} ({attacker[0].upper()})"
 
 
+def _history(path: Path) -> list[dict[str, Any]]:
+    """The run's epoch records (metrics.jsonl)."""
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _training_seconds(path: Path) -> float:
-    return sum(json.loads(line)["seconds"] for line in (path / "metrics.jsonl").read_text().splitlines()
-               if line.strip())
+    return sum(record["seconds"] for record in _history(path))
+
+
+def _collapse(history: list[dict[str, Any]]) -> tuple[bool | None, int | None]:
+    """(whether any epoch record says "collapsed": true, the first such epoch); (None, None)
+    when no record has validation PGD-10 accuracy (collapse was not measured)."""
+    if not any("val_pgd10_acc" in record for record in history):
+        return None, None
+    epochs = [record.get("epoch", i + 1) for i, record in enumerate(history) if record.get("collapsed")]
+    return bool(epochs), (epochs[0] if epochs else None)
+
+
+def _collapse_cell(flags: list[bool | None]) -> str:
+    """The table's collapsed column: yes / no over the seeds, 'not measured' without PGD-10 records."""
+    measured = [f for f in flags if f is not None]
+    if not measured:
+        return "not measured"
+    hits = sum(measured)
+    if not hits:
+        return "no"
+    return "yes" if len(flags) == 1 else f"yes ({hits}/{len(flags)} seeds)"
+
+
+def _robust_curve(histories: list[list[dict[str, Any]]]) -> list[tuple[int, float]]:
+    """Validation PGD-10 accuracy (%) per epoch, mean over the runs that recorded it that epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for history in histories:
+        for i, record in enumerate(history):
+            if "val_pgd10_acc" in record:
+                by_epoch.setdefault(record.get("epoch", i + 1), []).append(100 * record["val_pgd10_acc"])
+    return [(epoch, statistics.fmean(values)) for epoch, values in sorted(by_epoch.items())]
 
 
 def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
@@ -662,7 +776,9 @@ def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
         def cost() -> dict[str, Any]:
             run = load_run(path, with_attacker=False)
             c, h, w = run.meta["image_shape"]
-            macs = {"step_macs": step_macs(run.config, run.meta), "classifier_macs": forward_macs(
+            # Counted on the CPU in float32: the speed switches change the time, not the work.
+            plain_math = replace(run.config, amp="off", channels_last=False, compile=False)
+            macs = {"step_macs": step_macs(plain_math, run.meta), "classifier_macs": forward_macs(
                 run.model, torch.rand(1, c, h, w))}
             if run.config.is_l2l:
                 attacker = build_attacker(run.config, run.meta)
@@ -672,14 +788,18 @@ def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
         return {**result, **r.cached("macs", [path], {}, cost), "seconds": _training_seconds(path)}
 
     measured = r.ensure_evaluated(dataset, "frontier", specs, measure)
-    init_seconds = [_training_seconds(r.run_dir(dataset, "frontier", RunSpec("plain", s))) for s in range(p.seeds)]
+    init_seconds = [0.0 if p.from_scratch else _training_seconds(r.run_dir(dataset, "frontier", RunSpec("plain", s)))
+                    for s in range(p.seeds)]
     by_key: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
+    histories: dict[str, list[list[dict[str, Any]]]] = {}
     for spec, res in zip(specs, measured, strict=True):
         by_key.setdefault(spec.key, []).append((spec, res))
+        histories.setdefault(spec.key, []).append(_history(r.run_dir(dataset, "frontier", spec)))
     header = ["method", "clean", aa.replace("autoattack", "AutoAttack"), "worst", "training s", "GMAC / step",
-              "flagged"]
-    lines, raw, points = [], [], []
+              "collapsed", "flagged"]
+    lines, raw, points, curves = [], [], [], []
     for key, entries in by_key.items():
+        collapses = [_collapse(h) for h in histories[key]]
         row = [_label(key)]
         stats = {}
         for col in ("clean", aa, "worst"):
@@ -688,39 +808,54 @@ def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
         stats["seconds"] = _mean_std([e[1]["seconds"] for e in entries])
         row.append(_cell(*stats["seconds"], None, len(entries), False))
         row.append(f"{entries[0][1]['step_macs'] / 1e9:.2f}")
+        row.append(_collapse_cell([c[0] for c in collapses]))
         flagged = any(bool(e[1].get("flagged")) for e in entries)
         row.append("FLAGGED" if flagged else ("ok" if any("checks" in e[1] for e in entries) else "not checked"))
         lines.append(row)
         points.append({"label": _label(key), "key": key, "seconds": stats["seconds"], "autoattack": stats[aa]})
-        for spec, res in entries:
+        curve = _robust_curve(histories[key])
+        if curve:
+            curves.append({"label": _label(key), "key": key, "val_pgd10": curve})
+        for (spec, res), (collapsed, collapsed_epoch) in zip(entries, collapses, strict=True):
             raw.append({"experiment": experiment, "preset": p.name, "dataset": dataset, "method": spec.method,
                         "attacker": spec.attacker or "", "variant": spec.variant, "seed": spec.seed, "n": res["n"],
                         "eps": res["eps"], **{f"acc_{c}": res["accuracy"].get(c) for c in ("clean", *attacks, "worst")},
                         "training_seconds": res["seconds"], "init_seconds": init_seconds[spec.seed],
                         "step_macs": res["step_macs"], "classifier_macs": res["classifier_macs"],
-                        "attacker_macs": res.get("attacker_macs"), "flagged": res.get("flagged"),
+                        "attacker_macs": res.get("attacker_macs"), "collapsed": collapsed,
+                        "collapsed_epoch": collapsed_epoch, "flagged": res.get("flagged"),
                         "run": str(r.run_dir(dataset, "frontier", spec))})
     l2l = [row for row in raw if row["attacker_macs"]]
     ratios = sorted({f"{row['attacker']} {row['attacker_macs'] / row['classifier_macs']:.2f}x" for row in l2l})
     title = (f"frontier: accuracy (%) against training cost on {dataset}, eps {raw[0]['eps']:g}, {p.title}, "
              f"n={raw[0]['n']} validation images, mean ± std over {p.seeds} seed(s)")
     batch = r.config(dataset, "frontier", specs[0]).batch_size
-    notes = [f"training s: measured seconds of the {p.epochs} adversarial epochs (metrics.jsonl), on top of the "
-             f"shared plain net's {statistics.fmean(init_seconds):.0f} s; measured as the runs ran (two processes "
-             "on a shared machine add noise).",
+    start = ("from scratch" if p.from_scratch else
+             f"on top of the shared plain net's {statistics.fmean(init_seconds):.0f} s")
+    notes = [f"training s: measured seconds of the {p.epochs} adversarial epochs (metrics.jsonl), {start}; "
+             "measured as the runs ran (two processes on a shared machine add noise).",
              f"GMAC / step: multiply-adds of one training step of {batch} images, attack, forwards, backwards and "
              "attacker included (torch.utils.flop_counter's formulas).",
              "attacker cost per image, against the classifier's forward: " + (", ".join(ratios) or "no L2L run"),
              f"worst: images that survive both pgd10 and {aa}.",
+             "collapsed: catastrophic overfitting, an epoch whose validation PGD-10 accuracy (first "
+             f"{p.val_robust_n if p.val_robust_n < EVERY_VALIDATION_IMAGE else 'all'} validation images) collapsed "
+             "while clean accuracy rose (learn2defend.train.collapsed); the evaluated weights are the last epoch's. "
+             "'not measured': no validation PGD-10 in the run's metrics.jsonl.",
              "recipes: PGM Net and L2L as the paper (table2); Plain Net (continued), FGSM-RS (random start, "
-             "step 1.25 eps, adversarial loss only), PGD-AT, TRADES (beta 6) and MART (beta 5) with the L2L "
-             "lr schedule; every run starts from its seed's plain net."]
+             "step 1.25 eps, adversarial loss only), N-FGSM (noise 2 eps, step eps), FGSM-SDI (sdi attacker, "
+             "updated every 20 batches), PGD-AT, TRADES (beta 6) and MART (beta 5) with the L2L lr schedule; "
+             + ("every run starts from random weights." if p.from_scratch else
+                "every run starts from its seed's plain net.")
+             + " No label smoothing or weight averaging for any method."]
     out = r.out / experiment
-    stem = f"{experiment}-{_dataset_tag(dataset)}"
+    stem = f"{experiment}-{_dataset_tag(dataset)}{r.eps_suffix(dataset)}"
     files = _write_outputs(out, stem, title, header, lines, raw,
                            {"experiment": experiment, "preset": p.name, "preset_title": p.title, "dataset": dataset,
-                            "points": points, "attacker_ratio": ratios}, notes)
+                            "points": points, "curves": curves, "attacker_ratio": ratios}, notes)
     files["png"] = str(_plot_frontier(points, out / f"{stem}.png", aa, title))
+    per_epoch = title.replace("accuracy (%) against training cost", "validation PGD-10 accuracy (%) per epoch")
+    files["epochs_png"] = str(_plot_robust_curves(curves, out / f"{stem}-val-pgd10.png", per_epoch))
     return {"title": title, "files": files, "rows": raw}
 
 
@@ -744,6 +879,32 @@ def _plot_frontier(points: list[dict[str, Any]], path: Path, attack: str, title:
     return path
 
 
+def _plot_robust_curves(curves: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Validation PGD-10 accuracy (%) per training epoch, one line per method (mean over seeds):
+    a collapse (catastrophic overfitting) shows as a sudden drop."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    from .figures import _suptitle
+
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for c in curves:
+        epochs, values = zip(*c["val_pgd10"], strict=True)
+        ax.plot(epochs, values, marker="o", label=c["label"])
+    if not curves:
+        ax.text(0.5, 0.5, "no run recorded validation PGD-10", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation PGD-10 accuracy (%)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7, loc="best")
+    _suptitle(fig, title, 7)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
     "table2": _white_box_table, "table5": _white_box_table, "table3": _black_box_table,
     "table6": _black_box_table, "table7": _black_box_table, "table4": _timing_table,
@@ -753,16 +914,29 @@ RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
 
 def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, datasets: list[str] | None = None,
               device: str = "auto", data_dir: str = "data", download: bool = False,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run one experiment (or "all") of the paper; returns what was written, per data set."""
+              log: Callable[[str], None] | None = None, eps: float | None = None) -> dict[str, Any]:
+    """Run one experiment (or "all") of the paper; returns what was written, per data set.
+
+    `eps` (the frontier only): the l-inf radius in pixel units, in [0, 1], every frontier run
+    trains and is evaluated at (default: the data set's); at another radius than the default,
+    runs and tables go to their own folders and file names, beside those of the default."""
     names = list(EXPERIMENTS) if experiment == "all" else [experiment]
     if experiment != "all" and experiment not in (*EXPERIMENTS, *EXTRA_EXPERIMENTS):
         raise UserError(f"unknown experiment '{experiment}'; choose one of: "
                         f"{', '.join((*EXPERIMENTS, *EXTRA_EXPERIMENTS))}, all")
     if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS_PUBLIC)}")
-        preset = (FRONTIER_PRESETS if experiment == "frontier" else PRESETS)[preset]
+        table, public = ((FRONTIER_PRESETS, FRONTIER_PRESETS_PUBLIC) if experiment == "frontier"
+                         else (PRESETS, PRESETS_PUBLIC))
+        if preset not in table:
+            only = " (gpu: the frontier only)" if preset in FRONTIER_PRESETS else ""
+            raise UserError(f"unknown preset '{preset}' for {experiment}{only}; choose one of: {', '.join(public)}")
+        preset = table[preset]
+    if eps is not None:
+        if experiment != "frontier":
+            raise UserError(f"--eps applies to the frontier only, not to {experiment} (the paper's eps is fixed)")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps <= 1):
+            raise UserError(f"--eps must lie in [0, 1] (pixel units), got {eps}")
+        preset = replace(preset, eps=float(eps))
     if datasets is not None:
         for d in datasets:
             TrainConfig(dataset=d).validate()  # cheap checks only; the data set itself loads at training
@@ -833,6 +1007,5 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["PRESETS", "FRONTIER_PRESETS", "EXPERIMENTS", "EXTRA_EXPERIMENTS", "Preset", "RunSpec", "Reproduction",
-           "reproduce", "plot_curves",
-           "paper_results", "summary"]
+__all__ = ["PRESETS", "FRONTIER_PRESETS", "FRONTIER_PRESETS_PUBLIC", "EXPERIMENTS", "EXTRA_EXPERIMENTS", "Preset",
+           "RunSpec", "Reproduction", "reproduce", "plot_curves", "paper_results", "summary"]
