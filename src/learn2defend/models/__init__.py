@@ -62,8 +62,9 @@ _REGISTRY: dict[str, _Entry] = {}
 def register_model(name: str, *, min_image_size: int = 1) -> Callable:
     """Register `fn(*, num_classes, in_channels, image_size, mean, std) -> nn.Module` as `name`.
 
-    `min_image_size` is the smallest H = W the network can take; `create_model` checks it so the
-    user gets a clear message instead of a shape error deep inside the network.
+    `min_image_size` is the smallest height and width the network can take; `create_model` checks
+    both so the user gets a clear message instead of a shape error deep inside the network.
+    `fn` gets `image_size` as `create_model` was given it: an int for square images, (H, W) otherwise.
     """
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -85,11 +86,13 @@ def create_model(
     *,
     num_classes: int,
     in_channels: int = 3,
-    image_size: int = 32,
+    image_size: int | tuple[int, int] = 32,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> nn.Module:
-    """Build a registered classifier for [0, 1] images [B, in_channels, image_size, image_size].
+    """Build a registered classifier for [0, 1] images [B, in_channels, H, W].
+
+    `image_size` is H = W for square images, or (H, W); a square (H, H) is passed on as H.
 
     mean and std (one value per channel, in [0, 1] units) default to 0.5, which maps [0, 1] to
     [-1, 1]; pass the data set's statistics to match the usual preprocessing.
@@ -101,10 +104,12 @@ def create_model(
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     if in_channels < 1:
         raise UserError(f"in_channels must be at least 1, got {in_channels}")
-    if image_size < entry.min_image_size:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    image_size = h if h == w else (h, w)
+    if min(h, w) < entry.min_image_size:
         raise UserError(
-            f"image_size {image_size} is too small for model {name!r}: its downsampling needs "
-            f"image_size >= {entry.min_image_size}; use larger images or a model such as 'smallcnn'"
+            f"{h}x{w} images are too small for model {name!r}: its downsampling needs a height and width "
+            f"of at least {entry.min_image_size}; use larger images or a model such as 'smallcnn'"
         )
     mean = (0.5,) * in_channels if mean is None else tuple(mean)
     std = (0.5,) * in_channels if std is None else tuple(std)
