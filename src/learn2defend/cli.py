@@ -414,7 +414,7 @@ def _add_eval_commands(sub) -> None:
     p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="comma-separated (default: fgsm,pgd10)")
     p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    common(p)
+    common(p, n_help="show the first N images of the split (default: 6)")
     p.set_defaults(n=6)
 
 
