@@ -123,6 +123,26 @@ def test_too_small_image(name, size):
         create_model(name, num_classes=10, image_size=size)
 
 
+@pytest.mark.parametrize("shape", [(32, 2), (2, 32), (4, 4)])
+def test_too_small_height_or_width(shape):
+    """The minimum size holds for the height and the width alike (1x32x2 used to pass, 1x2x32 not)."""
+    with pytest.raises(UserError, match=f"{shape[0]}x{shape[1]} images are too small for model 'preact-resnet18'"):
+        create_model("preact-resnet18", num_classes=10, in_channels=1, image_size=shape)
+
+
+def test_non_square_images_at_the_minimum_size_work():
+    model = create_model("preact-resnet18", num_classes=3, in_channels=1, image_size=(8, 16)).eval()
+    assert model(torch.rand(2, 1, 8, 16)).shape == (2, 3)
+
+
+def test_train_refuses_too_small_width(tmp_path):
+    from learn2defend import TrainConfig, train
+
+    with pytest.raises(UserError, match="32x2 images are too small"):
+        train(TrainConfig(dataset="fake:1x32x2:2", model="preact-resnet18", epochs=1, device="cpu",
+                          out=str(tmp_path / "r")))
+
+
 def test_bad_arguments():
     with pytest.raises(UserError, match="3 channels"):
         create_model("smallcnn", num_classes=10, mean=(0.5,))

@@ -147,6 +147,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 DEVICE_HELP = "auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N"
+IMPORT_HELP = ("import this module first, so that the models it registers with @register_model can be used "
+               "(repeatable; the current folder and PYTHONPATH are searched) (default: none)")
 ATTACK_SEED_HELP = "seed of the attacks' random starts"
 
 
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="learn2defend",
                      description="Adversarial training with learned attackers, and honest evaluation.")
     parser.add_argument("--version", action="version", version=f"learn2defend {__version__}")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a classifier with one of the methods")
@@ -264,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered classifiers")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
+    for p in sub.choices.values():  # also after the subcommand: `learn2defend train --import mymodels ...`
+        p.add_argument("--import", dest="sub_imports", action="append", default=[], metavar="MODULE",
+                       help=IMPORT_HELP)
     return parser
 
 
@@ -408,7 +414,7 @@ def _add_eval_commands(sub) -> None:
     p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="comma-separated (default: fgsm,pgd10)")
     p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    common(p)
+    common(p, n_help="show the first N images of the split (default: 6)")
     p.set_defaults(n=6)
 
 
@@ -592,6 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.launched() and args.command not in ("train", "eval"):  # see docs/distributed.md
             raise UserError(f"'{args.command}' does not run under torchrun; only train and eval do: "
                             "run it as one process")
+        from .models import import_models
+
+        import_models([*args.imports, *args.sub_imports])  # before anything looks a model up
         distributed.init_from_env(getattr(args, "device", "auto"))
         if args.command == "models":
             from .models import list_models

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, eps_range_error
 from .methods import METHOD_RECORDS
 
 METHODS = tuple(METHOD_RECORDS)
@@ -193,7 +193,7 @@ class TrainConfig:
         if c.attacker_optimizer is not None:
             _choice("attacker-optimizer", c.attacker_optimizer, OPTIMIZERS)
         if c.eps is not None and not (0.0 <= c.eps <= 1.0):
-            raise UserError(f"--eps must lie in [0, 1] (pixel units), got {c.eps}")
+            raise eps_range_error("--eps", c.eps)
         _positive_int("epochs", c.epochs)
         _positive_int("batch-size", c.batch_size)
         if c.pgd_steps is not None:

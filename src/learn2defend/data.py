@@ -225,8 +225,10 @@ def _load_torchvision(kind: str, data_dir: Path, download: bool) -> _Source:
     except (RuntimeError, OSError) as e:  # torchvision: RuntimeError("Dataset not found ...")
         if download:
             raise UserError(f"could not download {title} into '{data_dir}': {e}") from e
-        raise UserError(f"{title} not found under '{data_dir}'; add --download to fetch it "
-                        "(needs internet)") from e
+        # torchvision checks the md5 of each CIFAR and SVHN file (MNIST: that its files exist),
+        # so a truncated or altered file ends here too; --download fetches it again.
+        raise UserError(f"{title} not found under '{data_dir}', or its files are damaged; add --download "
+                        "to fetch it (needs internet)") from e
     train, test = (_torchvision_arrays(kind, part) for part in parts)
     classes = list(getattr(parts[0], "classes", [str(i) for i in range(10)]))  # SVHN has none
     return _Source(train, test, classes, flip, crop_padding)

@@ -38,7 +38,7 @@ from .checks import sanity_checks
 from .config import parse_fraction
 from .correctness import attack_correct, fraction
 from .data import Dataset, ImageData, load_dataset
-from .errors import UserError
+from .errors import UserError, eps_range_error
 from .runs import BEST, LAST, Run, load_run, resolve_device
 
 STATE_DIR = "eval-state"
@@ -65,7 +65,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if self.eps is not None and not (0 <= self.eps <= 1):
-            raise UserError(f"--eps must lie in [0, 1] (pixel units), got {self.eps}")
+            raise eps_range_error("--eps", self.eps)
         if self.n is not None and self.n < 1:
             raise UserError(f"--n must be a positive integer, got {self.n}")
         if self.batch_size < 1:
@@ -87,12 +87,24 @@ def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
         dataset or c.dataset, data_dir, val_size=c.val_size if c.val_size < 1 else int(c.val_size),
         split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image,
     )
-    if len(data.classes) != len(run.meta["classes"]):
-        raise UserError(f"{data.name} has {len(data.classes)} classes but the model was trained on "
-                        f"{len(run.meta['classes'])}")
-    if list(data.image_shape) != list(run.meta["image_shape"]):
-        raise UserError(f"{data.name} has images of shape {list(data.image_shape)} but the model takes "
-                        f"{run.meta['image_shape']}; use --image-size")
+    classes = [str(k) for k in run.meta["classes"]]
+    if len(data.classes) != len(classes):
+        raise UserError(f"{data.name} has {len(data.classes)} classes but the model was trained on {len(classes)}")
+    if list(data.classes) != classes:  # labels are indices: the same names in the same order
+        wrong = [i for i, (a, b) in enumerate(zip(data.classes, classes, strict=True)) if a != b]
+        shown = ", ".join(f"{i}: '{data.classes[i]}' vs '{classes[i]}'" for i in wrong[:3])
+        more = ", ..." if len(wrong) > 3 else ""
+        raise UserError(f"{data.name} names its classes differently from the model's run, so its labels would "
+                        f"be scored against other classes ({len(wrong)} differ; label {shown}{more}); "
+                        "use a data set with the same class names in the same order")
+    (c, h, w), (mc, mh, mw) = data.image_shape, run.meta["image_shape"]
+    if c != mc:
+        raise UserError(f"{data.name} has {c}-channel images but the model takes {mc}-channel ones; "
+                        f"evaluate it on a data set with {mc} channel(s)")
+    if (h, w) != (mh, mw):
+        how = (f"resize its image files to {mh}x{mw}" if data.name.startswith("folder:")
+               else "use a data set of that size, e.g. a folder:PATH of resized images")
+        raise UserError(f"{data.name} has {h}x{w} images but the model takes {mh}x{mw}; {how}")
     return data
 
 

@@ -80,9 +80,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     """Rebuild the classifier of an exported file, in eval mode."""
     meta = read_metadata(path)
     try:
-        c, h, _ = meta["image_shape"]
+        c, h, w = meta["image_shape"]
         model = create_model(meta["model"], num_classes=int(meta["num_classes"]), in_channels=int(c),
-                             image_size=int(h), mean=meta["mean"], std=meta["std"])
+                             image_size=(int(h), int(w)), mean=meta["mean"], std=meta["std"])
     except (TypeError, ValueError) as e:
         raise UserError(f"{path} has damaged metadata ({e})") from None
     load_weights(model, load_file(str(path)), f"exported model {path}")

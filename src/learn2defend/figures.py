@@ -30,7 +30,7 @@ import torch
 
 from .attacks import Attack, make_attack
 from .data import DeviceLoader
-from .errors import UserError
+from .errors import UserError, eps_range_error
 from .evaluate import EvalConfig, attack_correct, build_attacks, check_same_task, eval_data, first_n, fraction
 from .runs import Run, load_run, resolve_device
 
@@ -83,7 +83,7 @@ class SweepConfig:
             raise UserError(f"--over {self.over} needs values, e.g. 1,2,5,10 (steps) or 0,0.05,0.1 (eps)")
         for v in self.values:
             if self.over == "eps" and not (math.isfinite(v) and 0 <= v <= 1):
-                raise UserError(f"sweep eps values must lie in [0, 1] (pixel units), got {v:g}")
+                raise eps_range_error("sweep eps values", v)
             if self.over == "pgd-steps" and not (v == int(v) and 0 <= v <= MAX_SWEEP_STEPS):
                 raise UserError(f"sweep step counts must be integers in [0, {MAX_SWEEP_STEPS}], got {v:g}")
         for a in self.resolved_attacks():

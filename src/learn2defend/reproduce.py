@@ -957,18 +957,33 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
 # ---- training curves --------------------------------------------------------------------
 
 
+def curve_labels(run_dirs: list[str]) -> dict[Path, str]:
+    """{resolved run folder: legend label}, one per distinct folder in the given order; a label is
+    the folder's shortest trailing part of its path that no other folder shares (runs/p, other/p)."""
+    paths = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))
+    labels = {}
+    for path in paths:
+        for k in range(1, len(path.parts) + 1):
+            tail = path.parts[-k:]
+            if all(other.parts[-k:] != tail for other in paths if other != path):
+                break
+        labels[path] = "/".join(tail) if tail[0] != path.anchor else str(path)
+    return labels
+
+
 def plot_curves(run_dirs: list[str], out: str) -> str:
-    """Loss and accuracy per epoch (and attack_success for L2L runs) from metrics.jsonl."""
+    """Loss and accuracy per epoch (and attack_success for L2L runs) from metrics.jsonl, one curve per
+    run folder (folders with the same name are told apart by their paths)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     histories = {}
-    for d in run_dirs:
-        path = Path(d) / "metrics.jsonl"
+    for folder, label in curve_labels(run_dirs).items():
+        path = folder / "metrics.jsonl"
         try:
-            histories[Path(d).name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            histories[label] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {path}: {e}") from None
     keys = ["train_loss", "train_acc", "attack_success"]

@@ -79,12 +79,12 @@ def data_meta(data: Dataset) -> dict[str, Any]:
 
 
 def build_classifier(config: TrainConfig, meta: dict[str, Any]) -> nn.Module:
-    c, h, _ = meta["image_shape"]
+    c, h, w = meta["image_shape"]
     return create_model(
         config.model,
         num_classes=len(meta["classes"]),
         in_channels=c,
-        image_size=h,
+        image_size=(h, w),
         mean=meta["mean"],
         std=meta["std"],
     )

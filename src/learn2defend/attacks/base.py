@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from learn2defend.errors import UserError
+from learn2defend.errors import UserError, eps_range_error
 
 from .functional import LOSSES, fgsm_delta, pgd_delta, project
 
@@ -18,7 +18,7 @@ from .functional import LOSSES, fgsm_delta, pgd_delta, project
 def check_eps(eps: float) -> float:
     """eps is an l-inf radius in pixel units, so it must lie in [0, 1]."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-        raise UserError(f"eps must be a number in [0, 1] (pixel units, e.g. 8/255), got {eps!r}")
+        raise eps_range_error("eps", eps)
     return float(eps)
 
 

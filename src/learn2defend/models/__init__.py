@@ -8,7 +8,10 @@ the statistics it was trained with.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +24,16 @@ __all__ = [
     "Normalize",
     "create_attacker",
     "create_model",
+    "import_models",
     "list_models",
+    "load_plugins",
     "register_model",
 ]
+
+ENTRY_POINT_GROUP = "learn2defend.models"  # packages declare modules that register models here
+OWN_MODEL_HINT = (f"a model of your own: register it with @register_model in a module and pass --import MODULE, "
+                  f"or declare the module in the '{ENTRY_POINT_GROUP}' entry-point group "
+                  "(README, 'Train your own model')")
 
 
 class Normalize(nn.Module):
@@ -62,8 +72,9 @@ _REGISTRY: dict[str, _Entry] = {}
 def register_model(name: str, *, min_image_size: int = 1) -> Callable:
     """Register `fn(*, num_classes, in_channels, image_size, mean, std) -> nn.Module` as `name`.
 
-    `min_image_size` is the smallest H = W the network can take; `create_model` checks it so the
-    user gets a clear message instead of a shape error deep inside the network.
+    `min_image_size` is the smallest height and width the network can take; `create_model` checks
+    both so the user gets a clear message instead of a shape error deep inside the network.
+    `fn` gets `image_size` as `create_model` was given it: an int for square images, (H, W) otherwise.
     """
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -75,8 +86,60 @@ def register_model(name: str, *, min_image_size: int = 1) -> Callable:
     return decorator
 
 
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import, once per process, every module of the `learn2defend.models` entry-point group.
+
+    A package makes its models available to every learn2defend command, in every process, by
+    declaring the module that registers them, e.g. in its pyproject.toml:
+
+        [project.entry-points."learn2defend.models"]
+        mynets = "mypackage.models"
+
+    A module that fails to import is reported on stderr and left out; the others still load.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not stop the built-in models
+            print(f"learn2defend: warning: entry point '{ep.name} = {ep.value}' of '{ENTRY_POINT_GROUP}' "
+                  f"failed to load ({type(e).__name__}: {e}); its models are missing", file=sys.stderr)
+
+
+def import_models(modules: Iterable[str]) -> None:
+    """Import each named module (e.g. "mymodels" or "pkg.nets"), so that its @register_model
+    functions join the registry; the CLI's `--import MODULE`.
+
+    As `python -m` does, the current folder is searched first, then PYTHONPATH and the
+    installed packages. Raises UserError for a module that cannot be imported.
+    """
+    modules = list(modules)
+    if modules and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name != e.name and not name.startswith(e.name + "."):
+                raise UserError(f"--import {name}: it imports '{e.name}', which is not installed") from None
+            hint = " (give a module name, not a file)" if name.endswith(".py") else ""
+            raise UserError(f"--import {name}: no module named '{name}'{hint}; put the folder that holds it "
+                            "in the current folder or on PYTHONPATH, or install its package") from None
+        except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import
+            raise UserError(f"--import {name}: importing it failed ({type(e).__name__}: {e})") from None
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching the shell-style `pattern`, sorted."""
+    """Registered model names matching the shell-style `pattern`, sorted (entry points included)."""
+    load_plugins()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
@@ -85,26 +148,32 @@ def create_model(
     *,
     num_classes: int,
     in_channels: int = 3,
-    image_size: int = 32,
+    image_size: int | tuple[int, int] = 32,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> nn.Module:
-    """Build a registered classifier for [0, 1] images [B, in_channels, image_size, image_size].
+    """Build a registered classifier for [0, 1] images [B, in_channels, H, W].
+
+    `image_size` is H = W for square images, or (H, W); a square (H, H) is passed on as H.
 
     mean and std (one value per channel, in [0, 1] units) default to 0.5, which maps [0, 1] to
     [-1, 1]; pass the data set's statistics to match the usual preprocessing.
     """
     if name not in _REGISTRY:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+        load_plugins()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}; {OWN_MODEL_HINT}")
     entry = _REGISTRY[name]
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     if in_channels < 1:
         raise UserError(f"in_channels must be at least 1, got {in_channels}")
-    if image_size < entry.min_image_size:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    image_size = h if h == w else (h, w)
+    if min(h, w) < entry.min_image_size:
         raise UserError(
-            f"image_size {image_size} is too small for model {name!r}: its downsampling needs "
-            f"image_size >= {entry.min_image_size}; use larger images or a model such as 'smallcnn'"
+            f"{h}x{w} images are too small for model {name!r}: its downsampling needs a height and width "
+            f"of at least {entry.min_image_size}; use larger images or a model such as 'smallcnn'"
         )
     mean = (0.5,) * in_channels if mean is None else tuple(mean)
     std = (0.5,) * in_channels if std is None else tuple(std)
