@@ -203,3 +203,76 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "learn2defend[tensorboard]" in err
     assert not out.exists()
+
+
+# ---- under torchrun: every option passes through torchrun's own parser ------------------------
+
+
+def _option_spellings():
+    """(subcommand, option string, action) of every option of every subcommand."""
+    _, commands = _subcommands()
+    return [(name, opt, action) for name, p in commands.items() for action in p._actions
+            for opt in action.option_strings]
+
+
+def test_torchrun_options_list_matches_torchrun():
+    from torch.distributed.run import get_args_parser
+
+    from learn2defend.cli import _TORCHRUN_ALL
+
+    theirs = {opt for action in get_args_parser()._actions for opt in action.option_strings}
+    assert theirs <= _TORCHRUN_ALL, sorted(theirs - _TORCHRUN_ALL)
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_torchrun_passes_every_option_on(form, capsys):
+    """`torchrun -m learn2defend CMD --opt V`: torchrun's parser (torch.distributed.run) gives
+    back CMD --opt V unchanged for every option's first name; only the kept short names that
+    torchrun takes for its own (--n) do not pass, and each has a first name that does."""
+    from torch.distributed.run import parse_args
+
+    from learn2defend.cli import torchrun_could_take
+
+    swallowed, unsafe = [], set()
+    for name, opt, action in _option_spellings():
+        given = [opt, "1"] if form == "separate" else [f"{opt}=1"]
+        if action.nargs == 0 and form == "equals":
+            given = [opt]
+        try:
+            parsed = parse_args(["--nproc-per-node=2", "-m", "learn2defend", name, *given]).training_script_args
+        except SystemExit:
+            parsed = None
+        capsys.readouterr()
+        if parsed != [name, *given]:
+            swallowed.append((name, opt))
+        assert (parsed != [name, *given]) <= torchrun_could_take(opt), (name, opt)  # the rule sees every case
+        if torchrun_could_take(opt):
+            unsafe.add(opt)
+            assert action.option_strings[0] != opt and not torchrun_could_take(action.option_strings[0])
+            assert "except under torchrun" in action.help
+    assert {opt for _, opt in swallowed} <= unsafe == {"--n"}
+    # after `--`, torchrun passes everything on, and learn2defend drops a `--` left in front
+    args = parse_args(["--nproc-per-node=2", "-m", "learn2defend", "--", "eval", "--n", "5"]).training_script_args
+    assert args[-3:] == ["eval", "--n", "5"] and args[:-3] in ([], ["--"])
+
+
+def test_an_option_torchrun_could_take_is_refused_as_first_name():
+    from learn2defend.cli import _Parser
+
+    parser = _Parser(prog="x")
+    for bad in ("--n", "--nproc", "--master", "--rdzv_conf", "-mx"):
+        with pytest.raises(ValueError, match="torchrun"):
+            parser.add_argument(bad)
+    parser.add_argument("--n-items", "--n", dest="n")  # a short second name stays, outside torchrun
+    assert parser.parse_args(["--n", "3"]).n == parser.parse_args(["--n-items", "3"]).n == "3"
+
+
+def test_n_images_and_n_alike_and_leading_double_dash(digits_run, capsys):
+    results = []
+    for argv in (["eval", "--checkpoint", str(digits_run), "--n-images", "7", "--json"],
+                 ["--", "eval", "--checkpoint", str(digits_run), "--n", "7", "--json"]):
+        assert main(argv) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] and results[0]["n"] == 7
+    assert main(["eval", "--checkpoint", str(digits_run), "--n-images", "0"]) == 2
+    assert "--n-images must be a positive integer" in capsys.readouterr().err

@@ -137,10 +137,54 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%') or 'none'})".strip()
 
 
+# torchrun's own options (torch.distributed.run, PyTorch 2.x; each long one also with
+# underscores). torchrun reads every option of its command line, those after `-m learn2defend`
+# included, and takes a prefix of one of its options for that option: `--n` is "ambiguous"
+# (--nnodes, --nproc-per-node, ...) and stops torchrun before learn2defend starts. So no
+# learn2defend option may be a prefix of one of these; a short spelling that is one may stay
+# as a second name, for use outside torchrun (`--n-images`, and `--n`). tests/test_cli.py
+# checks this list against torchrun's parser.
+TORCHRUN_OPTIONS = (
+    "-h", "--help", "--nnodes", "--nproc-per-node", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
+    "--rdzv-conf", "--standalone", "--max-restarts", "--monitor-interval", "--start-method",
+    "--event-log-handler", "--role", "-m", "--module", "--no-python", "--run-path", "--log-dir", "-r",
+    "--redirects", "-t", "--tee", "--log-line-prefix-template", "--local-ranks-filter",
+    "--duplicate-stdout-filters", "--duplicate-stderr-filters", "--node-rank", "--master-addr",
+    "--master-port", "--local-addr", "--logs-specs", "--numa-binding", "--signals-to-handle",
+    "--shutdown-timeout", "--virtual-local-rank", "--print-completion",
+)
+_TORCHRUN_ALL = {*TORCHRUN_OPTIONS, *("--" + o[2:].replace("-", "_") for o in TORCHRUN_OPTIONS if o.startswith("--"))}
+
+
+def torchrun_could_take(option: str) -> bool:
+    """Whether torchrun's parser could take `option`, given after `-m learn2defend`, for one of
+    its own options (a prefix of one; argparse's -h/--help excepted, which torchrun passes on)."""
+    if option in ("-h", "--help"):
+        return False
+    if not option.startswith("--"):  # -x: torchrun's -m, -r, -t, also with a value attached (-mVALUE)
+        return option[:2] in _TORCHRUN_ALL
+    return any(theirs.startswith(option) for theirs in _TORCHRUN_ALL)
+
+
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, real defaults in --help, and option names torchrun passes on."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        """argparse's, refusing an option whose first name torchrun could take (see
+        TORCHRUN_OPTIONS); a further name it could take is kept, and its help says so."""
+        unsafe = [o for o in args if isinstance(o, str) and o.startswith("-") and torchrun_could_take(o)]
+        if unsafe and args[0] in unsafe:
+            raise ValueError(f"option {args[0]} is a prefix of a torchrun option; give it a first name "
+                             "torchrun cannot take (the short one may stay as a second name)")
+        action = super().add_argument(*args, **kwargs)
+        if unsafe:
+            action.help = (f"{action.help or ''} ({', '.join(unsafe)}: the same, except under torchrun, "
+                           "which takes it for its own)").strip()
+        return action
 
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -222,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "speed switches the run was trained with")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the run's own)")
     p.add_argument("--split", default="val", help="val or test")
-    p.add_argument("--n", type=int, help="evaluate the first N images of the split (default: all)")
+    p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
+                   help="evaluate the first N images of the split (default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (memory only: the "
                    "numbers do not depend on it; AutoAttack always attacks chunks of 250)")
     p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
@@ -245,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated methods (default: all)")
     p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="attacks to evaluate with")
     p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from (default: --epochs)")
-    p.add_argument("--n", type=int, help="evaluate on the first N validation images (default: all)")
+    p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
+                   help="evaluate on the first N validation images (default: all)")
     p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
@@ -376,7 +422,7 @@ def _add_eval_commands(sub) -> None:
     def common(p: argparse.ArgumentParser, n_help: str = "use the first N images of the split (default: all)") -> None:
         p.add_argument("--dataset", help="another data set with the same classes (default: the run's own)")
         p.add_argument("--split", default="val", help="val or test")
-        p.add_argument("--n", type=int, help=n_help)
+        p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N", help=n_help)
         p.add_argument("--which", default="last", help="last or best checkpoint")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
@@ -579,6 +625,9 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m learn2defend -- eval ...`, where torchrun leaves the `--`
+        argv = argv[1:]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a malformed option (already printed as one line)

@@ -67,7 +67,7 @@ class EvalConfig:
         if self.eps is not None and not (0 <= self.eps <= 1):
             raise UserError(f"--eps must lie in [0, 1] (pixel units), got {self.eps}")
         if self.n is not None and self.n < 1:
-            raise UserError(f"--n must be a positive integer, got {self.n}")
+            raise UserError(f"--n-images must be a positive integer, got {self.n}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be a positive integer, got {self.batch_size}")
         if self.split not in ("train", "val", "test"):
