@@ -276,3 +276,35 @@ def test_n_images_and_n_alike_and_leading_double_dash(digits_run, capsys):
     assert results[0] == results[1] and results[0]["n"] == 7
     assert main(["eval", "--checkpoint", str(digits_run), "--n-images", "0"]) == 2
     assert "--n-images must be a positive integer" in capsys.readouterr().err
+
+
+# ---- resume by folder ---------------------------------------------------------------------------
+
+
+def test_resume_by_folder_takes_the_runs_own_config(tmp_path, capsys):
+    out, data = tmp_path / "r", str(tmp_path / "d")
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2  # no such run: not a fresh one
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such run folder" in err and not out.exists()
+    assert main(["train", "--out", str(out), "--dataset", "fake:1x8x8:3", "--method", "fgsm", "--epochs", "1",
+                 "--lr", "0.05", "--batch-size", "64", "--val-robust-n", "0", "--no-progress", "--device", "cpu",
+                 "--data-dir", data]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["epochs"] == 2
+    assert json.loads((out / "config.json").read_text()) == {**stored, "epochs": 2, "progress": False}
+    assert main(["train", "--out", str(out), "--resume"]) == 0  # finished: nothing to train
+    assert "nothing to train" in capsys.readouterr().err
+    # a flag given must agree with the run, even one given at its default value
+    for flag, value in (("--lr", "0.1"), ("--method", "plain"), ("--dataset", "fake:1x8x8:4")):
+        assert main(["train", "--out", str(out), "--resume", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag} (the run:" in err and "--epochs" in err
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.05", "--method", "fgsm", "--epochs", "2",
+                 "--batch-size", "64", "--no-progress"]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--out", str(empty), "--resume"]) == 2
+    assert "holds no config.json" in capsys.readouterr().err

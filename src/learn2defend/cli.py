@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier with one of the methods")
     _add_dataclass_options(p, TrainConfig, skip=set())
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                   "its own config.json: other options may be left out; given, they must agree with the run, "
+                   "except those that may change on resume (--epochs, --device, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
 
@@ -397,7 +399,16 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.resume and not args.overwrite:  # the run's own config.json, with the options given put in
+        from pathlib import Path
+
+        from .runs import resume_config
+        from .train import RESUMABLE_CHANGES
+
+        given = {k: v for k, v in vars(args).items() if k in fields and k in args.given_options}
+        config = resume_config(Path(args.out), given, RESUMABLE_CHANGES | {"batch_size"})
+    else:
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     run = train(config, resume=args.resume, overwrite=args.overwrite)
     last = run.history[-1] if run.history else {}
     return {"out": str(run.path), "epochs": run.epoch, **{k: v for k, v in last.items() if k != "epoch"}}
@@ -624,12 +635,25 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The destinations of the options given on the command line `argv` (which parses), whatever
+    their values: a given option that equals its default counts as given."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in sub.choices.values():
+        p._defaults.clear()  # set_defaults
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun ... -m learn2defend -- eval ...`, where torchrun leaves the `--`
         argv = argv[1:]
     try:
         args = build_parser().parse_args(argv)
+        args.given_options = given_options(argv)
     except SystemExit as e:  # --help, or a malformed option (already printed as one line)
         return e.code if isinstance(e.code, int) else 0
     try:
