@@ -308,3 +308,52 @@ def test_resume_by_folder_takes_the_runs_own_config(tmp_path, capsys):
     empty.mkdir()
     assert main(["train", "--out", str(empty), "--resume"]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+# ---- compare: everything checked first, the table saved, no silent extension ---------------------
+
+
+COMPARE = ["compare", "--dataset", "fake:1x8x8:3", "--methods", "plain,fgsm", "--attacks", "fgsm", "--epochs", "1",
+           "--batch-size", "64", "--val-robust-n", "0", "--no-progress", "--device", "cpu", "--n-images", "16"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--attacks", "pgd"], ["attack", "pgd"]),
+    (["--methods", "plain,foo"], ["method", "foo"]),
+    (["--methods", ","], ["--methods"]),
+    (["--n", "0"], ["--n-images"]),
+    (["--plain-epochs", "0"], ["--plain-epochs", "positive"]),
+    (["--plain-epochs", "-2"], ["--plain-epochs", "-2"]),
+    (["--methods", "plain,trades", "--clean-weight", "0.5"], ["--clean-weight", "trades"]),
+])
+def test_compare_checks_everything_before_training(tmp_path, capsys, args, words):
+    out = tmp_path / "cmp"
+    assert main([*COMPARE, "--data-dir", str(tmp_path / "d"), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not out.exists()  # nothing trained, no run folder left behind
+
+
+def test_compare_saves_its_table_and_extends_runs_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    common = [*COMPARE, "--data-dir", str(tmp_path / "d"), "--out", str(out)]
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    assert (out / "compare.md").read_text() == printed
+    assert "| plain |" in printed and "| fgsm |" in printed
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [(r["method"], r["epochs"], r["n"]) for r in rows] == [("plain", 1, 16), ("fgsm", 1, 16)]
+    before = {p: (out / p / "last.safetensors").stat().st_mtime_ns for p in ("plain", "fgsm")}
+    for args, words in ((["--epochs", "2"], ["--extend", "1 epochs", "--epochs asks for 2"]),
+                        (["--plain-epochs", "2"], ["--extend", "--plain-epochs"]),
+                        (["--lr", "0.05"], ["other settings", "--lr (the run: 0.1, given: 0.05)"])):
+        assert main([*common, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert before == {p: (out / p / "last.safetensors").stat().st_mtime_ns for p in ("plain", "fgsm")}
+    assert main([*common, "--epochs", "2", "--extend", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["epochs"] for r in rows] == [2, 2]
+    assert json.loads((out / "compare.json").read_text())["rows"] == rows
+    assert main(common) == 2  # fewer epochs than the runs there
+    assert "holds a run of 2 epochs" in capsys.readouterr().err

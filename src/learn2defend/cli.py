@@ -291,10 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(p, TrainConfig, skip={"out", "method", "init"})
     p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated methods (default: all)")
     p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="attacks to evaluate with")
-    p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from (default: --epochs)")
+    p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from "
+                   "(default: --epochs)")
     p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
                    help="evaluate on the first N validation images (default: all)")
-    p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method")
+    p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method, and the "
+                   "table (compare.md) and its rows (compare.json); an interrupted comparison continues there")
+    p.add_argument("--extend", action="store_true", help="let a larger --epochs (or --plain-epochs) train the "
+                   "runs already in --out on; without it, runs there must have the epochs asked for")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
     p = sub.add_parser("demo", help="the digits comparison of every method (about 3.5 minutes on a 2-core CPU)")
@@ -376,7 +380,9 @@ DEMO = {"dataset": "digits", "model": "smallcnn", "epochs": 8, "batch_size": 64,
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from .compare import compare, markdown_table
+    from pathlib import Path
+
+    from .compare import ROWS, TABLE, compare, report
 
     if args.command == "demo":
         base, methods, attacks = TrainConfig(**DEMO, device=args.device), list(METHODS), ["fgsm", "pgd10"]
@@ -386,12 +392,12 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
         base = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
         methods, attacks, plain_epochs = args.methods, args.attacks, args.plain_epochs
-    rows = compare(base, methods, attacks, args.out, plain_epochs, n=getattr(args, "n", None))
+    rows = compare(base, methods, attacks, args.out, plain_epochs, n=getattr(args, "n", None),
+                   extend=getattr(args, "extend", False))
+    print(f"wrote {Path(args.out) / TABLE} and {Path(args.out) / ROWS}", file=sys.stderr)
     if getattr(args, "json", False):
         return {"rows": rows}
-    eps = rows[0]["eps"]
-    print(f"{base.dataset}, {base.model}, eps {eps:g}, validation split (n={rows[0]['n']}), accuracy in %:")
-    print(markdown_table(rows))
+    print(report(base, rows))
     return {}
 
 

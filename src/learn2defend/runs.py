@@ -256,15 +256,22 @@ def resume_config(out: Path, given: dict[str, Any], may_change: set[str]) -> Tra
                         "leave out --resume to start one")
     stored = TrainConfig.load(out / CONFIG)
     config = dataclasses.replace(stored, **{**given, "out": str(out)})
-    before, now = stored.resolved(), config.resolved()
-    differ = [k for k in given if k not in may_change and getattr(now, k) != getattr(before, k)]
+    differ = changed_settings(stored, config, may_change)
     if differ:
-        flags = ", ".join(f"--{k.replace('_', '-')} (the run: {_shown(getattr(before, k))}, "
-                          f"given: {_shown(getattr(now, k))})" for k in differ)
         allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(may_change - {"out"}))
-        raise UserError(f"cannot resume '{out}' with other settings: {flags}; leave them out to keep the run's "
+        raise UserError(f"cannot resume '{out}' with other settings: {differ}; leave them out to keep the run's "
                         f"(only {allowed} may change on resume)")
     return config
+
+
+def changed_settings(stored: TrainConfig, config: TrainConfig, may_change: set[str]) -> str:
+    """The settings of `config` that differ from those of the run `stored`, but for `may_change`
+    (both resolved first), as flags: '--lr (the run: 0.1, given: 0.05), ...'; '' when none."""
+    before, now = stored.resolved(), config.resolved()
+    differ = [f.name for f in dataclasses.fields(TrainConfig)
+              if f.name not in may_change and getattr(now, f.name) != getattr(before, f.name)]
+    return ", ".join(f"--{k.replace('_', '-')} (the run: {_shown(getattr(before, k))}, "
+                     f"given: {_shown(getattr(now, k))})" for k in differ)
 
 
 def _shown(value: Any) -> str:
