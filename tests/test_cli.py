@@ -357,3 +357,36 @@ def test_compare_saves_its_table_and_extends_runs_only_when_asked(tmp_path, caps
     assert json.loads((out / "compare.json").read_text())["rows"] == rows
     assert main(common) == 2  # fewer epochs than the runs there
     assert "holds a run of 2 epochs" in capsys.readouterr().err
+
+
+# ---- eval --checkpoint: an exported file as well as a run folder --------------------------------
+
+
+def test_eval_takes_an_exported_file_like_its_run(digits_run, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model.safetensors"
+    assert main(["export", str(digits_run), "--out", str(model)]) == 0
+    asked = ["--attacks", "fgsm,pgd10", "--n-images", "48", "--split", "val", "--json"]
+    results = []
+    for checkpoint in (digits_run, model):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(checkpoint), *asked]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    folder, exported = results
+    assert exported["checkpoint"] == str(model)
+    for key in ("accuracy", "n", "dataset", "split", "eps", "model", "method"):
+        assert exported[key] == folder[key], key  # the same images, split and numbers
+    assert main(["eval", "--checkpoint", str(model), "--which", "best"]) == 2
+    assert "--which best applies to run folders" in capsys.readouterr().err
+    # a file exported before the data set was recorded: --dataset names it
+    with safe_open(str(model), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "data"}
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(model)), str(older), metadata=metadata)
+    assert main(["eval", "--checkpoint", str(older), "--n-images", "48"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dataset" in err
+    assert main(["eval", "--checkpoint", str(older), "--dataset", "digits", "--n-images", "48", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"]["clean"] == folder["accuracy"]["clean"]

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
 
     p = sub.add_parser("eval", help="accuracy of a trained run, clean and under attacks")
-    p.add_argument("--checkpoint", required=True, help="run folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, or a model file written by learn2defend export "
+                   "(its data set and split as recorded there; AutoAttack's progress is not saved for a file)")
     p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[],
                    help=f"comma-separated; K is a number of iterations: {', '.join(_attack_names())} "
                    "(default: none, clean accuracy only); attacks always run in IEEE float32, whatever "
