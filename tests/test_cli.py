@@ -209,10 +209,11 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypat
 
 
 def _option_spellings():
-    """(subcommand, option string, action) of every option of every subcommand."""
-    _, commands = _subcommands()
-    return [(name, opt, action) for name, p in commands.items() for action in p._actions
-            for opt in action.option_strings]
+    """(command line before the option, option string, action) of every option of learn2defend
+    itself (before a subcommand) and of every subcommand."""
+    parser, commands = _subcommands()
+    return [([], opt, action) for action in parser._actions for opt in action.option_strings] + [
+        ([name], opt, action) for name, p in commands.items() for action in p._actions for opt in action.option_strings]
 
 
 def test_torchrun_options_list_matches_torchrun():
@@ -234,18 +235,19 @@ def test_torchrun_passes_every_option_on(form, capsys):
     from learn2defend.cli import torchrun_could_take
 
     swallowed, unsafe = [], set()
-    for name, opt, action in _option_spellings():
+    for before, opt, action in _option_spellings():
         given = [opt, "1"] if form == "separate" else [f"{opt}=1"]
         if action.nargs == 0 and form == "equals":
             given = [opt]
+        line = [*before, *given] if before else [*given, "models"]
         try:
-            parsed = parse_args(["--nproc-per-node=2", "-m", "learn2defend", name, *given]).training_script_args
+            parsed = parse_args(["--nproc-per-node=2", "-m", "learn2defend", *line]).training_script_args
         except SystemExit:
             parsed = None
         capsys.readouterr()
-        if parsed != [name, *given]:
-            swallowed.append((name, opt))
-        assert (parsed != [name, *given]) <= torchrun_could_take(opt), (name, opt)  # the rule sees every case
+        if parsed != line:
+            swallowed.append((line, opt))
+        assert (parsed != line) <= torchrun_could_take(opt), line  # the rule sees every case
         if torchrun_could_take(opt):
             unsafe.add(opt)
             assert action.option_strings[0] != opt and not torchrun_could_take(action.option_strings[0])
