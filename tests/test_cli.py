@@ -203,3 +203,192 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "learn2defend[tensorboard]" in err
     assert not out.exists()
+
+
+# ---- under torchrun: every option passes through torchrun's own parser ------------------------
+
+
+def _option_spellings():
+    """(command line before the option, option string, action) of every option of learn2defend
+    itself (before a subcommand) and of every subcommand."""
+    parser, commands = _subcommands()
+    return [([], opt, action) for action in parser._actions for opt in action.option_strings] + [
+        ([name], opt, action) for name, p in commands.items() for action in p._actions for opt in action.option_strings]
+
+
+def test_torchrun_options_list_matches_torchrun():
+    from torch.distributed.run import get_args_parser
+
+    from learn2defend.cli import _TORCHRUN_ALL
+
+    theirs = {opt for action in get_args_parser()._actions for opt in action.option_strings}
+    assert theirs <= _TORCHRUN_ALL, sorted(theirs - _TORCHRUN_ALL)
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_torchrun_passes_every_option_on(form, capsys):
+    """`torchrun -m learn2defend CMD --opt V`: torchrun's parser (torch.distributed.run) gives
+    back CMD --opt V unchanged for every option's first name; only the kept short names that
+    torchrun takes for its own (--n) do not pass, and each has a first name that does."""
+    from torch.distributed.run import parse_args
+
+    from learn2defend.cli import torchrun_could_take
+
+    swallowed, unsafe = [], set()
+    for before, opt, action in _option_spellings():
+        given = [opt, "1"] if form == "separate" else [f"{opt}=1"]
+        if action.nargs == 0 and form == "equals":
+            given = [opt]
+        line = [*before, *given] if before else [*given, "models"]
+        try:
+            parsed = parse_args(["--nproc-per-node=2", "-m", "learn2defend", *line]).training_script_args
+        except SystemExit:
+            parsed = None
+        capsys.readouterr()
+        if parsed != line:
+            swallowed.append((line, opt))
+        assert (parsed != line) <= torchrun_could_take(opt), line  # the rule sees every case
+        if torchrun_could_take(opt):
+            unsafe.add(opt)
+            assert action.option_strings[0] != opt and not torchrun_could_take(action.option_strings[0])
+            assert "except under torchrun" in action.help
+    assert {opt for _, opt in swallowed} <= unsafe == {"--n"}
+    # after `--`, torchrun passes everything on, and learn2defend drops a `--` left in front
+    args = parse_args(["--nproc-per-node=2", "-m", "learn2defend", "--", "eval", "--n", "5"]).training_script_args
+    assert args[-3:] == ["eval", "--n", "5"] and args[:-3] in ([], ["--"])
+
+
+def test_an_option_torchrun_could_take_is_refused_as_first_name():
+    from learn2defend.cli import _Parser
+
+    parser = _Parser(prog="x")
+    for bad in ("--n", "--nproc", "--master", "--rdzv_conf", "-mx"):
+        with pytest.raises(ValueError, match="torchrun"):
+            parser.add_argument(bad)
+    parser.add_argument("--n-items", "--n", dest="n")  # a short second name stays, outside torchrun
+    assert parser.parse_args(["--n", "3"]).n == parser.parse_args(["--n-items", "3"]).n == "3"
+
+
+def test_n_images_and_n_alike_and_leading_double_dash(digits_run, capsys):
+    results = []
+    for argv in (["eval", "--checkpoint", str(digits_run), "--n-images", "7", "--json"],
+                 ["--", "eval", "--checkpoint", str(digits_run), "--n", "7", "--json"]):
+        assert main(argv) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] and results[0]["n"] == 7
+    assert main(["eval", "--checkpoint", str(digits_run), "--n-images", "0"]) == 2
+    assert "--n-images must be a positive integer" in capsys.readouterr().err
+
+
+# ---- resume by folder ---------------------------------------------------------------------------
+
+
+def test_resume_by_folder_takes_the_runs_own_config(tmp_path, capsys):
+    out, data = tmp_path / "r", str(tmp_path / "d")
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2  # no such run: not a fresh one
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such run folder" in err and not out.exists()
+    assert main(["train", "--out", str(out), "--dataset", "fake:1x8x8:3", "--method", "fgsm", "--epochs", "1",
+                 "--lr", "0.05", "--batch-size", "64", "--val-robust-n", "0", "--no-progress", "--device", "cpu",
+                 "--data-dir", data]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["epochs"] == 2
+    assert json.loads((out / "config.json").read_text()) == {**stored, "epochs": 2, "progress": False}
+    assert main(["train", "--out", str(out), "--resume"]) == 0  # finished: nothing to train
+    assert "nothing to train" in capsys.readouterr().err
+    # a flag given must agree with the run, even one given at its default value
+    for flag, value in (("--lr", "0.1"), ("--method", "plain"), ("--dataset", "fake:1x8x8:4")):
+        assert main(["train", "--out", str(out), "--resume", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag} (the run:" in err and "--epochs" in err
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.05", "--method", "fgsm", "--epochs", "2",
+                 "--batch-size", "64", "--no-progress"]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--out", str(empty), "--resume"]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
+
+
+# ---- compare: everything checked first, the table saved, no silent extension ---------------------
+
+
+COMPARE = ["compare", "--dataset", "fake:1x8x8:3", "--methods", "plain,fgsm", "--attacks", "fgsm", "--epochs", "1",
+           "--batch-size", "64", "--val-robust-n", "0", "--no-progress", "--device", "cpu", "--n-images", "16"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--attacks", "pgd"], ["attack", "pgd"]),
+    (["--methods", "plain,foo"], ["method", "foo"]),
+    (["--methods", ","], ["--methods"]),
+    (["--n", "0"], ["--n-images"]),
+    (["--plain-epochs", "0"], ["--plain-epochs", "positive"]),
+    (["--plain-epochs", "-2"], ["--plain-epochs", "-2"]),
+    (["--methods", "plain,trades", "--clean-weight", "0.5"], ["--clean-weight", "trades"]),
+])
+def test_compare_checks_everything_before_training(tmp_path, capsys, args, words):
+    out = tmp_path / "cmp"
+    assert main([*COMPARE, "--data-dir", str(tmp_path / "d"), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not out.exists()  # nothing trained, no run folder left behind
+
+
+def test_compare_saves_its_table_and_extends_runs_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    common = [*COMPARE, "--data-dir", str(tmp_path / "d"), "--out", str(out)]
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    assert (out / "compare.md").read_text() == printed
+    assert "| plain |" in printed and "| fgsm |" in printed
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [(r["method"], r["epochs"], r["n"]) for r in rows] == [("plain", 1, 16), ("fgsm", 1, 16)]
+    before = {p: (out / p / "last.safetensors").stat().st_mtime_ns for p in ("plain", "fgsm")}
+    for args, words in ((["--epochs", "2"], ["--extend", "1 epochs", "--epochs asks for 2"]),
+                        (["--plain-epochs", "2"], ["--extend", "--plain-epochs"]),
+                        (["--lr", "0.05"], ["other settings", "--lr (the run: 0.1, given: 0.05)"])):
+        assert main([*common, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert before == {p: (out / p / "last.safetensors").stat().st_mtime_ns for p in ("plain", "fgsm")}
+    assert main([*common, "--epochs", "2", "--extend", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["epochs"] for r in rows] == [2, 2]
+    assert json.loads((out / "compare.json").read_text())["rows"] == rows
+    assert main(common) == 2  # fewer epochs than the runs there
+    assert "holds a run of 2 epochs" in capsys.readouterr().err
+
+
+# ---- eval --checkpoint: an exported file as well as a run folder --------------------------------
+
+
+def test_eval_takes_an_exported_file_like_its_run(digits_run, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model.safetensors"
+    assert main(["export", str(digits_run), "--out", str(model)]) == 0
+    asked = ["--attacks", "fgsm,pgd10", "--n-images", "48", "--split", "val", "--json"]
+    results = []
+    for checkpoint in (digits_run, model):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(checkpoint), *asked]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    folder, exported = results
+    assert exported["checkpoint"] == str(model)
+    for key in ("accuracy", "n", "dataset", "split", "eps", "model", "method"):
+        assert exported[key] == folder[key], key  # the same images, split and numbers
+    assert main(["eval", "--checkpoint", str(model), "--which", "best"]) == 2
+    assert "--which best applies to run folders" in capsys.readouterr().err
+    # a file exported before the data set was recorded: --dataset names it
+    with safe_open(str(model), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "data"}
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(model)), str(older), metadata=metadata)
+    assert main(["eval", "--checkpoint", str(older), "--n-images", "48"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dataset" in err
+    assert main(["eval", "--checkpoint", str(older), "--dataset", "digits", "--n-images", "48", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"]["clean"] == folder["accuracy"]["clean"]

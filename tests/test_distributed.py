@@ -160,11 +160,12 @@ def test_eval_with_more_processes_than_images(tmp_path):
                            "--val-robust-n", "0", "--no-progress", "--out", str(run)],
                           capture_output=True, text=True, timeout=120, env=_env())
     assert done.returncode == 0, done.stderr[-2000:]
-    args = ["eval", "--checkpoint", str(run), "--n", "1", "--attacks", "fgsm,autoattack-fast", "--json"]
+    # --n-images, not --n, which torchrun's parser would take for a prefix of its own options
+    args = ["eval", "--checkpoint", str(run), "--n-images", "1", "--attacks", "fgsm,autoattack-fast", "--json"]
     single = subprocess.run([sys.executable, "-m", "learn2defend", *args],
                             capture_output=True, text=True, timeout=120, env=_env())
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-                          f"--rdzv-endpoint=localhost:{_free_port()}", "-m", "learn2defend", "--", *args],
+                          f"--rdzv-endpoint=localhost:{_free_port()}", "-m", "learn2defend", *args],
                          capture_output=True, text=True, timeout=120, env=_env())
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads(two.stdout)["accuracy"] == json.loads(single.stdout)["accuracy"]

@@ -114,7 +114,8 @@ def reference_run(tmp_path, settings: dict):
 def launch(out: Path, settings: dict, log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env[SLOW_WRITE_ENV] = str(SLOW_WRITE)
-    cmd = [sys.executable, "-m", "learn2defend", "train", "--out", str(out), "--resume",
+    resume = ["--resume"] if (out / "config.json").exists() else []  # --resume needs a run to continue
+    cmd = [sys.executable, "-m", "learn2defend", "train", "--out", str(out), *resume,
            "--device", "cpu", "--no-progress", "--data-dir", str(out.parent / "data"), *cli_args(settings)]
     with open(log, "w") as f:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)

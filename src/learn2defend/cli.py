@@ -137,10 +137,54 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%') or 'none'})".strip()
 
 
+# torchrun's own options (torch.distributed.run, PyTorch 2.x; each long one also with
+# underscores). torchrun reads every option of its command line, those after `-m learn2defend`
+# included, and takes a prefix of one of its options for that option: `--n` is "ambiguous"
+# (--nnodes, --nproc-per-node, ...) and stops torchrun before learn2defend starts. So no
+# learn2defend option may be a prefix of one of these; a short spelling that is one may stay
+# as a second name, for use outside torchrun (`--n-images`, and `--n`). tests/test_cli.py
+# checks this list against torchrun's parser.
+TORCHRUN_OPTIONS = (
+    "-h", "--help", "--nnodes", "--nproc-per-node", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
+    "--rdzv-conf", "--standalone", "--max-restarts", "--monitor-interval", "--start-method",
+    "--event-log-handler", "--role", "-m", "--module", "--no-python", "--run-path", "--log-dir", "-r",
+    "--redirects", "-t", "--tee", "--log-line-prefix-template", "--local-ranks-filter",
+    "--duplicate-stdout-filters", "--duplicate-stderr-filters", "--node-rank", "--master-addr",
+    "--master-port", "--local-addr", "--logs-specs", "--numa-binding", "--signals-to-handle",
+    "--shutdown-timeout", "--virtual-local-rank", "--print-completion",
+)
+_TORCHRUN_ALL = {*TORCHRUN_OPTIONS, *("--" + o[2:].replace("-", "_") for o in TORCHRUN_OPTIONS if o.startswith("--"))}
+
+
+def torchrun_could_take(option: str) -> bool:
+    """Whether torchrun's parser could take `option`, given after `-m learn2defend`, for one of
+    its own options (a prefix of one; argparse's -h/--help excepted, which torchrun passes on)."""
+    if option in ("-h", "--help"):
+        return False
+    if not option.startswith("--"):  # -x: torchrun's -m, -r, -t, also with a value attached (-mVALUE)
+        return option[:2] in _TORCHRUN_ALL
+    return any(theirs.startswith(option) for theirs in _TORCHRUN_ALL)
+
+
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, real defaults in --help, and option names torchrun passes on."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        """argparse's, refusing an option whose first name torchrun could take (see
+        TORCHRUN_OPTIONS); a further name it could take is kept, and its help says so."""
+        unsafe = [o for o in args if isinstance(o, str) and o.startswith("-") and torchrun_could_take(o)]
+        if unsafe and args[0] in unsafe:
+            raise ValueError(f"option {args[0]} is a prefix of a torchrun option; give it a first name "
+                             "torchrun cannot take (the short one may stay as a second name)")
+        action = super().add_argument(*args, **kwargs)
+        if unsafe:
+            action.help = (f"{action.help or ''} ({', '.join(unsafe)}: the same, except under torchrun, "
+                           "which takes it for its own)").strip()
+        return action
 
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -213,19 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier with one of the methods")
     _add_dataclass_options(p, TrainConfig, skip=set())
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                   "its own config.json: other options may be left out; given, they must agree with the run, "
+                   "except those that may change on resume (--epochs, --device, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
 
     p = sub.add_parser("eval", help="accuracy of a trained run, clean and under attacks")
-    p.add_argument("--checkpoint", required=True, help="run folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, or a model file written by learn2defend export "
+                   "(its data set and split as recorded there; AutoAttack's progress is not saved for a file)")
     p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[],
                    help=f"comma-separated; K is a number of iterations: {', '.join(_attack_names())} "
                    "(default: none, clean accuracy only); attacks always run in IEEE float32, whatever "
                    "speed switches the run was trained with")
     p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the run's own)")
     p.add_argument("--split", default="val", help="val or test")
-    p.add_argument("--n", type=int, help="evaluate the first N images of the split (default: all)")
+    p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
+                   help="evaluate the first N images of the split (default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (memory only: the "
                    "numbers do not depend on it; AutoAttack always attacks chunks of 250)")
     p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
@@ -247,9 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(p, TrainConfig, skip={"out", "method", "init"})
     p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated methods (default: all)")
     p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="attacks to evaluate with")
-    p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from (default: --epochs)")
-    p.add_argument("--n", type=int, help="evaluate on the first N validation images (default: all)")
-    p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method")
+    p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from "
+                   "(default: --epochs)")
+    p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
+                   help="evaluate on the first N validation images (default: all)")
+    p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method, and the "
+                   "table (compare.md) and its rows (compare.json); an interrupted comparison continues there")
+    p.add_argument("--extend", action="store_true", help="let a larger --epochs (or --plain-epochs) train the "
+                   "runs already in --out on; without it, runs there must have the epochs asked for")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
     p = sub.add_parser("demo", help="the digits comparison of every method (about 3.5 minutes on a 2-core CPU)")
@@ -334,7 +387,9 @@ DEMO = {"dataset": "digits", "model": "smallcnn", "epochs": 8, "batch_size": 64,
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from .compare import compare, markdown_table
+    from pathlib import Path
+
+    from .compare import ROWS, TABLE, compare, report
 
     if args.command == "demo":
         base, methods, attacks = TrainConfig(**DEMO, device=args.device), list(METHODS), ["fgsm", "pgd10"]
@@ -344,12 +399,12 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
         base = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
         methods, attacks, plain_epochs = args.methods, args.attacks, args.plain_epochs
-    rows = compare(base, methods, attacks, args.out, plain_epochs, n=getattr(args, "n", None))
+    rows = compare(base, methods, attacks, args.out, plain_epochs, n=getattr(args, "n", None),
+                   extend=getattr(args, "extend", False))
+    print(f"wrote {Path(args.out) / TABLE} and {Path(args.out) / ROWS}", file=sys.stderr)
     if getattr(args, "json", False):
         return {"rows": rows}
-    eps = rows[0]["eps"]
-    print(f"{base.dataset}, {base.model}, eps {eps:g}, validation split (n={rows[0]['n']}), accuracy in %:")
-    print(markdown_table(rows))
+    print(report(base, rows))
     return {}
 
 
@@ -357,7 +412,16 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.resume and not args.overwrite:  # the run's own config.json, with the options given put in
+        from pathlib import Path
+
+        from .runs import resume_config
+        from .train import RESUMABLE_CHANGES
+
+        given = {k: v for k, v in vars(args).items() if k in fields and k in args.given_options}
+        config = resume_config(Path(args.out), given, RESUMABLE_CHANGES | {"batch_size"})
+    else:
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     run = train(config, resume=args.resume, overwrite=args.overwrite)
     last = run.history[-1] if run.history else {}
     return {"out": str(run.path), "epochs": run.epoch, **{k: v for k, v in last.items() if k != "epoch"}}
@@ -382,7 +446,7 @@ def _add_eval_commands(sub) -> None:
     def common(p: argparse.ArgumentParser, n_help: str = "use the first N images of the split (default: all)") -> None:
         p.add_argument("--dataset", help="another data set with the same classes (default: the run's own)")
         p.add_argument("--split", default="val", help="val or test")
-        p.add_argument("--n", type=int, help=n_help)
+        p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N", help=n_help)
         p.add_argument("--which", default="last", help="last or best checkpoint")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
@@ -587,9 +651,25 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The destinations of the options given on the command line `argv` (which parses), whatever
+    their values: a given option that equals its default counts as given."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in sub.choices.values():
+        p._defaults.clear()  # set_defaults
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m learn2defend -- eval ...`, where torchrun leaves the `--`
+        argv = argv[1:]
     try:
         args = build_parser().parse_args(argv)
+        args.given_options = given_options(argv)
     except SystemExit as e:  # --help, or a malformed option (already printed as one line)
         return e.code if isinstance(e.code, int) else 0
     try:

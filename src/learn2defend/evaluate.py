@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import learned_attack  # noqa: F401 - registers the "l2l:DIR" attack names
 from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, make_attack
 from .checks import sanity_checks
-from .config import parse_fraction
+from .config import TrainConfig, parse_fraction
 from .correctness import attack_correct, fraction
 from .data import Dataset, ImageData, load_dataset
 from .errors import UserError, eps_range_error
@@ -67,7 +67,7 @@ class EvalConfig:
         if self.eps is not None and not (0 <= self.eps <= 1):
             raise eps_range_error("--eps", self.eps)
         if self.n is not None and self.n < 1:
-            raise UserError(f"--n must be a positive integer, got {self.n}")
+            raise UserError(f"--n-images must be a positive integer, got {self.n}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be a positive integer, got {self.batch_size}")
         if self.split not in ("train", "val", "test"):
@@ -78,6 +78,33 @@ class EvalConfig:
             raise UserError(f"--pgm-step must lie in (0, 1] (pixel units), got {self.pgm_step}")
         if self.surrogate and not self.checks:
             raise UserError("--surrogate is used by --checks; add --checks, or use learn2defend transfer")
+
+
+def load_evaluated(path: str | Path, which: str, device: torch.device | str, dataset: str | None = None) -> Run:
+    """A run folder's classifier, or that of a file written by `learn2defend export`, as a Run
+    whose config says what eval needs: the model, method, eps and data settings of the run
+    (for a file exported before it recorded its data set, `dataset` must name one)."""
+    from .export import load_exported, read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        return load_run(path, which, device, with_attacker=False)
+    if which != "last":
+        raise UserError(f"--which {which} applies to run folders; {path} holds one set of weights")
+    meta = read_metadata(path)
+    data = dict(meta.get("data") or {})
+    if "dataset" not in data and dataset is None:
+        raise UserError(f"{path} does not record its data set (exported by an older learn2defend); "
+                        "name it with --dataset")
+    try:
+        config = TrainConfig(model=meta["model"], method=meta["method"], eps=float(meta["eps"]), **data)
+        if data:
+            config.validate()
+    except (TypeError, ValueError, UserError) as e:
+        raise UserError(f"{path} has damaged metadata ({e})") from None
+    model = load_exported(path, device)
+    shape = {k: meta[k] for k in ("classes", "image_shape", "mean", "std")}
+    return Run(path, config, {"dataset": config.dataset, **shape}, model, None, 0)
 
 
 def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
@@ -150,12 +177,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if world > 1 and config.checks:
         raise UserError("--checks do not run under torchrun; run eval --checks as one process")
     device = distributed.local_device(resolve_device(config.device))
-    run = load_run(config.checkpoint, config.which, device, with_attacker=False)
+    run = load_evaluated(config.checkpoint, config.which, device, config.dataset)
     eps = run.config.eps if config.eps is None else config.eps
     if config.checks and not eps > 0:
         raise UserError("--checks attack the model, so they need eps > 0")
     attacks = build_attacks(config.attacks, eps, config.batch_size, config.pgm_step)
-    surrogate = load_run(config.surrogate, "last", device, with_attacker=False) if config.surrogate else None
+    surrogate = load_evaluated(config.surrogate, "last", device, config.dataset) if config.surrogate else None
     if surrogate is not None:
         check_same_task(run, surrogate, "--surrogate")
     data = eval_data(run, config.dataset, config.data_dir)
@@ -165,7 +192,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         r = distributed.rank()
         images = ImageData(images.images[r::world], images.labels[r::world])
     # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
-    resumable = world == 1 and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
+    resumable = world == 1 and run.path.is_dir() and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
     with _state_discarded_on_failure(state), _interruptible(state):
         correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
@@ -469,4 +496,5 @@ __all__ = [
     "EvalConfig", "EvalInterrupted", "TransferConfig", "evaluate", "evaluate_model", "transfer", "attack_accuracy",
     "attack_correct",
     "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
+    "load_evaluated",
 ]

@@ -26,6 +26,8 @@ from .version import __version__
 
 FORMAT = "learn2defend-model-1"
 _FIELDS = ("model", "num_classes", "classes", "image_shape", "mean", "std", "eps", "method", "learn2defend_version")
+# The run's data settings, stored as "data" (files exported before it was written lack it).
+DATA_FIELDS = ("dataset", "val_size", "split_seed", "image_size", "on_bad_image")
 
 
 def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[str, Any]:
@@ -47,6 +49,8 @@ def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[st
         "eps": run.config.eps,
         "method": run.config.method,
         "learn2defend_version": __version__,
+        # what `eval --checkpoint FILE` needs to rebuild the run's data set and validation split
+        "data": {k: getattr(run.config, k) for k in DATA_FIELDS},
     }
     # clone: safetensors refuses tensors that share storage
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
@@ -71,6 +75,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                         "(a run's last.safetensors is loaded through its run folder)")
     try:
         meta = {k: raw[k] if k in ("model", "method", "learn2defend_version") else json.loads(raw[k]) for k in _FIELDS}
+        if "data" in raw:
+            meta["data"] = json.loads(raw["data"])
+            if not (isinstance(meta["data"], dict) and set(meta["data"]) <= set(DATA_FIELDS)):
+                raise ValueError("data")
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} has damaged metadata ({e!r})") from None
     return meta

@@ -227,7 +227,7 @@ class ShowConfig:
     def validate(self) -> None:
         EvalConfig(checkpoint=self.checkpoint, split=self.split, n=self.n, eps=self.eps, which=self.which).validate()
         if self.n > 64:
-            raise UserError(f"--n {self.n} is too many images for one picture; use at most 64")
+            raise UserError(f"--n-images {self.n} is too many images for one picture; use at most 64")
         if not self.attacks:
             raise UserError("show needs at least one attack, e.g. --attacks fgsm,pgd10")
         _writable_prefix(self.out)

@@ -16,6 +16,7 @@ the `l2l:` attack) reads them through this module alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -243,8 +244,45 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
     return resume and (out / LAST).is_file()
 
 
-# Fields a resumed run may change: they do not alter what is being computed (the speed
-# switches other than --amp: up to float rounding).
+def resume_config(out: Path, given: dict[str, Any], may_change: set[str]) -> TrainConfig:
+    """The configuration that continues the run in `out`: its own config.json, with `out` and
+    the options given (`given`, by field name) put in. A given option must agree with the run
+    unless it is one of `may_change` (such as epochs); UserError otherwise, and when `out`
+    holds no run."""
+    if not out.is_dir():
+        raise UserError(f"cannot resume '{out}': no such run folder; leave out --resume to start a run there")
+    if not (out / CONFIG).is_file():
+        raise UserError(f"cannot resume '{out}': it holds no {CONFIG}, so no run was started there; "
+                        "leave out --resume to start one")
+    stored = TrainConfig.load(out / CONFIG)
+    config = dataclasses.replace(stored, **{**given, "out": str(out)})
+    differ = changed_settings(stored, config, may_change)
+    if differ:
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(may_change - {"out"}))
+        raise UserError(f"cannot resume '{out}' with other settings: {differ}; leave them out to keep the run's "
+                        f"(only {allowed} may change on resume)")
+    return config
+
+
+def changed_settings(stored: TrainConfig, config: TrainConfig, may_change: set[str]) -> str:
+    """The settings of `config` that differ from those of the run `stored`, but for `may_change`
+    (both resolved first), as flags: '--lr (the run: 0.1, given: 0.05), ...'; '' when none."""
+    before, now = stored.resolved(), config.resolved()
+    differ = [f.name for f in dataclasses.fields(TrainConfig)
+              if f.name not in may_change and getattr(now, f.name) != getattr(before, f.name)]
+    return ", ".join(f"--{k.replace('_', '-')} (the run: {_shown(getattr(before, k))}, "
+                     f"given: {_shown(getattr(now, k))})" for k in differ)
+
+
+def _shown(value: Any) -> str:
+    """A config value as it is written on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
 def claim_folder(out: Path, cfg: TrainConfig, overwrite: bool, history: list[dict[str, Any]] | None,
                   lock: FolderLock) -> None:
     """Rank 0 makes the run folder its own: old files of an overwritten run go, config.json
