@@ -128,7 +128,12 @@ def _training_step(
     if parts.attacker is not None:
         parts.attacker.train()
     step = parts.step(config, device)
-    return lambda: step(x, y)
+
+    def one_step() -> Any:  # the batch counter advances as in training (--attacker-every)
+        result = step(x, y)
+        parts.ctx.step_index += 1
+        return result
+    return one_step
 
 
 def _attacker_only_step(
