@@ -284,19 +284,23 @@ def test_bad_options():
         make_attack("pgm10", 0.03, step_size=-1.0)
 
 
-def test_l2l_prefix_hook(monkeypatch):
-    monkeypatch.setattr(attack_registry, "_PREFIXES", {})  # as if learn2defend.learned_attack were not imported
-    with pytest.raises(UserError, match="l2l attacks need"):
-        make_attack("l2l:runs/grad-l2l", 0.03)
+def test_prefixes_are_resolved_by_name_on_first_use(monkeypatch):
+    # "l2l:" is named as "module:function" and imported when first used: nothing needs to
+    # import learn2defend.learned_attack for the names to work
+    monkeypatch.setattr(attack_registry, "_PREFIXES", {"l2l:": "learn2defend.learned_attack:attack_factory"})
+    with pytest.raises(UserError, match="not a run folder"):
+        make_attack("l2l:/no/such/run", 0.03)
+    assert callable(attack_registry._PREFIXES["l2l:"])  # imported once, kept
     seen = {}
 
     def factory(rest, eps, **options):
         seen.update(rest=rest, eps=eps, **options)
         return PGD(eps, steps=1)
 
-    register_attack_prefix("l2l:", factory)
-    assert isinstance(make_attack("l2l:runs/Grad", 0.03, steps=2), PGD)
+    register_attack_prefix("mine:", factory)
+    assert isinstance(make_attack("mine:runs/Grad", 0.03, steps=2), PGD)
     assert seen == {"rest": "runs/Grad", "eps": 0.03, "steps": 2}
+    assert list_attack_names("pgd*") == ["pgdK"] and "l2l:DIR" in list_attack_names()
 
 
 class Quantized(nn.Module):

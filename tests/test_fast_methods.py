@@ -246,3 +246,15 @@ def test_a_collapse_is_logged_recorded_and_best_keeps_the_weights_before_it(tmp_
     assert best["epoch"] == 2  # the weights of epoch 2, before the collapse
     last = load_state(run.path / "last.safetensors")
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_l2l_attack_of_an_fgsm_sdi_run_is_its_start_and_step(tmp_path):
+    from learn2defend.attacks import make_attack
+
+    run = train(cfg(tmp_path, method="fgsm-sdi", epochs=1))
+    attack = make_attack(f"l2l:{run.path}", 0.05)
+    assert attack.method == "fgsm-sdi"
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.arange(8) % 4
+    delta = attack(run.model, x, y) - x
+    assert 0 < delta.abs().max() <= 0.05 + 1e-6  # the evaluation's eps, not the training one

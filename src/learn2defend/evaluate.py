@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import learned_attack  # noqa: F401 - registers the "l2l:DIR" attack names
 from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, make_attack
 from .checks import sanity_checks
 from .config import TrainConfig, parse_fraction

@@ -7,8 +7,12 @@ exactly as in training (`methods.attacker_input` / `learned_perturbation`). It i
 amortized attack: cheap, and as a rule weaker than PGD, so it says little about
 robustness on its own; it shows what the learned attacker has learned.
 
-Importing this module registers the "l2l:" prefix with `learn2defend.attacks.make_attack`
-(`learn2defend.evaluate` imports it, and the package imports that).
+For fgsm-sdi runs the attack is the method's own point: the learned start, then its
+signed-gradient steps on the target model (`methods.sdi_perturbation`). Each method's
+record says which (`Method.perturbation`).
+
+`learn2defend.attacks.make_attack` builds "l2l:DIR" names through `attack_factory`, which
+its registry names and imports on first use.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import Attack, register_attack_prefix
+from .attacks import Attack
+from .config import L2L_METHODS
 from .errors import UserError
-from .methods import StepContext, learned_perturbation
+from .methods import METHOD_RECORDS, StepContext
 from .runs import load_run
 
 
@@ -50,7 +55,7 @@ class LearnedAttack(Attack):
         if run.attacker is None:
             raise UserError(
                 f"l2l:{run_dir}: that run was trained with --method {run.config.method} and holds "
-                "no attacker network; use a naive-l2l, grad-l2l or 2step-l2l run"
+                f"no attacker network; use a run of {', '.join(L2L_METHODS)}"
             )
         self.attacker: nn.Module = run.attacker.eval()
         for p in self.attacker.parameters():  # only input gradients are ever needed
@@ -60,6 +65,7 @@ class LearnedAttack(Attack):
         self.config = dataclasses.replace(run.config, eps=self.eps)
         self.image_shape = tuple(run.meta["image_shape"])
         self.method = run.config.method
+        self.record = METHOD_RECORDS[self.method]
         self.name = f"l2l:{run_dir}"
 
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
@@ -74,22 +80,21 @@ class LearnedAttack(Attack):
         ctx = StepContext(model=model, optimizer=None, config=self.config, attacker=attacker)  # type: ignore[arg-type]
         with torch.enable_grad():
             grad = None
-            if self.method != "naive-l2l":  # the gradient at x, as clean_forward_with_grad takes it
+            if self.record.attacker_sees == "image+gradient":  # the gradient at x, as in training
                 x = images.detach().requires_grad_(True)
                 loss = F.cross_entropy(model(x), labels, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, x)
-            delta = learned_perturbation(ctx, images, labels, grad)
+            delta = self.record.perturbation(ctx, images, labels, grad)
         return (images + delta.detach()).clamp(0, 1)
 
     def __repr__(self) -> str:
         return f"LearnedAttack(name={self.name!r}, eps={self.eps:g}, method={self.method!r})"
 
 
-def _factory(rest: str, eps: float, **options) -> Attack:
+def attack_factory(rest: str, eps: float, **options) -> Attack:
+    """`make_attack`'s builder of "l2l:DIR" names (registered in attacks.registry by name)."""
     bad = sorted(set(options) - {"which"})
     if bad:
         raise UserError(f"l2l attacks do not take option(s) {', '.join(bad)}; they take: which")
     return LearnedAttack(eps, rest.strip(), **options)
 
-
-register_attack_prefix("l2l:", _factory)

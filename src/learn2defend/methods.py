@@ -18,6 +18,7 @@ covers all of them: the joint update, the alternating one and the extra attacker
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -337,7 +338,7 @@ def learned_perturbation(
     """
     c, g = ctx.config, ctx.attacker
     delta = g(attacker_input(ctx, x, grad_at_x), c.eps)
-    if c.method == "2step-l2l":
+    if c.method == "2step-l2l":  # the recurrence of length two (paper, section 3.1)
         x1 = (x + delta).clamp(0, 1)
         x1_query = x1.detach().requires_grad_(True)
         loss1 = F.cross_entropy(ctx.model(x1_query), y, reduction="sum")
@@ -356,7 +357,7 @@ def _extra_attacker_updates(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor
 
 def l2l_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     c = ctx.config
-    if c.method == "naive-l2l":
+    if METHOD_RECORDS[c.method].attacker_sees == "image":  # naive: no gradient query
         grad = clean_grads = None
         logits_clean = ctx.model(x) if c.clean_weight else None
     else:
@@ -429,16 +430,27 @@ def fgsm_sdi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     c = ctx.config
     logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
     with torch.set_grad_enabled(ctx.attacker_due):  # no attacker graph on the batches it skips
-        start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), c.eps)
-    delta = project(start, x, c.eps)  # into [0, 1] too: the first query must see a real image
-    for _ in range(c.pgd_steps):
-        query = delta.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(x + query), y, reduction="sum"), query)
-        delta = project(delta + c.step_size * g.sign(), x, c.eps)
+        delta = sdi_perturbation(ctx, x, y, grad)
     logits = ctx.model(x + _toward_attacker(ctx, delta, 1.0 / (1.0 - c.clean_weight)))
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss, clean_grads, attacker=ctx.attacker_due)
     return batch_metrics(loss, logits, y, adversarial=True)
+
+
+def sdi_perturbation(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor) -> Tensor:
+    """FGSM-SDI's point: the learned start g([x, sign grad]) in the eps-ball, then --pgd-steps
+    signed-gradient steps of --step-size from it, each projected to the ball and to [0, 1].
+    Returns delta [B, C, H, W] (x + delta in [0, 1], |delta| <= eps), with the attacker's graph
+    through the start; the steps' directions are constants. `grad`: the clean input gradient."""
+    c = ctx.config
+    start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), c.eps)
+    delta = project(start, x, c.eps)  # into [0, 1] too: the first query must see a real image
+    for _ in range(c.pgd_steps):
+        query = delta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(x + query), y, reduction="sum"), query)
+        delta = project(delta + c.step_size * g.sign(), x, c.eps)
+    return delta
 
 
 def n_fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
@@ -470,6 +482,7 @@ class Method:
     run folder and the l2l: attack all read it from here (`METHOD_RECORDS`).
 
     attacker_sees: "" (no attacker), "image" or "image+gradient" (channels: 1x or 2x the image's).
+    perturbation: for methods with an attacker, the perturbation it makes (used by `l2l:DIR`).
     defaults: config fields left at None and what they become for this method.
     options: the method-specific options (config field names) it takes; giving one of them to
     another method is an error.
@@ -483,6 +496,9 @@ class Method:
     help: str
     forwards: Callable[[Any], tuple[float, float]]
     attacker_sees: str = ""
+    # The learned attack alone, perturbation(ctx, x, y, grad at x or None) -> delta: what the
+    # `l2l:DIR` evaluation attack applies to another model.
+    perturbation: Callable[[StepContext, Tensor, Tensor, Tensor | None], Tensor] | None = None
     defaults: dict[str, Default] = field(default_factory=dict)
     options: frozenset[str] = frozenset()
 
@@ -567,14 +583,15 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
            defaults={**_KL_DEFAULTS, "beta": Default(lambda c: 5.0, "5")},
            options=frozenset({"beta", "pgd_steps"})),
     Method("naive-l2l", l2l_step, "the paper's Naive L2L: the attacker sees the image", _l2l_forwards,
-           attacker_sees="image", defaults=_L2L_DEFAULTS, options=_PAPER_L2L),
+           attacker_sees="image", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS, options=_PAPER_L2L),
     Method("grad-l2l", l2l_step, "the paper's Grad L2L: the attacker sees the image and its loss gradient",
-           _l2l_forwards, attacker_sees="image+gradient", defaults=_L2L_DEFAULTS,
+           _l2l_forwards, attacker_sees="image+gradient", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS,
            options=_PAPER_L2L | {"grad_norm"}),
     Method("2step-l2l", l2l_step, "the paper's 2-Step L2L: the Grad attacker applied twice", _l2l_forwards,
-           attacker_sees="image+gradient", defaults=_L2L_DEFAULTS, options=_PAPER_L2L | {"grad_norm"}),
+           attacker_sees="image+gradient", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS,
+           options=_PAPER_L2L | {"grad_norm"}),
     Method("fgsm-sdi", fgsm_sdi_step, "FGSM-SDI (Jia et al. 2022): a learned start, then an FGSM step of eps",
-           _sdi_forwards, attacker_sees="image+gradient", defaults={
+           _sdi_forwards, attacker_sees="image+gradient", perturbation=sdi_perturbation, defaults={
                "attacker": Default(lambda c: "sdi", "sdi"),
                "attacker_every": Default(lambda c: 20, "20"),
                "pgd_steps": Default(lambda c: 1, "1"),
@@ -586,6 +603,11 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
 STEPS: dict[str, Callable[[StepContext, Tensor, Tensor], Metrics]] = {
     name: m.step for name, m in METHOD_RECORDS.items()
 }
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Method names matching the shell-style `pattern` (e.g. "*fgsm*"), in registry order."""
+    return [name for name in METHOD_RECORDS if fnmatch.fnmatchcase(name, pattern)]
 
 
 def attacker_in_channels(method: str, image_channels: int) -> int:

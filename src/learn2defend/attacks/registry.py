@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,24 +22,36 @@ ATTACK_FORMS: dict[str, str] = {
     "cw": "the paper's CW-linf (least-norm, c auto-tuned, at most 100 iterations)",
     "autoattack": "standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)",
     "autoattack-fast": "APGD-CE + APGD-T only",
-    "l2l:DIR": "the learned attacker saved in run folder DIR (needs its loader registered)",
+    "l2l:DIR": "the learned attacker saved in run folder DIR",
 }
 
 AttackFactory = Callable[..., Attack]  # factory(rest_of_name, eps, **options) -> Attack
-_PREFIXES: dict[str, AttackFactory] = {}
+# Names starting with a prefix are built by a factory in another module, given as
+# "module:function" and imported on first use: the learned attacker needs the run folders and
+# the training steps, which the attacks themselves do not.
+_PREFIXES: dict[str, AttackFactory | str] = {"l2l:": "learn2defend.learned_attack:attack_factory"}
 
 
-def register_attack_prefix(prefix: str, factory: AttackFactory) -> None:
+def register_attack_prefix(prefix: str, factory: AttackFactory | str) -> None:
     """Let another module handle names starting with `prefix` (e.g. "l2l:").
 
-    `factory(rest, eps, **options)` gets the name without the prefix.
+    `factory(rest, eps, **options)` gets the name without the prefix; a string
+    "module:function" names it, imported when such a name is first built.
     """
     _PREFIXES[prefix.lower()] = factory
 
 
-def list_attack_names() -> list[str]:
-    """The accepted name forms (K = a positive number of steps)."""
-    return list(ATTACK_FORMS)
+def _factory(prefix: str) -> AttackFactory:
+    factory = _PREFIXES[prefix]
+    if isinstance(factory, str):
+        module, function = factory.split(":")
+        factory = _PREFIXES[prefix] = getattr(importlib.import_module(module), function)
+    return factory
+
+
+def list_attack_names(pattern: str = "*") -> list[str]:
+    """The accepted name forms matching the shell-style `pattern` (K = a positive number of steps)."""
+    return [name for name in ATTACK_FORMS if fnmatch.fnmatchcase(name, pattern)]
 
 
 def _forms() -> str:
@@ -58,15 +72,9 @@ def make_attack(name: str, eps: float, **options: Any) -> Attack:
     if not isinstance(name, str):
         raise UserError(f"attack name must be a string, got {name!r}")
     key = name.strip().lower()
-    for prefix, factory in _PREFIXES.items():
+    for prefix in _PREFIXES:
         if key.startswith(prefix):
-            return factory(name.strip()[len(prefix) :], check_eps(eps), **options)
-    if key.startswith("l2l:"):
-        raise UserError(
-            "l2l attacks need the learned-attacker loader, which is not registered: import the "
-            "module that provides it (it calls "
-            "learn2defend.attacks.register_attack_prefix('l2l:', factory))"
-        )
+            return _factory(prefix)(name.strip()[len(prefix) :], check_eps(eps), **options)
     eps = check_eps(eps)
     if key == "fgsm":
         return FGSM(eps, **_options(key, options, ("step_size", "random_start")))

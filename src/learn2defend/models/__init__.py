@@ -25,8 +25,10 @@ __all__ = [
     "create_attacker",
     "create_model",
     "import_models",
+    "list_attackers",
     "list_models",
     "load_plugins",
+    "register_attacker",
     "register_model",
 ]
 
@@ -190,4 +192,4 @@ def create_model(
 
 # Imported last: classifiers registers itself through register_model above.
 from learn2defend.models import classifiers  # noqa: E402, F401
-from learn2defend.models.attackers import ATTACKERS, create_attacker  # noqa: E402
+from learn2defend.models.attackers import ATTACKERS, create_attacker, list_attackers, register_attacker  # noqa: E402

@@ -21,13 +21,34 @@ into different computation.
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 from torch import nn
 
 from learn2defend.errors import UserError
 
-ATTACKERS = ("slim", "wide", "sdi")
 ATTACKER_LAYOUT = 2
+_ATTACKERS: dict[str, type] = {}
+
+
+def register_attacker(name: str):
+    """Class decorator: the attacker network `cls(in_channels, out_channels, width,
+    learnable_scale)` is built by `create_attacker(name, ...)`, as @register_model does for
+    classifiers."""
+
+    def decorator(cls: type) -> type:
+        if name in _ATTACKERS:
+            raise ValueError(f"attacker {name!r} is registered twice")
+        _ATTACKERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_attackers(pattern: str = "*") -> list[str]:
+    """Registered attacker names matching the shell-style `pattern`, in registration order."""
+    return [n for n in _ATTACKERS if fnmatch.fnmatchcase(n, pattern)]
 
 
 class ResBlock(nn.Module):
@@ -75,6 +96,7 @@ class _Attacker(nn.Module):
         return eps * torch.tanh(h)
 
 
+@register_attacker("slim")
 class SlimAttacker(_Attacker):
     """Table 1, slim: conv 128 (BN+ReLU), ResBlock 256 (downsampling), ResBlock 128, BN,
     deconv 16 (upsampling), conv to the image's channels on [A, deconv output], tanh.
@@ -103,6 +125,7 @@ class SlimAttacker(_Attacker):
         return self.squash(self.head(torch.cat([a, h], dim=1)), eps)
 
 
+@register_attacker("wide")
 class WideAttacker(_Attacker):
     """Table 1, wide: conv 64 (BN+ReLU), ResBlocks 128, 256, 128, 64 at full resolution,
     BN, conv to the image's channels, tanh. Costlier than slim, but loses no detail."""
@@ -121,6 +144,7 @@ class WideAttacker(_Attacker):
         return self.squash(self.head(self.bn(self.blocks(self.stem(a)))), eps)
 
 
+@register_attacker("sdi")
 class SdiAttacker(_Attacker):
     """FGSM-SDI's generator, as in the authors' code (github.com/jiaxiaojunQAQ/FGSM-SDI,
     attacker.py): conv 64 (no bias, BN, ReLU), one residual block of 64 channels (BN without
@@ -161,13 +185,16 @@ def create_attacker(
     The returned module is called as `attacker(a, eps)` with a of shape [B, in_channels, H, W]
     and returns a perturbation of shape [B, out_channels, H, W] with values in [-eps, eps].
     """
-    if kind not in ATTACKERS:
-        raise UserError(f"unknown attacker {kind!r}; choose one of: {', '.join(ATTACKERS)}")
+    if kind not in _ATTACKERS:
+        raise UserError(f"unknown attacker {kind!r}; choose one of: {', '.join(_ATTACKERS)}")
     if in_channels < 1 or out_channels < 1:
         raise UserError(
             f"in_channels and out_channels must be at least 1, got {in_channels}, {out_channels}"
         )
     if not width > 0:
         raise UserError(f"attacker width must be positive, got {width}")
-    cls = {"slim": SlimAttacker, "wide": WideAttacker, "sdi": SdiAttacker}[kind]
+    cls = _ATTACKERS[kind]
     return cls(in_channels, out_channels, width, learnable_scale)
+
+
+ATTACKERS = tuple(list_attackers())  # the names, for choices and help
