@@ -328,15 +328,14 @@ class WeightAverage(nn.Module):
             a.copy_(m)
 
 
-def _train_loader(cfg: TrainConfig, data: Dataset, device: torch.device) -> DeviceLoader:
+def _train_loader(cfg: TrainConfig, data: Dataset, device: torch.device, ranks: distributed.Ranks) -> DeviceLoader:
     # Under torchrun --batch-size is per process; rank r takes every world-th image of the
     # epoch's permutation, so global batch i is the same images for any world size.
-    world = distributed.world_size()
     loader = DeviceLoader(
         data.train, cfg.batch_size, device, shuffle=True,
-        drop_last=len(data.train) // world >= cfg.batch_size,
+        drop_last=len(data.train) // ranks.world >= cfg.batch_size,
         augment=cfg.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.seed,
-        rank=distributed.rank(), world_size=world,
+        rank=ranks.rank, world_size=ranks.world,
     )
     if len(loader) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} leaves no batch of {len(data.train)} training images")
@@ -363,8 +362,8 @@ class _Loop:
 
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data: Dataset, parts: Parts) -> None:
         self.cfg, self.out, self.device, self.data, self.parts = cfg, out, device, data, parts
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.loader = _train_loader(cfg, data, device)
+        self.ranks = distributed.Ranks.current()
+        self.loader = _train_loader(cfg, data, device, self.ranks)
         _preflight(parts.model, parts.attacker, cfg, parts.meta, device)
         self.step = parts.step(cfg, device)
         self.pos = _Position()
@@ -378,7 +377,7 @@ class _Loop:
             "data": p.meta, "epoch": epoch, "batch": batch, "history": self.pos.history, "best": self.pos.best,
             "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
-            "world_size": self.world,
+            "world_size": self.ranks.world,
         }
         if p.attacker is not None:
             s.update(attacker=p.attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,
@@ -418,7 +417,7 @@ class _Loop:
             if not (isinstance(saved_world, int) and saved_world >= 1):
                 raise ValueError(f"world_size {saved_world!r}")
             pos.batch, pos.sums = _rescale_position(pos.batch, pos.sums, stored.batch_size * saved_world,
-                                                    cfg.batch_size * self.world)
+                                                    cfg.batch_size * self.ranks.world)
             if not (0 <= pos.epoch and 0 <= pos.batch <= len(self.loader)):
                 raise ValueError(f"epoch {pos.epoch}, batch {pos.batch} is outside this run")
             ckpt.set_rng_state(s["rng"])
@@ -428,7 +427,7 @@ class _Loop:
         if s["data"]["classes"] != p.meta["classes"] or s["data"]["image_shape"] != p.meta["image_shape"]:
             raise UserError(f"checkpoint {path} was trained on other data than {cfg.dataset}")
         # --batch-size is per process: it may change on resume only so that the global batch stays
-        if cfg.batch_size != stored.batch_size and cfg.batch_size * self.world != stored.batch_size * saved_world:
+        if cfg.batch_size != stored.batch_size and cfg.batch_size * self.ranks.world != stored.batch_size * saved_world:
             raise UserError(f"cannot resume '{self.out}' with a different --batch-size: it was trained with "
                             f"{saved_world} process(es) x {stored.batch_size}; keep --batch-size {stored.batch_size}, "
                             f"or keep the global batch {stored.batch_size * saved_world} (batch x processes)")
@@ -443,16 +442,16 @@ class _Loop:
         # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
         guard = None
         if cfg.on_nonfinite == "skip":
-            guard = _SkipGuard([p.model, p.attacker, p.ema], [p.optimizer, p.attacker_optimizer])
+            guard = _SkipGuard([p.model, p.attacker, p.ema], [p.optimizer, p.attacker_optimizer], self.ranks)
         p.model.train()
         if p.attacker is not None:
             p.attacker.train()
         stop = _StopFlag()
-        with stop, _board(self.out, cfg.tensorboard and self.rank == 0) as board:
+        with stop, _board(self.out, cfg.tensorboard and self.ranks.is_main) as board:
             while pos.epoch < cfg.epochs:
                 seconds = self._steps(stop, guard)
                 self._end_epoch(seconds, guard, board)
-                stopping = distributed.any_rank(stop.requested) if self.world > 1 else stop.requested
+                stopping = self.ranks.agree_stop(stop.requested)
                 if stopping and pos.epoch < cfg.epochs:
                     raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {self.out}; "
                                               "continue with --resume")
@@ -479,17 +478,14 @@ class _Loop:
                     pos.sums[k] = pos.sums[k] + v if k in pos.sums else v.clone()
                 pos.sums["n"] = pos.sums.get("n", 0) + len(y)
             periodic = cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)
-            if self.world > 1:  # agreeing costs a collective and a host sync: every few steps, the same on all ranks
-                stopping = bool(periodic or i % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested)
-            else:
-                stopping = stop.requested
+            stopping = self.ranks.agree_stop(stop.requested, due=bool(periodic or i % STOP_CHECK_EVERY == 0))
             checkpoint = stopping or periodic
             if checkpoint or i % NONFINITE_CHECK_EVERY == 0:
-                total = distributed.reduce_sums(pos.sums) if self.world > 1 else pos.sums  # all ranks' sums so far
+                total = self.ranks.reduce_sums(pos.sums)  # all ranks' sums so far
                 _check_finite(total, self.out, f"epoch {pos.epoch + 1} by batch {i}", pos.saved_at)
             if checkpoint:
-                distributed.broadcast_buffers([self.parts.model, self.parts.attacker])
-                if self.rank == 0:
+                self.ranks.broadcast_buffers([self.parts.model, self.parts.attacker])
+                if self.ranks.is_main:
                     _save(self.out / LAST, self.state(pos.epoch, i, total))
                 pos.saved_at = (pos.epoch, i)
                 if stopping:
@@ -500,8 +496,7 @@ class _Loop:
     def _end_epoch(self, seconds: float, guard: _SkipGuard | None, board) -> None:
         """Record, validate, step the schedules and save: the epoch is finished."""
         cfg, pos, p, out = self.cfg, self.pos, self.parts, self.out
-        if self.world > 1:
-            pos.sums = distributed.reduce_sums(pos.sums)  # all ranks' sums: one all-reduce per epoch
+        pos.sums = self.ranks.reduce_sums(pos.sums)  # all ranks' sums: one all-reduce per epoch
         if not pos.sums.get("n"):
             raise TrainingDiverged(f"every step of epoch {pos.epoch + 1} had a non-finite loss and was skipped; "
                                    f"{_holds(out, pos.saved_at)}; start over with a lower --lr (--overwrite)")
@@ -509,8 +504,8 @@ class _Loop:
         record = _epoch_record(pos.epoch, pos.sums, p.optimizer, seconds)
         if guard is not None:
             record["skipped_steps"] = pos.sums.get("skipped", 0)
-        distributed.broadcast_buffers([p.model, p.attacker])  # rank 0's batch-norm statistics everywhere
-        if self.rank == 0:  # the others go on and wait for it at their first gradient sync
+        self.ranks.broadcast_buffers([p.model, p.attacker])  # rank 0's batch-norm statistics everywhere
+        if self.ranks.is_main:  # the others go on and wait for it at their first gradient sync
             record.update(validate(p.evaluated, self.data, cfg, self.device))
             if pos.history and collapsed(pos.history[-1], record):
                 record["collapsed"] = True
@@ -522,7 +517,7 @@ class _Loop:
         if p.attacker_scheduler is not None:
             p.attacker_scheduler.step()
         pos.epoch, pos.batch, pos.sums = pos.epoch + 1, 0, {}
-        if self.rank == 0:
+        if self.ranks.is_main:
             score = record.get("val_pgd10_acc", record["val_clean_acc"])
             if score > pos.best:
                 pos.best = score
@@ -641,8 +636,10 @@ class _SkipGuard:
     and at epoch ends.
     """
 
-    def __init__(self, modules: list[nn.Module | None], optimizers: list[torch.optim.Optimizer | None]) -> None:
+    def __init__(self, modules: list[nn.Module | None], optimizers: list[torch.optim.Optimizer | None],
+                 ranks: distributed.Ranks) -> None:
         self.modules = [m for m in modules if m is not None]
+        self.ranks = ranks
         self.optimizers = [o for o in optimizers if o is not None]
         self._saved: tuple[list, list] = ([], [])
 
@@ -656,7 +653,7 @@ class _SkipGuard:
         flags = [torch.isfinite(loss).all()]
         tensors = [t for m in self.modules for t in m.state_dict().values() if t.is_floating_point()]
         flags += [torch.isfinite(t).all() for t in tensors]
-        return not distributed.any_rank(not bool(torch.stack(flags).all()))  # every rank skips, or none
+        return not self.ranks.any(not bool(torch.stack(flags).all()))  # every rank skips, or none
 
     def restore(self) -> None:
         weights, optimizer_states = self._saved
