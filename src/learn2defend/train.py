@@ -402,31 +402,8 @@ class _Loop:
         s = ckpt.load_state(path, device=self.device)
         checked_meta(s, path)
         try:
-            load_weights(p.model, s["model"], f"checkpoint {path}")
-            p.optimizer.load_state_dict(s["optimizer"])
-            p.scheduler.load_state_dict(s["scheduler"])
-            if p.attacker is not None:
-                check_attacker_layout(s, path)
-                load_weights(p.attacker, s["attacker"], f"attacker in {path}")
-                p.attacker_optimizer.load_state_dict(s["attacker_optimizer"])
-                p.attacker_scheduler.load_state_dict(s["attacker_scheduler"])
-            if p.ctx.scaler is not None:
-                p.ctx.scaler.load_state_dict(s["scaler"])
-            if p.ema is not None:
-                load_weights(p.ema, s["ema"], f"averaged weights in {path}")
-            for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
-                if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
-                    raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
-                if opt is not None:
-                    _match_layouts(opt)
-            pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
-            saved_world = s.get("world_size", 1)
-            if not (isinstance(saved_world, int) and saved_world >= 1):
-                raise ValueError(f"world_size {saved_world!r}")
-            pos.batch, pos.sums = _rescale_position(pos.batch, pos.sums, stored.batch_size * saved_world,
-                                                    cfg.batch_size * self.ranks.world)
-            if not (0 <= pos.epoch and 0 <= pos.batch <= len(self.loader)):
-                raise ValueError(f"epoch {pos.epoch}, batch {pos.batch} is outside this run")
+            self._load_networks(s, path)
+            pos, saved_world = self._position(s, stored)
             ckpt.set_rng_state(s["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"checkpoint {path} does not fit this run ({e!r:.200}); "
@@ -440,6 +417,40 @@ class _Loop:
                             f"or keep the global batch {stored.batch_size * saved_world} (batch x processes)")
         pos.saved_at = (pos.epoch, pos.batch)
         self.pos = pos
+
+    def _load_networks(self, s: dict[str, Any], path: Path) -> None:
+        """The checkpoint `s`'s weights, optimizer, schedule, loss-scale and average states."""
+        p = self.parts
+        load_weights(p.model, s["model"], f"checkpoint {path}")
+        p.optimizer.load_state_dict(s["optimizer"])
+        p.scheduler.load_state_dict(s["scheduler"])
+        if p.attacker is not None:
+            check_attacker_layout(s, path)
+            load_weights(p.attacker, s["attacker"], f"attacker in {path}")
+            p.attacker_optimizer.load_state_dict(s["attacker_optimizer"])
+            p.attacker_scheduler.load_state_dict(s["attacker_scheduler"])
+        if p.ctx.scaler is not None:
+            p.ctx.scaler.load_state_dict(s["scaler"])
+        if p.ema is not None:
+            load_weights(p.ema, s["ema"], f"averaged weights in {path}")
+        for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
+            if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
+                raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
+            if opt is not None:
+                _match_layouts(opt)
+
+    def _position(self, s: dict[str, Any], stored: TrainConfig) -> tuple[_Position, int]:
+        """Where the checkpoint `s` stands, in this run's global batches, and the number of
+        processes that wrote it; ValueError if that is outside this run."""
+        pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
+        saved_world = s.get("world_size", 1)
+        if not (isinstance(saved_world, int) and saved_world >= 1):
+            raise ValueError(f"world_size {saved_world!r}")
+        pos.batch, pos.sums = _rescale_position(pos.batch, pos.sums, stored.batch_size * saved_world,
+                                                self.cfg.batch_size * self.ranks.world)
+        if not (0 <= pos.epoch and 0 <= pos.batch <= len(self.loader)):
+            raise ValueError(f"epoch {pos.epoch}, batch {pos.batch} is outside this run")
+        return pos, saved_world
 
     def run(self) -> None:
         """Train until `cfg.epochs` are done; TrainingInterrupted (saved) on SIGINT/SIGTERM.
