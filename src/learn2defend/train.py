@@ -179,7 +179,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) ->
     if stored is not None:
         loop.restore(stored)
     # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
-    distributed.barrier()  # every rank has read the folder before rank 0 changes it
+    loop.ranks.barrier()  # every rank has read the folder before rank 0 changes it
     claim_folder(out, cfg, overwrite, loop.pos.history if continuing else None, lock)
     if continuing:
         if loop.pos.epoch < cfg.epochs:
@@ -191,8 +191,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) ->
         _log(SMALLCNN_ADVICE)
     loop.run()
     if world > 1:
-        distributed.barrier()  # rank 0 has written everything
-        if distributed.rank():  # the same weights as rank 0's, without every process reading the folder
+        loop.ranks.barrier()  # rank 0 has written everything
+        if not loop.ranks.is_main:  # the same weights as rank 0's, without every process reading the folder
             return loop.as_run()
     return load_run(out, "last", device)
 
