@@ -203,3 +203,50 @@ def sum_counts(counts: list[int]) -> list[int]:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+class Ranks:
+    """This process's place among the training processes, and what the training loop asks
+    of the others. In a single process (no process group) every method does nothing and
+    returns its argument.
+
+    `agree_stop` and `reduce_sums` communicate only with more than one process: in a group
+    of one (`learn2defend doctor`'s torchrun check) the flag and the sums are already the
+    agreed ones. The broadcasts, barriers and `any` run in any process group, so that a
+    group of one calls them as a larger one does."""
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def current(cls) -> Ranks:
+        """This process's rank and the number of processes (0 and 1 without a process group)."""
+        return cls(rank(), world_size())
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one that validates, writes the run folder and logs."""
+        return self.rank == 0
+
+    def agree_stop(self, flag: bool, due: bool = True) -> bool:
+        """Whether any rank has `flag` (a stop was asked for). With several processes, that
+        costs a collective and a host sync, so they agree only where `due` (the same on every
+        rank) and answer False elsewhere; a single process answers `flag` at once."""
+        if self.world == 1:
+            return flag
+        return due and any_rank(flag)
+
+    def reduce_sums(self, sums: dict) -> dict:
+        """The metric sums of all ranks together (`reduce_sums`); `sums` itself with one process."""
+        return reduce_sums(sums) if self.world > 1 else sums
+
+    def any(self, flag: bool) -> bool:
+        """True when `flag` is true on at least one rank."""
+        return any_rank(flag)
+
+    def broadcast_buffers(self, modules: list[nn.Module | None]) -> None:
+        """Rank 0's buffers (batch-norm running statistics) on every rank."""
+        broadcast_buffers(modules)
+
+    def barrier(self) -> None:
+        barrier()

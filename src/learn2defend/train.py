@@ -14,10 +14,10 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from .runs import (
     prepare_out,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class TrainingInterrupted(Exception):
@@ -176,7 +179,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) ->
     if stored is not None:
         loop.restore(stored)
     # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
-    distributed.barrier()  # every rank has read the folder before rank 0 changes it
+    loop.ranks.barrier()  # every rank has read the folder before rank 0 changes it
     claim_folder(out, cfg, overwrite, loop.pos.history if continuing else None, lock)
     if continuing:
         if loop.pos.epoch < cfg.epochs:
@@ -188,8 +191,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) ->
         _log(SMALLCNN_ADVICE)
     loop.run()
     if world > 1:
-        distributed.barrier()  # rank 0 has written everything
-        if distributed.rank():  # the same weights as rank 0's, without every process reading the folder
+        loop.ranks.barrier()  # rank 0 has written everything
+        if not loop.ranks.is_main:  # the same weights as rank 0's, without every process reading the folder
             return loop.as_run()
     return load_run(out, "last", device)
 
@@ -328,15 +331,14 @@ class WeightAverage(nn.Module):
             a.copy_(m)
 
 
-def _train_loader(cfg: TrainConfig, data: Dataset, device: torch.device) -> DeviceLoader:
+def _train_loader(cfg: TrainConfig, data: Dataset, device: torch.device, ranks: distributed.Ranks) -> DeviceLoader:
     # Under torchrun --batch-size is per process; rank r takes every world-th image of the
     # epoch's permutation, so global batch i is the same images for any world size.
-    world = distributed.world_size()
     loader = DeviceLoader(
         data.train, cfg.batch_size, device, shuffle=True,
-        drop_last=len(data.train) // world >= cfg.batch_size,
+        drop_last=len(data.train) // ranks.world >= cfg.batch_size,
         augment=cfg.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.seed,
-        rank=distributed.rank(), world_size=world,
+        rank=ranks.rank, world_size=ranks.world,
     )
     if len(loader) == 0:
         raise UserError(f"--batch-size {cfg.batch_size} leaves no batch of {len(data.train)} training images")
@@ -363,10 +365,14 @@ class _Loop:
 
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data: Dataset, parts: Parts) -> None:
         self.cfg, self.out, self.device, self.data, self.parts = cfg, out, device, data, parts
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.loader = _train_loader(cfg, data, device)
+        self.ranks = distributed.Ranks.current()
+        self.loader = _train_loader(cfg, data, device, self.ranks)
         _preflight(parts.model, parts.attacker, cfg, parts.meta, device)
         self.step = parts.step(cfg, device)
+        self.guard: _SkipGuard | None = None  # on_nonfinite=skip: undoes a step that went non-finite
+        if cfg.on_nonfinite == "skip":
+            self.guard = _SkipGuard([parts.model, parts.attacker, parts.ema],
+                                    [parts.optimizer, parts.attacker_optimizer], self.ranks)
         self.pos = _Position()
 
     # The continuation state: with it, a resumed run computes bit for bit what an
@@ -378,7 +384,7 @@ class _Loop:
             "data": p.meta, "epoch": epoch, "batch": batch, "history": self.pos.history, "best": self.pos.best,
             "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
-            "world_size": self.world,
+            "world_size": self.ranks.world,
         }
         if p.attacker is not None:
             s.update(attacker=p.attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,
@@ -396,31 +402,8 @@ class _Loop:
         s = ckpt.load_state(path, device=self.device)
         checked_meta(s, path)
         try:
-            load_weights(p.model, s["model"], f"checkpoint {path}")
-            p.optimizer.load_state_dict(s["optimizer"])
-            p.scheduler.load_state_dict(s["scheduler"])
-            if p.attacker is not None:
-                check_attacker_layout(s, path)
-                load_weights(p.attacker, s["attacker"], f"attacker in {path}")
-                p.attacker_optimizer.load_state_dict(s["attacker_optimizer"])
-                p.attacker_scheduler.load_state_dict(s["attacker_scheduler"])
-            if p.ctx.scaler is not None:
-                p.ctx.scaler.load_state_dict(s["scaler"])
-            if p.ema is not None:
-                load_weights(p.ema, s["ema"], f"averaged weights in {path}")
-            for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
-                if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
-                    raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
-                if opt is not None:
-                    _match_layouts(opt)
-            pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
-            saved_world = s.get("world_size", 1)
-            if not (isinstance(saved_world, int) and saved_world >= 1):
-                raise ValueError(f"world_size {saved_world!r}")
-            pos.batch, pos.sums = _rescale_position(pos.batch, pos.sums, stored.batch_size * saved_world,
-                                                    cfg.batch_size * self.world)
-            if not (0 <= pos.epoch and 0 <= pos.batch <= len(self.loader)):
-                raise ValueError(f"epoch {pos.epoch}, batch {pos.batch} is outside this run")
+            self._load_networks(s, path)
+            pos, saved_world = self._position(s, stored)
             ckpt.set_rng_state(s["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"checkpoint {path} does not fit this run ({e!r:.200}); "
@@ -428,115 +411,182 @@ class _Loop:
         if s["data"]["classes"] != p.meta["classes"] or s["data"]["image_shape"] != p.meta["image_shape"]:
             raise UserError(f"checkpoint {path} was trained on other data than {cfg.dataset}")
         # --batch-size is per process: it may change on resume only so that the global batch stays
-        if cfg.batch_size != stored.batch_size and cfg.batch_size * self.world != stored.batch_size * saved_world:
+        if cfg.batch_size != stored.batch_size and cfg.batch_size * self.ranks.world != stored.batch_size * saved_world:
             raise UserError(f"cannot resume '{self.out}' with a different --batch-size: it was trained with "
                             f"{saved_world} process(es) x {stored.batch_size}; keep --batch-size {stored.batch_size}, "
                             f"or keep the global batch {stored.batch_size * saved_world} (batch x processes)")
         pos.saved_at = (pos.epoch, pos.batch)
         self.pos = pos
 
-    def run(self) -> None:
-        """Train until `cfg.epochs` are done; TrainingInterrupted (saved) on SIGINT/SIGTERM."""
-        cfg, pos, p = self.cfg, self.pos, self.parts
-        self.started, self.first_epoch = time.perf_counter(), pos.epoch  # for the time left of the whole run
-        # on_nonfinite: "stop" costs nothing per step (the loss sums are checked at checkpoints,
-        # every NONFINITE_CHECK_EVERY steps and at epoch ends); "skip" checks every step.
-        guard = None
-        if cfg.on_nonfinite == "skip":
-            guard = _SkipGuard([p.model, p.attacker, p.ema], [p.optimizer, p.attacker_optimizer])
-        p.model.train()
+    def _load_networks(self, s: dict[str, Any], path: Path) -> None:
+        """The checkpoint `s`'s weights, optimizer, schedule, loss-scale and average states."""
+        p = self.parts
+        load_weights(p.model, s["model"], f"checkpoint {path}")
+        p.optimizer.load_state_dict(s["optimizer"])
+        p.scheduler.load_state_dict(s["scheduler"])
         if p.attacker is not None:
-            p.attacker.train()
-        stop = _StopFlag()
-        with stop, _board(self.out, cfg.tensorboard and self.rank == 0) as board:
+            check_attacker_layout(s, path)
+            load_weights(p.attacker, s["attacker"], f"attacker in {path}")
+            p.attacker_optimizer.load_state_dict(s["attacker_optimizer"])
+            p.attacker_scheduler.load_state_dict(s["attacker_scheduler"])
+        if p.ctx.scaler is not None:
+            p.ctx.scaler.load_state_dict(s["scaler"])
+        if p.ema is not None:
+            load_weights(p.ema, s["ema"], f"averaged weights in {path}")
+        for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
+            if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
+                raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
+            if opt is not None:
+                _match_layouts(opt)
+
+    def _position(self, s: dict[str, Any], stored: TrainConfig) -> tuple[_Position, int]:
+        """Where the checkpoint `s` stands, in this run's global batches, and the number of
+        processes that wrote it; ValueError if that is outside this run."""
+        pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
+        saved_world = s.get("world_size", 1)
+        if not (isinstance(saved_world, int) and saved_world >= 1):
+            raise ValueError(f"world_size {saved_world!r}")
+        pos.batch, pos.sums = _rescale_position(pos.batch, pos.sums, stored.batch_size * saved_world,
+                                                self.cfg.batch_size * self.ranks.world)
+        if not (0 <= pos.epoch and 0 <= pos.batch <= len(self.loader)):
+            raise ValueError(f"epoch {pos.epoch}, batch {pos.batch} is outside this run")
+        return pos, saved_world
+
+    def run(self) -> None:
+        """Train until `cfg.epochs` are done; TrainingInterrupted (saved) on SIGINT/SIGTERM.
+
+        Epoch, batch, step, account, maybe checkpoint; then the end of the epoch."""
+        cfg, pos, out = self.cfg, self.pos, self.out
+        self.started, self.first_epoch = time.perf_counter(), pos.epoch  # for the time left of the whole run
+        self._train_mode()
+        with _StopFlag() as stop, _board(out, cfg.tensorboard and self.ranks.is_main) as board:
             while pos.epoch < cfg.epochs:
-                seconds = self._steps(stop, guard)
-                self._end_epoch(seconds, guard, board)
-                stopping = distributed.any_rank(stop.requested) if self.world > 1 else stop.requested
-                if stopping and pos.epoch < cfg.epochs:
-                    raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {self.out}; "
+                started = time.perf_counter()
+                for i, (x, y) in self._batches():
+                    self._account(self._guarded_step(i, x, y), len(y))
+                    self._maybe_checkpoint(i, stop)
+                self._end_epoch(time.perf_counter() - started, board)
+                if self.ranks.agree_stop(stop.requested) and pos.epoch < cfg.epochs:
+                    raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {out}; "
                                               "continue with --resume")
 
-    def _steps(self, stop: _StopFlag, guard: _SkipGuard | None) -> float:
-        """The rest of the current epoch's steps, with checkpoints every --checkpoint-every;
-        returns the seconds they took."""
-        cfg, pos, loader = self.cfg, self.pos, self.loader
-        loader.set_epoch(pos.epoch)
-        started = time.perf_counter()
-        batches = _progress(loader.iterate(pos.batch), len(loader) - pos.batch, pos.epoch, cfg)
-        for i, (x, y) in enumerate(batches, start=pos.batch + 1):
-            if guard is not None:
-                guard.snapshot()
-            self.parts.ctx.step_index = pos.epoch * len(loader) + i - 1  # global batches before this one
-            metrics = self.step(x, y)
-            if self.parts.ema is not None:
-                self.parts.ema.update(self.parts.ctx.step_index)
-            if guard is not None and not guard.finite(metrics["loss"]):
-                guard.restore()  # as if this batch had not been drawn
-                pos.sums["skipped"] = pos.sums.get("skipped", 0) + 1
-            else:
-                for k, v in metrics.items():
-                    pos.sums[k] = pos.sums[k] + v if k in pos.sums else v.clone()
-                pos.sums["n"] = pos.sums.get("n", 0) + len(y)
-            periodic = cfg.checkpoint_every and i % cfg.checkpoint_every == 0 and i < len(loader)
-            if self.world > 1:  # agreeing costs a collective and a host sync: every few steps, the same on all ranks
-                stopping = bool(periodic or i % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested)
-            else:
-                stopping = stop.requested
-            checkpoint = stopping or periodic
-            if checkpoint or i % NONFINITE_CHECK_EVERY == 0:
-                total = distributed.reduce_sums(pos.sums) if self.world > 1 else pos.sums  # all ranks' sums so far
-                _check_finite(total, self.out, f"epoch {pos.epoch + 1} by batch {i}", pos.saved_at)
-            if checkpoint:
-                distributed.broadcast_buffers([self.parts.model, self.parts.attacker])
-                if self.rank == 0:
-                    _save(self.out / LAST, self.state(pos.epoch, i, total))
-                pos.saved_at = (pos.epoch, i)
-                if stopping:
-                    raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {i}; saved to "
-                                              f"{self.out}; continue with --resume")
-        return time.perf_counter() - started
+    def _train_mode(self) -> None:
+        self.parts.model.train()
+        if self.parts.attacker is not None:
+            self.parts.attacker.train()
 
-    def _end_epoch(self, seconds: float, guard: _SkipGuard | None, board) -> None:
+    def _batches(self) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """The rest of the current epoch's batches, each with its 1-based index in the epoch."""
+        pos, loader = self.pos, self.loader
+        loader.set_epoch(pos.epoch)
+        batches = _progress(loader.iterate(pos.batch), len(loader) - pos.batch, pos.epoch, self.cfg)
+        return enumerate(batches, start=pos.batch + 1)
+
+    def _guarded_step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> Metrics | None:
+        """`_step` under on_nonfinite=skip's guard: None for a step that went non-finite and
+        was undone. ("stop" costs nothing per step: the loss sums are checked at checkpoints,
+        every NONFINITE_CHECK_EVERY steps and at epoch ends.)"""
+        if self.guard is None:
+            return self._step(i, x, y)
+        return self.guard.run(functools.partial(self._step, i, x, y))
+
+    def _step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> Metrics:
+        """The method's step on batch `i` (1-based) of the epoch, then the weight average's update."""
+        p = self.parts
+        p.ctx.step_index = self.pos.epoch * len(self.loader) + i - 1  # global batches before this one
+        metrics = self.step(x, y)
+        if p.ema is not None:
+            p.ema.update(p.ctx.step_index)
+        return metrics
+
+    def _account(self, metrics: Metrics | None, images: int) -> None:
+        """Add a step's metrics to the epoch's sums, or count it skipped (None)."""
+        sums = self.pos.sums
+        if metrics is None:
+            sums["skipped"] = sums.get("skipped", 0) + 1
+            return
+        for k, v in metrics.items():
+            sums[k] = sums[k] + v if k in sums else v.clone()
+        sums["n"] = sums.get("n", 0) + images
+
+    def _maybe_checkpoint(self, i: int, stop: _StopFlag) -> None:
+        """After batch `i`: every --checkpoint-every batches, and when a stop was asked for,
+        save LAST (then stop); check the loss sums then and every NONFINITE_CHECK_EVERY batches."""
+        cfg, pos = self.cfg, self.pos
+        periodic = bool(cfg.checkpoint_every) and i % cfg.checkpoint_every == 0 and i < len(self.loader)
+        stopping = self.ranks.agree_stop(stop.requested, due=periodic or i % STOP_CHECK_EVERY == 0)
+        if not (stopping or periodic or i % NONFINITE_CHECK_EVERY == 0):
+            return
+        total = self.ranks.reduce_sums(pos.sums)  # all ranks' sums so far
+        _check_finite(total, self.out, f"epoch {pos.epoch + 1} by batch {i}", pos.saved_at)
+        if not (stopping or periodic):
+            return
+        self.ranks.broadcast_buffers([self.parts.model, self.parts.attacker])
+        if self.ranks.is_main:
+            _save(self.out / LAST, self.state(pos.epoch, i, total))
+        pos.saved_at = (pos.epoch, i)
+        if stopping:
+            raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {i}; saved to "
+                                      f"{self.out}; continue with --resume")
+
+    def _end_epoch(self, seconds: float, board: SummaryWriter | None) -> None:
         """Record, validate, step the schedules and save: the epoch is finished."""
-        cfg, pos, p, out = self.cfg, self.pos, self.parts, self.out
-        if self.world > 1:
-            pos.sums = distributed.reduce_sums(pos.sums)  # all ranks' sums: one all-reduce per epoch
-        if not pos.sums.get("n"):
-            raise TrainingDiverged(f"every step of epoch {pos.epoch + 1} had a non-finite loss and was skipped; "
-                                   f"{_holds(out, pos.saved_at)}; start over with a lower --lr (--overwrite)")
-        _check_finite(pos.sums, out, f"epoch {pos.epoch + 1}", pos.saved_at)
-        record = _epoch_record(pos.epoch, pos.sums, p.optimizer, seconds)
-        if guard is not None:
-            record["skipped_steps"] = pos.sums.get("skipped", 0)
-        distributed.broadcast_buffers([p.model, p.attacker])  # rank 0's batch-norm statistics everywhere
-        if self.rank == 0:  # the others go on and wait for it at their first gradient sync
-            record.update(validate(p.evaluated, self.data, cfg, self.device))
-            if pos.history and collapsed(pos.history[-1], record):
-                record["collapsed"] = True
-                _log(f"[{out.name}] catastrophic overfitting at epoch {record['epoch']}: validation PGD-10 "
-                     f"{pos.history[-1]['val_pgd10_acc']:.3f} -> {record['val_pgd10_acc']:.3f} while clean accuracy "
-                     f"rose to {record['val_clean_acc']:.3f}; {BEST} keeps the best robust weights so far")
+        p, pos = self.parts, self.pos
+        record = self._record(seconds)
+        self.ranks.broadcast_buffers([p.model, p.attacker])  # rank 0's batch-norm statistics everywhere
+        if self.ranks.is_main:  # the others go on and wait for it at their first gradient sync
+            self._validate(record)
         pos.history.append(record)
         p.scheduler.step()
         if p.attacker_scheduler is not None:
             p.attacker_scheduler.step()
         pos.epoch, pos.batch, pos.sums = pos.epoch + 1, 0, {}
-        if self.rank == 0:
-            score = record.get("val_pgd10_acc", record["val_clean_acc"])
-            if score > pos.best:
-                pos.best = score
-                _save(out / BEST, self.state(pos.epoch, 0, pos.sums))
-            _save(out / LAST, self.state(pos.epoch, 0, pos.sums))
-            ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in pos.history))
-            if board is not None:
-                for key, value in record.items():
-                    if key != "epoch":
-                        board.add_scalar(key, value, record["epoch"])
-                board.flush()
-            left = (time.perf_counter() - self.started) / (pos.epoch - self.first_epoch) * (cfg.epochs - pos.epoch)
-            _log(f"[{out.name}] " + _format_record(record, cfg.epochs) + f" | {_duration(left)} left")
+        if self.ranks.is_main:
+            self._save_epoch(record, board)
         pos.saved_at = (pos.epoch, 0)
+
+    def _record(self, seconds: float) -> dict[str, Any]:
+        """The finished epoch's training record, from all ranks' sums; TrainingDiverged if
+        every step was skipped or the loss is not finite."""
+        pos, out = self.pos, self.out
+        pos.sums = self.ranks.reduce_sums(pos.sums)  # all ranks' sums: one all-reduce per epoch
+        if not pos.sums.get("n"):
+            raise TrainingDiverged(f"every step of epoch {pos.epoch + 1} had a non-finite loss and was skipped; "
+                                   f"{_holds(out, pos.saved_at)}; start over with a lower --lr (--overwrite)")
+        _check_finite(pos.sums, out, f"epoch {pos.epoch + 1}", pos.saved_at)
+        record = _epoch_record(pos.epoch, pos.sums, self.parts.optimizer, seconds)
+        if self.guard is not None:
+            record["skipped_steps"] = pos.sums.get("skipped", 0)
+        return record
+
+    def _validate(self, record: dict[str, Any]) -> None:
+        """Add the validation accuracies of the evaluated classifier to `record`, and mark
+        (and log) catastrophic overfitting."""
+        pos = self.pos
+        record.update(validate(self.parts.evaluated, self.data, self.cfg, self.device))
+        if pos.history and collapsed(pos.history[-1], record):
+            record["collapsed"] = True
+            _log(f"[{self.out.name}] catastrophic overfitting at epoch {record['epoch']}: validation PGD-10 "
+                 f"{pos.history[-1]['val_pgd10_acc']:.3f} -> {record['val_pgd10_acc']:.3f} while clean accuracy "
+                 f"rose to {record['val_clean_acc']:.3f}; {BEST} keeps the best robust weights so far")
+
+    def _save_epoch(self, record: dict[str, Any], board: SummaryWriter | None) -> None:
+        """Rank 0 at an epoch's end: BEST if the score is the best so far, LAST, metrics.jsonl,
+        TensorBoard, and the epoch's line in the log."""
+        cfg, pos, out = self.cfg, self.pos, self.out
+        score = record.get("val_pgd10_acc", record["val_clean_acc"])
+        if score > pos.best:
+            pos.best = score
+            _save(out / BEST, self.state(pos.epoch, 0, pos.sums))
+        _save(out / LAST, self.state(pos.epoch, 0, pos.sums))
+        ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in pos.history))
+        if board is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    board.add_scalar(key, value, record["epoch"])
+            board.flush()
+        left = (time.perf_counter() - self.started) / (pos.epoch - self.first_epoch) * (cfg.epochs - pos.epoch)
+        _log(f"[{out.name}] " + _format_record(record, cfg.epochs) + f" | {_duration(left)} left")
 
     def as_run(self) -> Run:
         """The trained networks as a Run, in eval mode, without reading the folder."""
@@ -641,10 +691,22 @@ class _SkipGuard:
     and at epoch ends.
     """
 
-    def __init__(self, modules: list[nn.Module | None], optimizers: list[torch.optim.Optimizer | None]) -> None:
+    def __init__(self, modules: list[nn.Module | None], optimizers: list[torch.optim.Optimizer | None],
+                 ranks: distributed.Ranks) -> None:
         self.modules = [m for m in modules if m is not None]
         self.optimizers = [o for o in optimizers if o is not None]
+        self.ranks = ranks
         self._saved: tuple[list, list] = ([], [])
+
+    def run(self, step: Callable[[], Metrics]) -> Metrics | None:
+        """`step()`'s metrics; None, with the state it found put back, when its loss or the
+        new weights are not finite on some rank (as if its batch had not been drawn)."""
+        self.snapshot()
+        metrics = step()
+        if self.finite(metrics["loss"]):
+            return metrics
+        self.restore()
+        return None
 
     def snapshot(self) -> None:
         self._saved = (
@@ -656,7 +718,7 @@ class _SkipGuard:
         flags = [torch.isfinite(loss).all()]
         tensors = [t for m in self.modules for t in m.state_dict().values() if t.is_floating_point()]
         flags += [torch.isfinite(t).all() for t in tensors]
-        return not distributed.any_rank(not bool(torch.stack(flags).all()))  # every rank skips, or none
+        return not self.ranks.any(not bool(torch.stack(flags).all()))  # every rank skips, or none
 
     def restore(self) -> None:
         weights, optimizer_states = self._saved
