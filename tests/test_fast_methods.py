@@ -146,7 +146,7 @@ def test_method_options_are_checked_against_the_record():
         TrainConfig(method="pgd-at", attacker_every=5).validate()
     TrainConfig(method="fgsm-sdi", attacker_every=5).validate()
     resolved = TrainConfig(method="fgsm-sdi", eps=0.1).resolved()
-    assert (resolved.attacker, resolved.attacker_every, resolved.pgd_steps, resolved.step_size) == ("sdi", 20, 1, 0.1)
+    assert (resolved.attacker, resolved.attacker_every, resolved.pgd_steps, resolved.step_size) == ("sdi", 5, 1, 0.1)
     two = TrainConfig(method="fgsm-sdi", eps=0.1, pgd_steps=2).resolved()
     assert two.step_size == pytest.approx(0.05)
     assert {m for m, r in METHOD_RECORDS.items() if r.has_attacker} == {"naive-l2l", "grad-l2l", "2step-l2l",

@@ -77,7 +77,7 @@ BF16_LOSS_RTOL = 0.02  # per step
 # FGSM-SDI's learned start is followed by a sign step: rounding flips some of its pixels, and
 # the third step's loss differs by 2.9 % (measured: 0.130 against 0.126).
 BF16_TOLERANCES = {"trades": (0.4, 0.25), "fgsm-sdi": (0.15, 0.05)}  # (classifier rtol, loss rtol)
-# FGSM-SDI's attacker takes one Adam step in three (every 20 batches): Adam's per-coordinate
+# FGSM-SDI's attacker takes a single Adam step in these three (every 5 batches): Adam's per-coordinate
 # normalization makes tiny coordinates count as much as large ones; cosine 0.949 measured.
 BF16_ATTACKER_COSINE = {"fgsm-sdi": 0.9}
 
