@@ -184,7 +184,7 @@ FAKE = "fake:1x8x8:4"  # synthetic images made on the fly, as the issue asks
 
 
 FRONTIER_ROWS = ["Plain Net (continued)", "FGSM-RS", "N-FGSM", "PGM Net (paper)", "PGD-AT", "TRADES", "MART",
-                 "Grad L2L (S)", "2-Step L2L (S)", "FGSM-SDI"]
+                 "Grad L2L (S)", "2-Step L2L (S)", "FGSM-SDI", "FGSM-SDI, 2 steps"]
 
 
 def _table(md: str) -> list[list[str]]:
@@ -193,7 +193,7 @@ def _table(md: str) -> list[list[str]]:
 
 def test_frontier_end_to_end_at_the_tiny_preset(tmp_path: Path) -> None:
     report = rp.reproduce("frontier", "tiny", tmp_path, datasets=[FAKE])
-    assert len(report["trained"]) == 1 + 10  # one plain net, then every method from it
+    assert len(report["trained"]) == 1 + len(FRONTIER_ROWS)  # one plain net, then every method from it
     files = report["experiments"]["frontier"][FAKE]["files"]
     table = _table(Path(files["md"]).read_text())
     assert table[0] == ["method", "clean", "AutoAttack-fast", "worst", "training s", "GMAC / step", "collapsed",
@@ -203,7 +203,7 @@ def test_frontier_end_to_end_at_the_tiny_preset(tmp_path: Path) -> None:
     assert collapsed["Plain Net (continued)"] == "not measured"  # plain nets skip validation PGD-10
     assert {v for k, v in collapsed.items() if k != "Plain Net (continued)"} == {"no"}  # one epoch: nothing to drop
     rows = {(r["method"] + r["variant"]): r for r in csv.DictReader(open(files["csv"]))}
-    assert len(rows) == 10 and Path(files["png"]).stat().st_size > 0
+    assert len(rows) == len(FRONTIER_ROWS) and Path(files["png"]).stat().st_size > 0
     epochs_png = Path(files["epochs_png"])  # validation PGD-10 per epoch, beside the frontier's PNG
     assert epochs_png.stat().st_size > 0 and epochs_png.parent == Path(files["png"]).parent
     macs = {k: int(r["step_macs"]) for k, r in rows.items()}
@@ -214,7 +214,7 @@ def test_frontier_end_to_end_at_the_tiny_preset(tmp_path: Path) -> None:
     assert all(0 <= float(r["acc_worst"]) <= float(r["acc_autoattack-fast"]) <= float(r["acc_clean"]) + 1e-9
                for r in rows.values())
     data = json.loads(Path(files["json"]).read_text())
-    assert data["attacker_ratio"] and len(data["points"]) == 10
+    assert data["attacker_ratio"] and len(data["points"]) == len(FRONTIER_ROWS)
     assert {c["label"] for c in data["curves"]} == set(FRONTIER_ROWS) - {"Plain Net (continued)"}
     run = rp.Reproduction(rp.FRONTIER_PRESETS["tiny"], tmp_path).run_dir(FAKE, "frontier", rp.RunSpec("n-fgsm", 0))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -315,6 +315,8 @@ def test_frontier_recipes(tmp_path: Path) -> None:
     assert configs["grad-l2l-slim"].attacker_width == 0.07
     assert configs["fgsm-sdi-sdi"].lr == cpu.l2l_lr and configs["n-fgsm"].lr == cpu.l2l_lr
     assert configs["fgsm-sdi-sdi"].resolved().attacker_optimizer == "adam"  # not the paper's SGD attacker
+    two = configs["fgsm-sdi-sdi-2step"].resolved()
+    assert (two.pgd_steps, two.step_size, two.attacker_every) == (2, two.eps / 2, 5)
     # validation PGD-10 every epoch of the adversarial runs (collapse detection), none for the plain nets
     assert {k for k, c in configs.items() if c.val_robust_n == 500} == set(configs) - {"plain-continued"}
     assert configs["plain-continued"].val_robust_n == 0
