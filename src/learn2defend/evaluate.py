@@ -278,6 +278,32 @@ def evaluate_model(
     Raises UserError for bad images, labels (dtype, shape, range against the model's
     number of classes), eps, attack names or options.
     """
+    eps = _checked_eps(batch_size, eps, bool(attacks), checks)
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
+    device = torch.device(device)
+    data, result = _images_to_evaluate(images, labels, split, n, data_dir)
+    attack_objects = _unique_attacks(attacks, eps, batch_size)
+    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
+    accuracy = {name: fraction(ok) for name, ok in correct.items()}
+    if not attack_objects:
+        del accuracy["worst"]
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps} | result
+    ran = list(attack_objects)
+    if checks:
+        report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
+                               surrogate=surrogate, progress=progress)
+        result["checks"], result["flagged"] = report["checks"], report["flagged"]
+        ran += report["attacks"]
+    warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
+    if warnings:
+        result["warnings"] = warnings
+    return result
+
+
+def _checked_eps(batch_size: int, eps: float | None, attacks: bool, checks: bool) -> float | None:
+    """evaluate_model's batch size and eps checked; eps as `check_eps` returns it."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if (attacks or checks) and eps is None:
@@ -286,10 +312,13 @@ def evaluate_model(
         eps = check_eps(eps)
     if checks and not eps > 0:
         raise UserError("the sanity checks attack the model, so they need eps > 0")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
-    device = torch.device(device)
+    return eps
+
+
+def _images_to_evaluate(images: Tensor | str, labels: Tensor | None, split: str, n: int | None,
+                        data_dir: str) -> tuple[ImageData, dict[str, Any]]:
+    """evaluate_model's images (a tensor with its labels, or the first n of a data set's
+    split), checked, and what its result says of them (the data set and split, if named)."""
     result: dict[str, Any] = {}
     if isinstance(images, str):
         if labels is not None:
@@ -310,6 +339,11 @@ def evaluate_model(
         data = ImageData(images.detach(), labels.cpu())
     if not len(data):
         raise UserError("no images to evaluate")
+    return data, result
+
+
+def _unique_attacks(attacks: Sequence[str | Attack], eps: float | None, batch_size: int) -> list[Attack]:
+    """Attack names built, Attack objects as they are, each name once."""
     attack_objects: list[Attack] = []
     for a in attacks:
         attack = build_attacks([a], eps, batch_size)[0] if isinstance(a, str) else a
@@ -317,21 +351,7 @@ def evaluate_model(
             raise UserError(f"attacks must be attack names or learn2defend Attack objects, got {a!r}")
         if attack.name not in {b.name for b in attack_objects}:  # a duplicate would count twice
             attack_objects.append(attack)
-    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
-    accuracy = {name: fraction(ok) for name, ok in correct.items()}
-    if not attack_objects:
-        del accuracy["worst"]
-    result = {"accuracy": accuracy, "n": len(data), "eps": eps} | result
-    ran = list(attack_objects)
-    if checks:
-        report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
-                               surrogate=surrogate, progress=progress)
-        result["checks"], result["flagged"] = report["checks"], report["flagged"]
-        ran += report["attacks"]
-    warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
-    if warnings:
-        result["warnings"] = warnings
-    return result
+    return attack_objects
 
 
 def _discard_state(state: Path | None) -> None:
