@@ -14,9 +14,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .compare import CompareConfig
 from .config import DATA_DIR_HELP, DEVICE_HELP, METHODS, TrainConfig, parse_fraction
 from .errors import UserError
 from .evaluate import EvalConfig, TransferConfig
+from .export import ExportConfig
 from .methods import METHOD_RECORDS
 from .version import __version__
 
@@ -268,20 +270,22 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     own = set(vars(cls).get("__annotations__", {}))
     for f in sorted(fields, key=lambda f: f.name not in own):
         meta = f.metadata
-        text = cls.FLAG_HELP.get(f.name) or meta["help"]
+        text = getattr(cls, "FLAG_HELP", {}).get(f.name) or meta["help"]
         text = text() if callable(text) else text
-        names = [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        options: dict[str, Any] = {"dest": f.name, "help": text}
+        options: dict[str, Any] = {"help": text}
         if f.type == "bool":
             options["action"] = "store_true" if meta["switch"] else argparse.BooleanOptionalAction
         else:
-            options.update(type=_option_type(f), required=required,
-                           **{k: meta[k] for k in ("metavar", "nargs") if meta[k] is not None})
+            options.update(type=_option_type(f), **{k: meta[k] for k in ("metavar", "nargs") if meta[k] is not None})
         if not required:
             options["default"] = default
-        parser.add_argument(*names, **options)
+        if meta["positional"]:
+            parser.add_argument(f.name, **options)
+        else:
+            names = [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
+            parser.add_argument(*names, dest=f.name, **({"required": True} if required else {}), **options)
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -320,17 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train several methods alike and tabulate clean and robust accuracy")
     _add_dataclass_options(p, TrainConfig, skip={"out", "method", "init"})
-    p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated methods (default: all)")
-    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="attacks to evaluate with")
-    p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from "
-                   "(default: --epochs)")
-    p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
-                   help="evaluate on the first N validation images (default: all)")
-    p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method, and the "
-                   "table (compare.md) and its rows (compare.json); an interrupted comparison continues there")
-    p.add_argument("--extend", action="store_true", help="let a larger --epochs (or --plain-epochs) train the "
-                   "runs already in --out on; without it, runs there must have the epochs asked for")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    add_config_options(p, CompareConfig)
+    _json_option(p, "print the rows as JSON instead of a table")
 
     p = sub.add_parser("demo", help="the digits comparison of every method (about 3.5 minutes on a 2-core CPU)")
     p.add_argument("--out", default="runs/demo", help="folder holding one run folder per method")
@@ -340,10 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reproduce_commands(sub)
 
     p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
-    p.add_argument("checkpoint", metavar="RUN", help="run folder")
-    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
-    p.add_argument("--which", default="last", help="last or best checkpoint")
-    p.add_argument("--json", action="store_true", help="print the metadata written as one JSON object")
+    add_config_options(p, ExportConfig)
+    _json_option(p, "print the metadata written as one JSON object")
 
     p = sub.add_parser("models", help="list the registered classifiers")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
@@ -419,15 +412,14 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from .compare import ROWS, TABLE, compare, report
 
     if args.command == "demo":
-        base, methods, attacks = TrainConfig(**DEMO, device=args.device), list(METHODS), ["fgsm", "pgd10"]
-        plain_epochs = None
-        print(f"training {len(methods)} methods on digits ({DEMO}) into {args.out} ...", file=sys.stderr)
+        base, options = TrainConfig(**DEMO, device=args.device), CompareConfig(out=args.out)
+        print(f"training {len(options.methods)} methods on digits ({DEMO}) into {args.out} ...", file=sys.stderr)
     else:
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
         base = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        methods, attacks, plain_epochs = args.methods, args.attacks, args.plain_epochs
-    rows = compare(base, methods, attacks, args.out, plain_epochs, n=getattr(args, "n", None),
-                   extend=getattr(args, "extend", False))
+        options = config_from_args(CompareConfig, args)
+    rows = compare(base, options.methods, options.attacks, options.out, options.plain_epochs, n=options.n,
+                   extend=options.extend)
     print(f"wrote {Path(args.out) / TABLE} and {Path(args.out) / ROWS}", file=sys.stderr)
     if getattr(args, "json", False):
         return {"rows": rows}
@@ -562,7 +554,7 @@ def _doctor(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_reproduce_commands(sub) -> None:
     """reproduce (the paper's tables and figures) and plot (training curves)."""
-    from .reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, FRONTIER_PRESETS_PUBLIC
+    from .reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, FRONTIER_PRESETS_PUBLIC, PlotConfig
 
     p = sub.add_parser("reproduce", help="the paper's Tables 2-7 and Figures 3-5, and the robustness-against-cost "
                        "frontier: runs, tables (ours vs paper), PNGs")
@@ -583,17 +575,18 @@ def _add_reproduce_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (files and raw rows)")
 
     p = sub.add_parser("plot", help="training curves (loss, accuracy, attack success per epoch) of run folders")
-    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders (their metrics.jsonl)")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    add_config_options(p, PlotConfig)
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     from .export import export
 
-    meta = export(args.checkpoint, args.out, args.which)
+    config = config_from_args(ExportConfig, args)
+    meta = export(config.checkpoint, config.out, config.which)
     if args.json:
         return meta
-    print(f"wrote {args.out}: {meta['model']}, {meta['num_classes']} classes, {meta['method']} at eps {meta['eps']:g}")
+    print(f"wrote {config.out}: {meta['model']}, {meta['num_classes']} classes, {meta['method']} at eps "
+          f"{meta['eps']:g}")
     return {}
 
 
@@ -610,9 +603,10 @@ def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot(args: argparse.Namespace) -> dict[str, Any]:
-    from .reproduce import plot_curves
+    from .reproduce import PlotConfig, plot_curves
 
-    return {"out": plot_curves(args.runs, args.out)}
+    config = config_from_args(PlotConfig, args)
+    return {"out": plot_curves(config.runs, config.out)}
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:

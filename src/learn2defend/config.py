@@ -58,16 +58,17 @@ DATA_DIR_HELP = "where torchvision data sets and decoded-folder caches live"
 def option(default: Any = dataclasses.MISSING, *, help: str | Callable[[], str], flag: str | None = None,
            aliases: tuple[str, ...] = (), metavar: str | tuple[str, ...] | None = None, nargs: str | int | None = None,
            parse: str | None = None, switch: bool = False, from_cli: Callable[[Any], dict[str, Any]] | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
+           positional: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
     """A config field that is also a command-line option (see `cli.add_config_options`):
     `--field-name` (or `flag`, with further names `aliases`), its `help` (a text, or a
     function giving one when the parser is built), `metavar`, `nargs`, `parse` (the name of
     a cli parser of the value, instead of the one of the field's type), `switch` (a bool
-    given as a plain --flag, off by default, instead of --flag/--no-flag) and `from_cli`
-    (the parsed value -> the config fields it fills, for an option that fills several).
-    A field without `help` has no option. The default is the field's, for the CLI too."""
+    given as a plain --flag, off by default, instead of --flag/--no-flag), `from_cli` (the
+    parsed value -> the config fields it fills, for an option that fills several) and
+    `positional` (an argument named by its place, not a --flag). A field without `help`
+    has no option. The default is the field's, for the CLI too."""
     meta = {"help": help, "flag": flag, "aliases": aliases, "metavar": metavar, "nargs": nargs, "parse": parse,
-            "switch": switch, "from_cli": from_cli}
+            "switch": switch, "from_cli": from_cli, "positional": positional}
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 

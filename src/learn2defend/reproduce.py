@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, default_eps
+from .config import TrainConfig, default_eps, option
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
 from .methods import attacker_in_channels
@@ -987,6 +987,14 @@ def curve_labels(run_dirs: list[str]) -> dict[Path, str]:
                 break
         labels[path] = "/".join(tail) if tail[0] != path.anchor else str(path)
     return labels
+
+
+@dataclass
+class PlotConfig:
+    """What `learn2defend plot` draws: the training curves of these run folders, into one PNG."""
+
+    runs: list[str] = option(positional=True, nargs="+", metavar="DIR", help="run folders (their metrics.jsonl)")
+    out: str = option(help="PNG file to write")
 
 
 def plot_curves(run_dirs: list[str], out: str) -> str:
