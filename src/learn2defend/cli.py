@@ -197,12 +197,6 @@ IMPORT_HELP = ("import this module first, so that the models it registers with @
                "(repeatable; the current folder and PYTHONPATH are searched) (default: none)")
 
 
-def _attack_names() -> list[str]:
-    from .attacks import list_attack_names
-
-    return list_attack_names()
-
-
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()] if text else []
@@ -230,7 +224,8 @@ def _val_size(text: str) -> float:
     return int(value) if math.isfinite(value) and value >= 1 and value == int(value) else value
 
 
-_TYPES = {"int": int, "float": _number, "str": str, "list[int]": _int_list, "tuple[float, float]": _float_pair}
+_TYPES = {"int": int, "float": _number, "str": str, "list[int]": _int_list, "list[str]": lambda s: _names(s),
+          "tuple[float, float]": _float_pair}
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
@@ -259,7 +254,7 @@ def _option_type(f: dataclasses.Field) -> Any:
     base = f.type.replace(" | None", "")
     if f.metadata["nargs"] is not None and base.startswith("list["):
         base = base[len("list["):-1]
-    return {"list[str]": _names}.get(base) or _TYPES[base]
+    return _TYPES[base]
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, make_attack
+from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, list_attack_names, make_attack
 from .checks import sanity_checks
 from .config import DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option, parse_fraction
 from .correctness import attack_correct, fraction
@@ -47,8 +47,7 @@ ATTACK_SEED_HELP = "seed of the attacks' random starts"
 
 
 def _attack_names_help() -> str:
-    from .attacks import list_attack_names
-
+    """eval --attacks' help, with the attack names registered when the parser is built."""
     return (f"comma-separated; K is a number of iterations: {', '.join(list_attack_names())} "
             "(default: none, clean accuracy only); attacks always run in IEEE float32, whatever "
             "speed switches the run was trained with")
