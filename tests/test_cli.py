@@ -114,6 +114,70 @@ def _subcommands():
     return parser, sub.choices
 
 
+# The eval-side commands: their config (module, class), and a smallest command line of each
+# with the fields it gives.
+EVAL_SIDE = {
+    "eval": ("evaluate", "EvalConfig", ["--checkpoint", "r"], {"checkpoint": "r"}),
+    "transfer": ("evaluate", "TransferConfig", ["--surrogate", "s", "--target", "t"],
+                 {"surrogate": "s", "target": "t"}),
+    "sweep": ("figures", "SweepConfig", ["--checkpoint", "a", "b", "--over", "eps", "0,1/255", "--out", "p"],
+              {"checkpoints": ["a", "b"], "over": "eps", "values": [0.0, 1 / 255], "out": "p"}),
+    "show": ("figures", "ShowConfig", ["--checkpoint", "r", "--out", "x.png"], {"checkpoint": "r", "out": "x.png"}),
+    "export": ("export", "ExportConfig", ["r", "--out", "m.safetensors"], {"checkpoint": "r", "out": "m.safetensors"}),
+    "plot": ("reproduce", "PlotConfig", ["a", "b", "--out", "c.png"], {"runs": ["a", "b"], "out": "c.png"}),
+    "compare": ("compare", "CompareConfig", [], {}),
+}
+LIBRARY_ONLY = {"progress", "title"}  # config fields the command line leaves at their defaults
+
+
+@pytest.mark.parametrize("command", list(EVAL_SIDE))
+def test_eval_side_options_come_from_their_config_dataclass(command):
+    """Each option of the command (but --json, --import, --help; and compare's training
+    options, TrainConfig's) is a field of its config, with that field's default, and each
+    field is an option (or filled by one, as sweep's --over fills values)."""
+    import argparse
+    import dataclasses
+    import importlib
+
+    from learn2defend.cli import build_parser, config_from_args
+    from learn2defend.config import TrainConfig
+
+    module, name, argv, given = EVAL_SIDE[command]
+    cls = getattr(importlib.import_module(f"learn2defend.{module}"), name)  # learn2defend.evaluate is a function
+    _, commands = _subcommands()
+    actions = {a.dest: a for a in commands[command]._actions
+               if not {"--json", "--import", "-h"} & set(a.option_strings)}
+    if command == "compare":
+        train_options = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
+        assert train_options <= set(actions)
+        actions = {dest: a for dest, a in actions.items() if dest not in train_options}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    options = {n for n, f in fields.items() if f.metadata.get("help")}
+    assert set(actions) == options
+    assert set(fields) - options - LIBRARY_ONLY <= {"values"}  # --over's
+    for dest, action in actions.items():
+        f = fields[dest]
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if action.option_strings and not isinstance(action, argparse.BooleanOptionalAction):
+            assert action.required == (not has_default), dest
+        if has_default:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert action.default == default, dest
+    assert config_from_args(cls, build_parser().parse_args([command, *argv])) == cls(**given)
+
+
+def test_eval_side_configs_share_what_to_evaluate():
+    import dataclasses
+
+    from learn2defend.evaluate import EvalConfig, EvalData, TransferConfig
+    from learn2defend.figures import ShowConfig, SweepConfig
+
+    shared = [f.name for f in dataclasses.fields(EvalData)]
+    assert shared == ["dataset", "split", "n", "eps", "which", "device", "data_dir", "seed"]
+    for cls in (EvalConfig, TransferConfig, SweepConfig, ShowConfig):
+        assert issubclass(cls, EvalData) and [f.name for f in dataclasses.fields(cls)][:len(shared)] == shared
+
+
 def test_every_option_has_help_and_shows_its_default():
     import argparse
 

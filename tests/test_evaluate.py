@@ -158,6 +158,15 @@ def test_checks_flag_a_masked_model_and_pass_a_plain_one(runs, images):
     assert all(c["passed"] for c in honest["checks"].values())
 
 
+def test_checks_are_named_records_run_in_order(runs, images):
+    from learn2defend.checks import SANITY_CHECKS
+
+    names = [c.name for c in SANITY_CHECKS]
+    assert names == ["more_steps", "large_eps", "iterative_vs_single_step", "whitebox_vs_transfer",
+                     "autoattack_vs_pgd", "gradients"]
+    assert all(c.checks and c.criterion and callable(c.run) for c in SANITY_CHECKS)
+
+
 def test_noise_tolerance():
     assert noise(0.0, 100) == pytest.approx(0.01)  # one sample
     assert noise(0.5, 100) == pytest.approx(2 * 0.05 + 0.01)

@@ -6,7 +6,8 @@ None of these checks proves robustness; each one that fails proves the reported 
 overestimate it. All run on the same images (the evaluation's first n), with the
 evaluation's eps. "Noise" is the binomial sampling error of an accuracy measured on n
 images: 2 standard errors plus one sample, `noise(p, n) = 2 sqrt(p (1 - p) / n) + 1/n`,
-with p the mean of the two accuracies compared. The checks:
+with p the mean of the two accuracies compared. The checks are the records of
+`SANITY_CHECKS`, run in this order:
 
 - `more_steps`: PGD-50 is not more accurate than PGD-10, nor PGD-50 with 3 restarts
   than PGD-50 or PGD-10, beyond noise (more iterations and restarts can only help an
@@ -29,6 +30,8 @@ with p the mean of the two accuracies compared. The checks:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,143 @@ def _pct(p: float) -> str:
     return f"{100 * p:.1f}%"
 
 
+@dataclass
+class Evidence:
+    """What the checks read: the evaluated model and images, and the per-sample correctness
+    (attack name -> bool tensor) and accuracy of every attack run on them."""
+
+    model: nn.Module
+    images: ImageData
+    eps: float
+    large_eps: float
+    batch_size: int
+    device: torch.device
+    correct: dict[str, Tensor]
+    acc: dict[str, float]
+    autoattack: str  # "autoattack" or "autoattack-fast", whichever was run
+    has_surrogate: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.images)
+
+    def tol(self, a: float, b: float) -> float:
+        """The noise of a difference between two accuracies measured on these images."""
+        return noise((a + b) / 2, self.n)
+
+
+@dataclass(frozen=True)
+class SanityCheck:
+    """One check: its name (the key of its result), what it checks, the criterion of Carlini
+    et al. 2019 (section 5) it implements, and the function that decides it."""
+
+    name: str
+    checks: str
+    criterion: str
+    run: Callable[[Evidence], dict[str, Any]]
+
+
+def _more_steps(e: Evidence) -> dict[str, Any]:
+    acc = e.acc
+    pairs = [("pgd50", "pgd10"), ("pgd50x3", "pgd50"), ("pgd50x3", "pgd10")]
+    worse = [(m, f) for m, f in pairs if acc[m] > acc[f] + e.tol(acc[m], acc[f])]
+    line = f"pgd10 {_pct(acc['pgd10'])}, pgd50 {_pct(acc['pgd50'])}, pgd50 x3 restarts {_pct(acc['pgd50x3'])}"
+    return _check(
+        not worse,
+        line + ("; " + ", ".join(f"{m} above {f} beyond noise" for m, f in worse) if worse else ""),
+        pgd10=acc["pgd10"], pgd50=acc["pgd50"], pgd50x3=acc["pgd50x3"],
+    )
+
+
+def _large_eps(e: Evidence) -> dict[str, Any]:
+    counts = torch.bincount(e.images.labels.long().cpu())
+    limit = max(LARGE_EPS_FLOOR, float(counts.max()) / e.n)
+    bound = limit + noise(limit, e.n)
+    a = e.acc["large_eps_pgd20"]
+    return _check(a <= bound, f"pgd20 at eps {e.large_eps:g}: {_pct(a)} (must be <= {_pct(bound)})",
+                  accuracy=a, bound=bound)
+
+
+def _iterative_vs_single_step(e: Evidence) -> dict[str, Any]:
+    a, b = e.acc["pgd10"], e.acc["fgsm"]
+    return _check(a <= b + e.tol(a, b), f"pgd10 {_pct(a)} vs fgsm {_pct(b)} (noise {_pct(e.tol(a, b))})",
+                  pgd10=a, fgsm=b)
+
+
+def _whitebox_vs_transfer(e: Evidence) -> dict[str, Any]:
+    if not e.has_surrogate:
+        return {"passed": None, "skipped": True, "detail": "needs a surrogate model (--surrogate DIR)"}
+    a, b = e.acc["pgd10"], e.acc["transfer_pgd10"]
+    return _check(
+        a <= b + e.tol(a, b), f"white-box pgd10 {_pct(a)} vs transferred pgd10 {_pct(b)} (noise {_pct(e.tol(a, b))})",
+        whitebox=a, transfer=b,
+    )
+
+
+def _autoattack_vs_pgd(e: Evidence) -> dict[str, Any]:
+    pgd_worst = fraction(e.correct["pgd10"] & e.correct["pgd50"] & e.correct["pgd50x3"])
+    aa = e.acc[e.autoattack]
+    gap = max(AUTOATTACK_GAP, e.tol(pgd_worst, aa))
+    detail = f"{e.autoattack} {_pct(aa)} vs PGD worst case {_pct(pgd_worst)} (allowed gap {_pct(gap)})"
+    if pgd_worst - aa > gap:  # say what it means: the cause may be masking or just CE's weak gradients
+        detail += "; PGD's cross-entropy gradients mislead it here, so PGD-based accuracies overestimate robustness"
+    return _check(pgd_worst - aa <= gap, detail, autoattack=aa, pgd=pgd_worst)
+
+
+def _gradients(e: Evidence) -> dict[str, Any]:
+    bad = 1 - fraction(input_gradient_ok(e.model, e.images, e.batch_size, e.device))
+    return _check(
+        bad < BAD_GRADIENT_LIMIT,
+        f"{_pct(bad)} of the images have an all-zero or non-finite input gradient "
+        f"(must be < {_pct(BAD_GRADIENT_LIMIT)})",
+        bad_fraction=bad,
+    )
+
+
+# The checks, run in this order (their results keep it).
+SANITY_CHECKS: list[SanityCheck] = [
+    SanityCheck("more_steps", "PGD-50 is not more accurate than PGD-10, nor PGD-50 with 3 restarts than either, "
+                "beyond noise",
+                "more iterations and random restarts never make an attack weaker (the attack has converged)",
+                _more_steps),
+    SanityCheck("large_eps", f"PGD-20 at eps max({LARGE_EPS}, eps) leaves at most max(10 %, the majority-class "
+                "share) + noise",
+                "an unbounded (large enough) attack reaches 0 % accuracy, or chance", _large_eps),
+    SanityCheck("iterative_vs_single_step", "PGD-10 is not more accurate than FGSM beyond noise",
+                "iterative attacks are stronger than single-step attacks", _iterative_vs_single_step),
+    SanityCheck("whitebox_vs_transfer", "white-box PGD-10 is not more accurate than PGD-10 transferred from "
+                "a surrogate beyond noise (skipped without a surrogate)",
+                "white-box attacks are stronger than transfer (black-box) attacks", _whitebox_vs_transfer),
+    SanityCheck("autoattack_vs_pgd", f"AutoAttack is not more than max({AUTOATTACK_GAP:.0%}, noise) below the "
+                "per-sample worst case of the PGD runs",
+                "try diverse and stronger attacks than the one the defense was tuned against (here AutoAttack, "
+                "Croce & Hein 2020)", _autoattack_vs_pgd),
+    SanityCheck("gradients", f"the input gradient is finite and not all zero on more than "
+                f"{1 - BAD_GRADIENT_LIMIT:.0%} of the images",
+                "gradients are useful: not zero, not NaN or infinite (no obfuscated gradients)", _gradients),
+]
+
+
+def _wanted_attacks(eps: float, large_eps: float, batch_size: int, aa_name: str,
+                    correct: dict[str, Tensor]) -> list[Attack]:
+    """The attacks the checks read that `correct` lacks, each named as the checks read it."""
+    wanted: dict[str, Attack] = {
+        "fgsm": make_attack("fgsm", eps),
+        "pgd10": make_attack("pgd10", eps),
+        "pgd50": make_attack("pgd50", eps),
+        "pgd50x3": make_attack("pgd50", eps, restarts=3),
+        "large_eps_pgd20": PGD(large_eps, steps=20),
+    }
+    if aa_name not in correct:
+        wanted[aa_name] = make_attack(aa_name, eps, batch_size=batch_size)
+    missing = []
+    for name, attack in wanted.items():
+        attack.name = name  # e.g. the restarted PGD-50 is "pgd50x3", not "pgd50"
+        if name not in correct:
+            missing.append(attack)
+    return missing
+
+
 def sanity_checks(
     model: nn.Module,
     images: ImageData,
@@ -89,7 +229,8 @@ def sanity_checks(
     progress: bool = False,
     state_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the checks on `model` (an nn.Module taking [0, 1] images) and the given images.
+    """Run the checks (`SANITY_CHECKS`, in order) on `model` (an nn.Module taking [0, 1]
+    images) and the given images.
 
     `known`: per-sample correctness the evaluation already computed on the same images
     (attack name -> bool tensor, as `correctness.attack_correct` returns it); attacks found
@@ -102,24 +243,10 @@ def sanity_checks(
     if not eps > 0:
         raise UserError("the sanity checks attack the model, so they need eps > 0")
     device = torch.device(device)
-    n = len(images)
     correct = dict(known or {})
     large_eps = max(LARGE_EPS, eps)
-    wanted: dict[str, Attack] = {
-        "fgsm": make_attack("fgsm", eps),
-        "pgd10": make_attack("pgd10", eps),
-        "pgd50": make_attack("pgd50", eps),
-        "pgd50x3": make_attack("pgd50", eps, restarts=3),
-        "large_eps_pgd20": PGD(large_eps, steps=20),
-    }
     aa_name = next((a for a in ("autoattack", "autoattack-fast") if a in correct), "autoattack-fast")
-    if aa_name not in correct:
-        wanted[aa_name] = make_attack(aa_name, eps, batch_size=batch_size)
-    missing = []
-    for name, attack in wanted.items():
-        attack.name = name  # e.g. the restarted PGD-50 is "pgd50x3", not "pgd50"
-        if name not in correct:
-            missing.append(attack)
+    missing = _wanted_attacks(eps, large_eps, batch_size, aa_name, correct)
     if missing:
         correct.update(attack_correct(model, images, missing, batch_size, device, seed, progress, state_dir))
     if surrogate is not None:
@@ -129,64 +256,8 @@ def sanity_checks(
         correct.update(attack_correct(model, images, [transfer], batch_size, device, seed, progress,
                                       source=surrogate))
     acc = {name: fraction(ok) for name, ok in correct.items() if name != "worst"}
-
-    def tol(a: float, b: float) -> float:
-        return noise((a + b) / 2, n)
-
-    checks: dict[str, dict[str, Any]] = {}
-
-    # 1. more steps and restarts
-    pairs = [("pgd50", "pgd10"), ("pgd50x3", "pgd50"), ("pgd50x3", "pgd10")]
-    worse = [(m, f) for m, f in pairs if acc[m] > acc[f] + tol(acc[m], acc[f])]
-    line = f"pgd10 {_pct(acc['pgd10'])}, pgd50 {_pct(acc['pgd50'])}, pgd50 x3 restarts {_pct(acc['pgd50x3'])}"
-    checks["more_steps"] = _check(
-        not worse,
-        line + ("; " + ", ".join(f"{m} above {f} beyond noise" for m, f in worse) if worse else ""),
-        pgd10=acc["pgd10"], pgd50=acc["pgd50"], pgd50x3=acc["pgd50x3"],
-    )
-
-    # 2. large eps
-    counts = torch.bincount(images.labels.long().cpu())
-    limit = max(LARGE_EPS_FLOOR, float(counts.max()) / n)
-    bound = limit + noise(limit, n)
-    a = acc["large_eps_pgd20"]
-    checks["large_eps"] = _check(
-        a <= bound, f"pgd20 at eps {large_eps:g}: {_pct(a)} (must be <= {_pct(bound)})", accuracy=a, bound=bound,
-    )
-
-    # 3. iterative vs single step
-    a, b = acc["pgd10"], acc["fgsm"]
-    checks["iterative_vs_single_step"] = _check(
-        a <= b + tol(a, b), f"pgd10 {_pct(a)} vs fgsm {_pct(b)} (noise {_pct(tol(a, b))})", pgd10=a, fgsm=b,
-    )
-
-    # 4. white box vs transfer
-    if surrogate is None:
-        checks["whitebox_vs_transfer"] = {"passed": None, "skipped": True,
-                                          "detail": "needs a surrogate model (--surrogate DIR)"}
-    else:
-        a, b = acc["pgd10"], acc["transfer_pgd10"]
-        checks["whitebox_vs_transfer"] = _check(
-            a <= b + tol(a, b), f"white-box pgd10 {_pct(a)} vs transferred pgd10 {_pct(b)} (noise {_pct(tol(a, b))})",
-            whitebox=a, transfer=b,
-        )
-
-    # 5. AutoAttack vs the worst case of the PGD runs
-    pgd_worst = fraction(correct["pgd10"] & correct["pgd50"] & correct["pgd50x3"])
-    aa = acc[aa_name]
-    gap = max(AUTOATTACK_GAP, tol(pgd_worst, aa))
-    detail = f"{aa_name} {_pct(aa)} vs PGD worst case {_pct(pgd_worst)} (allowed gap {_pct(gap)})"
-    if pgd_worst - aa > gap:  # say what it means: the cause may be masking or just CE's weak gradients
-        detail += "; PGD's cross-entropy gradients mislead it here, so PGD-based accuracies overestimate robustness"
-    checks["autoattack_vs_pgd"] = _check(pgd_worst - aa <= gap, detail, autoattack=aa, pgd=pgd_worst)
-
-    # 6. gradients
-    bad = 1 - fraction(input_gradient_ok(model, images, batch_size, device))
-    checks["gradients"] = _check(
-        bad < BAD_GRADIENT_LIMIT,
-        f"{_pct(bad)} of the images have an all-zero or non-finite input gradient "
-        f"(must be < {_pct(BAD_GRADIENT_LIMIT)})",
-        bad_fraction=bad,
-    )
+    evidence = Evidence(model, images, eps, large_eps, batch_size, device, correct, acc, aa_name,
+                        surrogate is not None)
+    checks = {check.name: check.run(evidence) for check in SANITY_CHECKS}
     flagged = any(c["passed"] is False for c in checks.values())
     return {"checks": checks, "flagged": flagged, "accuracy": acc, "attacks": missing}

@@ -14,15 +14,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import METHODS, TrainConfig, parse_fraction
+from .compare import CompareConfig
+from .config import DATA_DIR_HELP, DEVICE_HELP, METHODS, TrainConfig, parse_fraction
 from .errors import UserError
+from .evaluate import EvalConfig, TransferConfig
+from .export import ExportConfig
 from .methods import METHOD_RECORDS
 from .version import __version__
 
 HELP = {
     "out": "run folder to create (or continue with --resume)",
     "dataset": "digits | mnist | cifar10 | cifar100 | svhn | folder:PATH | fake:CxHxW:K",
-    "data_dir": "where torchvision data sets and decoded-folder caches live",
+    "data_dir": DATA_DIR_HELP,
     "download": "download a torchvision data set if it is missing (needs internet)",
     "image_size": "resize folder images to this size",
     "val_size": "validation split carved from the training set: fraction or count",
@@ -190,16 +193,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-DEVICE_HELP = "auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N"
 IMPORT_HELP = ("import this module first, so that the models it registers with @register_model can be used "
                "(repeatable; the current folder and PYTHONPATH are searched) (default: none)")
-ATTACK_SEED_HELP = "seed of the attacks' random starts"
-
-
-def _attack_names() -> list[str]:
-    from .attacks import list_attack_names
-
-    return list_attack_names()
 
 
 def _int_list(text: str) -> list[int]:
@@ -229,7 +224,8 @@ def _val_size(text: str) -> float:
     return int(value) if math.isfinite(value) and value >= 1 and value == int(value) else value
 
 
-_TYPES = {"int": int, "float": _number, "str": str, "list[int]": _int_list, "tuple[float, float]": _float_pair}
+_TYPES = {"int": int, "float": _number, "str": str, "list[int]": _int_list, "list[str]": lambda s: _names(s),
+          "tuple[float, float]": _float_pair}
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
@@ -248,6 +244,59 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set
         parser.add_argument(flag, type=kind, default=default, metavar=base.split("[")[0].upper(), help=text)
 
 
+_PARSERS = {"comma_list": lambda s: [a for a in s.split(",") if a]}  # option(parse=...): eval's --attacks
+
+
+def _option_type(f: dataclasses.Field) -> Any:
+    """The argparse type of an option field: its `parse`, else its type's (a list's items' with nargs)."""
+    if f.metadata["parse"]:
+        return _PARSERS[f.metadata["parse"]]
+    base = f.type.replace(" | None", "")
+    if f.metadata["nargs"] is not None and base.startswith("list["):
+        base = base[len("list["):-1]
+    return _TYPES[base]
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of `cls` declared with config.option, named, typed, defaulted and
+    described there (the class's FLAG_HELP words an inherited one for its command); a field
+    without a default is a required option. The class's own fields come first in --help."""
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("help")]
+    own = set(vars(cls).get("__annotations__", {}))
+    for f in sorted(fields, key=lambda f: f.name not in own):
+        meta = f.metadata
+        text = getattr(cls, "FLAG_HELP", {}).get(f.name) or meta["help"]
+        text = text() if callable(text) else text
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        options: dict[str, Any] = {"help": text}
+        if f.type == "bool":
+            options["action"] = "store_true" if meta["switch"] else argparse.BooleanOptionalAction
+        else:
+            options.update(type=_option_type(f), **{k: meta[k] for k in ("metavar", "nargs") if meta[k] is not None})
+        if not required:
+            options["default"] = default
+        if meta["positional"]:
+            parser.add_argument(f.name, **options)
+        else:
+            names = [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
+            parser.add_argument(*names, dest=f.name, **({"required": True} if required else {}), **options)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config `cls` of the parsed options that add_config_options made for it."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            value = getattr(args, f.name)
+            values.update(f.metadata["from_cli"](value) if f.metadata["from_cli"] else {f.name: value})
+    return cls(**values)
+
+
+def _json_option(parser: argparse.ArgumentParser, text: str = "print one JSON object on stdout, nothing else") -> None:
+    parser.add_argument("--json", action="store_true", help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="learn2defend",
                      description="Adversarial training with learned attackers, and honest evaluation.")
@@ -264,46 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
 
     p = sub.add_parser("eval", help="accuracy of a trained run, clean and under attacks")
-    p.add_argument("--checkpoint", required=True, help="run folder, or a model file written by learn2defend export "
-                   "(its data set and split as recorded there; AutoAttack's progress is not saved for a file)")
-    p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[],
-                   help=f"comma-separated; K is a number of iterations: {', '.join(_attack_names())} "
-                   "(default: none, clean accuracy only); attacks always run in IEEE float32, whatever "
-                   "speed switches the run was trained with")
-    p.add_argument("--dataset", help="evaluate on another data set with the same classes (default: the run's own)")
-    p.add_argument("--split", default="val", help="val or test")
-    p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
-                   help="evaluate the first N images of the split (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (memory only: the "
-                   "numbers do not depend on it; AutoAttack always attacks chunks of 250)")
-    p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
-    p.add_argument("--which", default="last", help="last or best checkpoint")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
-    p.add_argument("--seed", type=int, default=0, help=ATTACK_SEED_HELP)
-    p.add_argument("--pgm-step", type=_number, help="step of the pgmK attacks (default eps/3; the paper: 0.01)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
-    p.add_argument("--checks", action="store_true",
-                   help="sanity checks for gradient masking (Carlini et al. 2019) on the same images")
-    p.add_argument("--surrogate", help="run folder: with --checks, compare white-box PGD with PGD transferred "
-                   "from it (default: none, that check is skipped)")
-    p.add_argument("--attack-state", action=argparse.BooleanOptionalAction, default=True,
-                   help="save AutoAttack's progress under DIR/eval-state/ and resume an interrupted eval from it")
+    add_config_options(p, EvalConfig)
+    _json_option(p)
     _add_eval_commands(sub)
 
     p = sub.add_parser("compare", help="train several methods alike and tabulate clean and robust accuracy")
     _add_dataclass_options(p, TrainConfig, skip={"out", "method", "init"})
-    p.add_argument("--methods", type=_names, default=list(METHODS), help="comma-separated methods (default: all)")
-    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="attacks to evaluate with")
-    p.add_argument("--plain-epochs", type=int, help="epochs of the plain run the others start from "
-                   "(default: --epochs)")
-    p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N",
-                   help="evaluate on the first N validation images (default: all)")
-    p.add_argument("--out", default="runs/compare", help="folder holding one run folder per method, and the "
-                   "table (compare.md) and its rows (compare.json); an interrupted comparison continues there")
-    p.add_argument("--extend", action="store_true", help="let a larger --epochs (or --plain-epochs) train the "
-                   "runs already in --out on; without it, runs there must have the epochs asked for")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    add_config_options(p, CompareConfig)
+    _json_option(p, "print the rows as JSON instead of a table")
 
     p = sub.add_parser("demo", help="the digits comparison of every method (about 3.5 minutes on a 2-core CPU)")
     p.add_argument("--out", default="runs/demo", help="folder holding one run folder per method")
@@ -313,10 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reproduce_commands(sub)
 
     p = sub.add_parser("export", help="the trained classifier of a run as one weights-only safetensors file")
-    p.add_argument("checkpoint", metavar="RUN", help="run folder")
-    p.add_argument("--out", required=True, help="file to write, e.g. model.safetensors")
-    p.add_argument("--which", default="last", help="last or best checkpoint")
-    p.add_argument("--json", action="store_true", help="print the metadata written as one JSON object")
+    add_config_options(p, ExportConfig)
+    _json_option(p, "print the metadata written as one JSON object")
 
     p = sub.add_parser("models", help="list the registered classifiers")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
@@ -392,15 +407,14 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from .compare import ROWS, TABLE, compare, report
 
     if args.command == "demo":
-        base, methods, attacks = TrainConfig(**DEMO, device=args.device), list(METHODS), ["fgsm", "pgd10"]
-        plain_epochs = None
-        print(f"training {len(methods)} methods on digits ({DEMO}) into {args.out} ...", file=sys.stderr)
+        base, options = TrainConfig(**DEMO, device=args.device), CompareConfig(out=args.out)
+        print(f"training {len(options.methods)} methods on digits ({DEMO}) into {args.out} ...", file=sys.stderr)
     else:
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "method", "init"}
         base = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        methods, attacks, plain_epochs = args.methods, args.attacks, args.plain_epochs
-    rows = compare(base, methods, attacks, args.out, plain_epochs, n=getattr(args, "n", None),
-                   extend=getattr(args, "extend", False))
+        options = config_from_args(CompareConfig, args)
+    rows = compare(base, options.methods, options.attacks, options.out, options.plain_epochs, n=options.n,
+                   extend=options.extend)
     print(f"wrote {Path(args.out) / TABLE} and {Path(args.out) / ROWS}", file=sys.stderr)
     if getattr(args, "json", False):
         return {"rows": rows}
@@ -428,14 +442,9 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
-    from .evaluate import EvalConfig, evaluate
+    from .evaluate import evaluate
 
-    result = evaluate(EvalConfig(
-        checkpoint=args.checkpoint, attacks=args.attacks, dataset=args.dataset, split=args.split,
-        n=args.n, batch_size=args.batch_size, eps=args.eps, which=args.which, device=args.device,
-        data_dir=args.data_dir, seed=args.seed, checks=args.checks, surrogate=args.surrogate, pgm_step=args.pgm_step,
-        attack_state=args.attack_state,
-    ))
+    result = evaluate(config_from_args(EvalConfig, args))
     from .distributed import is_main
 
     return _eval_report(result, args.json) if is_main() else {}  # under torchrun, rank 0 reports
@@ -443,43 +452,16 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_eval_commands(sub) -> None:
     """transfer, sweep, show: the evaluation commands besides eval."""
-    def common(p: argparse.ArgumentParser, n_help: str = "use the first N images of the split (default: all)") -> None:
-        p.add_argument("--dataset", help="another data set with the same classes (default: the run's own)")
-        p.add_argument("--split", default="val", help="val or test")
-        p.add_argument("--n-images", "--n", dest="n", type=int, metavar="N", help=n_help)
-        p.add_argument("--which", default="last", help="last or best checkpoint")
-        p.add_argument("--device", default="auto", help=DEVICE_HELP)
-        p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
-        p.add_argument("--seed", type=int, default=0, help=ATTACK_SEED_HELP)
-        p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+    from .figures import ShowConfig, SweepConfig
 
-    p = sub.add_parser("transfer", help="black-box: attacks crafted on a surrogate run, accuracy of a target run")
-    p.add_argument("--surrogate", required=True, help="run folder the attacks are computed on")
-    p.add_argument("--target", required=True, help="run folder that is measured")
-    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="comma-separated (default: fgsm,pgd10)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
-    p.add_argument("--eps", type=_number, help="attack radius (default: the target's training eps)")
-    common(p)
-
-    p = sub.add_parser("sweep", help="accuracy against PGD iterations or eps (the paper's Figures 3 and 4): CSV + PNG")
-    p.add_argument("--checkpoint", nargs="+", required=True, help="run folder(s); differences are to the first")
-    p.add_argument("--over", nargs=2, required=True, metavar=("pgd-steps|eps", "VALUES"),
-                   help="what to vary and its comma-separated values, e.g. --over pgd-steps 1,2,5,10,20,50")
-    p.add_argument("--attack", type=_names, help="fgsm, pgd (random start), pgm (paper: zero start, step eps/3); "
-                   "default: pgm over pgd-steps, fgsm,pgm over eps")
-    p.add_argument("--steps", type=int, default=10, help="PGD/PGM iterations of an eps sweep (default: 10)")
-    p.add_argument("--eps", type=_number, help="radius of a pgd-steps sweep (default: the first run's training eps)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
-    p.add_argument("--out", required=True, help="file prefix: writes PREFIX.csv and PREFIX.png")
-    common(p)
-
-    p = sub.add_parser("show", help="a PNG grid of clean images, perturbations and adversarial images (Figure 5)")
-    p.add_argument("--checkpoint", required=True, help="run folder")
-    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd10"], help="comma-separated (default: fgsm,pgd10)")
-    p.add_argument("--eps", type=_number, help="attack radius (default: the run's training eps)")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    common(p, n_help="show the first N images of the split (default: 6)")
-    p.set_defaults(n=6)
+    for name, cls, text in (
+        ("transfer", TransferConfig, "black-box: attacks crafted on a surrogate run, accuracy of a target run"),
+        ("sweep", SweepConfig, "accuracy against PGD iterations or eps (the paper's Figures 3 and 4): CSV + PNG"),
+        ("show", ShowConfig, "a PNG grid of clean images, perturbations and adversarial images (Figure 5)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        add_config_options(p, cls)
+        _json_option(p)
 
 
 def _eval_report(result: dict[str, Any], as_json: bool) -> dict[str, Any]:
@@ -501,26 +483,16 @@ def _eval_report(result: dict[str, Any], as_json: bool) -> dict[str, Any]:
 
 
 def _transfer(args: argparse.Namespace) -> dict[str, Any]:
-    from .evaluate import TransferConfig, transfer
+    from .evaluate import transfer
 
-    result = transfer(TransferConfig(
-        surrogate=args.surrogate, target=args.target, attacks=args.attacks, dataset=args.dataset,
-        split=args.split, n=args.n, batch_size=args.batch_size, eps=args.eps, which=args.which,
-        device=args.device, data_dir=args.data_dir, seed=args.seed,
-    ))
+    result = transfer(config_from_args(TransferConfig, args))
     return _eval_report(result, args.json)
 
 
 def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     from .figures import SweepConfig, sweep
 
-    over, text = args.over
-    values = [parse_fraction(v) for v in text.split(",") if v.strip()]
-    result = sweep(SweepConfig(
-        checkpoints=args.checkpoint, over=over, values=values, out=args.out, attacks=args.attack,
-        steps=args.steps, eps=args.eps, dataset=args.dataset, split=args.split, n=args.n,
-        batch_size=args.batch_size, which=args.which, device=args.device, data_dir=args.data_dir, seed=args.seed,
-    ))
+    result = sweep(config_from_args(SweepConfig, args))
     if args.json:
         return result
     print(f"wrote {result['csv']} and {result['png']} (n={result['n']})")
@@ -533,11 +505,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
 def _show(args: argparse.Namespace) -> dict[str, Any]:
     from .figures import ShowConfig, show
 
-    result = show(ShowConfig(
-        checkpoint=args.checkpoint, out=args.out, attacks=args.attacks, n=args.n, dataset=args.dataset,
-        split=args.split, eps=args.eps, which=args.which, device=args.device, data_dir=args.data_dir,
-        seed=args.seed,
-    ))
+    result = show(config_from_args(ShowConfig, args))
     if args.json:
         return result
     print(f"wrote {result['out']}")
@@ -581,7 +549,7 @@ def _doctor(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_reproduce_commands(sub) -> None:
     """reproduce (the paper's tables and figures) and plot (training curves)."""
-    from .reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, FRONTIER_PRESETS_PUBLIC
+    from .reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, FRONTIER_PRESETS_PUBLIC, PlotConfig
 
     p = sub.add_parser("reproduce", help="the paper's Tables 2-7 and Figures 3-5, and the robustness-against-cost "
                        "frontier: runs, tables (ours vs paper), PNGs")
@@ -602,17 +570,18 @@ def _add_reproduce_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (files and raw rows)")
 
     p = sub.add_parser("plot", help="training curves (loss, accuracy, attack success per epoch) of run folders")
-    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders (their metrics.jsonl)")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    add_config_options(p, PlotConfig)
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     from .export import export
 
-    meta = export(args.checkpoint, args.out, args.which)
+    config = config_from_args(ExportConfig, args)
+    meta = export(config.checkpoint, config.out, config.which)
     if args.json:
         return meta
-    print(f"wrote {args.out}: {meta['model']}, {meta['num_classes']} classes, {meta['method']} at eps {meta['eps']:g}")
+    print(f"wrote {config.out}: {meta['model']}, {meta['num_classes']} classes, {meta['method']} at eps "
+          f"{meta['eps']:g}")
     return {}
 
 
@@ -629,9 +598,10 @@ def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot(args: argparse.Namespace) -> dict[str, Any]:
-    from .reproduce import plot_curves
+    from .reproduce import PlotConfig, plot_curves
 
-    return {"out": plot_curves(args.runs, args.out)}
+    config = config_from_args(PlotConfig, args)
+    return {"out": plot_curves(config.runs, config.out)}
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:

@@ -13,17 +13,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from .config import METHODS, TrainConfig
+from .config import METHODS, TrainConfig, option
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, evaluate
 from .runs import CONFIG, changed_settings
 from .train import RESUMABLE_CHANGES, train
 
 TABLE, ROWS = "compare.md", "compare.json"
+
+
+@dataclass
+class CompareConfig:
+    """What `learn2defend compare` compares (besides the training options every run shares)."""
+
+    methods: list[str] = option(default_factory=lambda: list(METHODS), help="comma-separated methods (default: all)")
+    attacks: list[str] = option(default_factory=lambda: ["fgsm", "pgd10"], help="attacks to evaluate with")
+    plain_epochs: int | None = option(None, help="epochs of the plain run the others start from (default: --epochs)")
+    n: int | None = option(None, flag="--n-images", aliases=("--n",), metavar="N",
+                           help="evaluate on the first N validation images (default: all)")
+    out: str = option("runs/compare", help="folder holding one run folder per method, and the table (compare.md) "
+                      "and its rows (compare.json); an interrupted comparison continues there")
+    extend: bool = option(False, switch=True, help="let a larger --epochs (or --plain-epochs) train the runs "
+                          "already in --out on; without it, runs there must have the epochs asked for")
 
 
 def plan(

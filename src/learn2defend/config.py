@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,27 @@ ATTACKER_ADAM_LR = 1e-3
 MAX_BETA = 1e3
 MAX_NOISE = 1.0
 MAX_ATTACKER_EVERY = 10**6
+
+
+DEVICE_HELP = "auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N"
+DATA_DIR_HELP = "where torchvision data sets and decoded-folder caches live"
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str | Callable[[], str], flag: str | None = None,
+           aliases: tuple[str, ...] = (), metavar: str | tuple[str, ...] | None = None, nargs: str | int | None = None,
+           parse: str | None = None, switch: bool = False, from_cli: Callable[[Any], dict[str, Any]] | None = None,
+           positional: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that is also a command-line option (see `cli.add_config_options`):
+    `--field-name` (or `flag`, with further names `aliases`), its `help` (a text, or a
+    function giving one when the parser is built), `metavar`, `nargs`, `parse` (the name of
+    a cli parser of the value, instead of the one of the field's type), `switch` (a bool
+    given as a plain --flag, off by default, instead of --flag/--no-flag), `from_cli` (the
+    parsed value -> the config fields it fills, for an option that fills several) and
+    `positional` (an argument named by its place, not a --flag). A field without `help`
+    has no option. The default is the field's, for the CLI too."""
+    meta = {"help": help, "flag": flag, "aliases": aliases, "metavar": metavar, "nargs": nargs, "parse": parse,
+            "switch": switch, "from_cli": from_cli, "positional": positional}
+    return field(default=default, default_factory=default_factory, metadata=meta)
 
 
 def parse_fraction(text: str | float) -> float:
@@ -178,85 +200,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise UserError on the first bad value, before anything is written."""
-        c = self
-        _choice("method", c.method, METHODS)
-        _choice("optimizer", c.optimizer, OPTIMIZERS)
-        _choice("grad-norm", c.grad_norm, GRAD_NORMS)
-        _choice("l2l-update", c.l2l_update, L2L_UPDATES)
-        _choice("on-bad-image", c.on_bad_image, ON_BAD_IMAGE)
-        _choice("on-nonfinite", c.on_nonfinite, ON_NONFINITE)
-        _choice("amp", c.amp, AMP_MODES)
-        from .models.attackers import ATTACKERS
-
-        if c.attacker is not None:
-            _choice("attacker", c.attacker, ATTACKERS)
-        if c.attacker_optimizer is not None:
-            _choice("attacker-optimizer", c.attacker_optimizer, OPTIMIZERS)
-        if c.eps is not None and not (0.0 <= c.eps <= 1.0):
-            raise eps_range_error("--eps", c.eps)
-        _positive_int("epochs", c.epochs)
-        _positive_int("batch-size", c.batch_size)
-        if c.pgd_steps is not None:
-            _positive_int("pgd-steps", c.pgd_steps)
-        _positive_int("attacker-steps", c.attacker_steps)
-        _non_negative_int("val-robust-n", c.val_robust_n)
-        _non_negative_int("checkpoint-every", c.checkpoint_every)
-        if c.crop_padding is not None:
-            _non_negative_int("crop-padding", c.crop_padding)
-        for name in ("seed", "split_seed"):
-            value = getattr(c, name)
-            if not isinstance(value, int) or not (0 <= value <= MAX_SEED):
-                raise UserError(f"--{name.replace('_', '-')} must be an integer in [0, 2^63), got {value}")
-        for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", 1.0)):
-            value = getattr(c, name)
-            if value is not None and not (math.isfinite(value) and 0 < value <= top):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive number <= {top:g}, got {value}")
-        for name in ("momentum", "attacker_momentum"):
-            value = getattr(c, name)
-            if value is not None and not (0 <= value < 1):
-                raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
-        for name in ("weight_decay", "attacker_weight_decay"):
-            value = getattr(c, name)
-            if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_LR):
-                raise UserError(f"--{name.replace('_', '-')} must lie in [0, {MAX_LR:g}], got {value}")
-        if not (0 < c.lr_gamma <= 1):
-            raise UserError(f"--lr-gamma must lie in (0, 1], got {c.lr_gamma}")
-        if any(not (0 <= b < 1) for b in c.betas) or len(c.betas) != 2:
-            raise UserError(f"--betas must be two numbers in [0, 1), got {c.betas}")
-        for name in ("lr_milestones", "attacker_lr_milestones"):
-            ms = getattr(c, name)
-            if ms is not None and (any(m <= 0 for m in ms) or list(ms) != sorted(ms)):
-                raise UserError(f"--{name.replace('_', '-')} must be increasing positive epochs")
-        if c.clean_weight is not None and not (0 <= c.clean_weight <= 1):
-            raise UserError(f"--clean-weight must lie in [0, 1], got {c.clean_weight}")
-        if c.is_l2l and c.clean_weight is not None and c.clean_weight >= 1:
-            raise UserError("--clean-weight 1 leaves the learned attacker nothing to learn; use < 1")
-        if not (math.isfinite(c.attacker_width) and 0 < c.attacker_width <= MAX_ATTACKER_WIDTH):
-            raise UserError(f"--attacker-width must lie in (0, {MAX_ATTACKER_WIDTH:g}], got {c.attacker_width}")
-        if c.image_size is not None:
-            _positive_int("image-size", c.image_size)
-            if c.image_size > MAX_IMAGE_SIZE:
-                raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {c.image_size}")
-        if c.train_size is not None:
-            _positive_int("train-size", c.train_size)
-        if not math.isfinite(c.val_size) or c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
-            raise UserError(f"--val-size must be a fraction in (0, 1) or a count >= 1, got {c.val_size}")
-        _method_options(c)
-        if c.noise is not None and not (math.isfinite(c.noise) and 0 <= c.noise <= MAX_NOISE):
-            raise UserError(f"--noise must lie in [0, {MAX_NOISE:g}] (pixel units), got {c.noise}")
-        if not (isinstance(c.label_smoothing, (int, float)) and 0 <= c.label_smoothing < 1):
-            raise UserError(f"--label-smoothing must lie in [0, 1), got {c.label_smoothing}")
-        if c.ema is not None and not (isinstance(c.ema, (int, float)) and 0 < c.ema < 1):
-            raise UserError(f"--ema must be a decay in (0, 1), e.g. 0.999, got {c.ema}")
-        if c.attacker_every is not None:
-            _positive_int("attacker-every", c.attacker_every)
-            if c.attacker_every > MAX_ATTACKER_EVERY:
-                raise UserError(f"--attacker-every must be at most {MAX_ATTACKER_EVERY}, got {c.attacker_every}")
-        if c.beta is not None and not (math.isfinite(c.beta) and 0 <= c.beta <= MAX_BETA):
-            raise UserError(f"--beta must lie in [0, {MAX_BETA:g}], got {c.beta}")
-        if c.clean_weight and c.method in KL_METHODS:
-            raise UserError(f"--clean-weight does not apply to --method {c.method}: its loss has its own clean "
-                            "term, weighted against the KL term by --beta")
+        _validate_choices(self)
+        _validate_counts(self)
+        _validate_optimizers(self)
+        _validate_losses(self)
+        _validate_data(self)
+        _validate_method(self)
 
     # ---- storage -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -341,3 +290,105 @@ def _positive_int(name: str, value: int) -> None:
 def _non_negative_int(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 0:
         raise UserError(f"--{name} must be a non-negative integer, got {value}")
+
+
+def _validate_choices(c: TrainConfig) -> None:
+    """TrainConfig.validate: the choices: methods, optimizers, modes."""
+    _choice("method", c.method, METHODS)
+    _choice("optimizer", c.optimizer, OPTIMIZERS)
+    _choice("grad-norm", c.grad_norm, GRAD_NORMS)
+    _choice("l2l-update", c.l2l_update, L2L_UPDATES)
+    _choice("on-bad-image", c.on_bad_image, ON_BAD_IMAGE)
+    _choice("on-nonfinite", c.on_nonfinite, ON_NONFINITE)
+    _choice("amp", c.amp, AMP_MODES)
+    from .models.attackers import ATTACKERS
+
+    if c.attacker is not None:
+        _choice("attacker", c.attacker, ATTACKERS)
+    if c.attacker_optimizer is not None:
+        _choice("attacker-optimizer", c.attacker_optimizer, OPTIMIZERS)
+
+
+def _validate_counts(c: TrainConfig) -> None:
+    """TrainConfig.validate: eps, and the counts and seeds."""
+    if c.eps is not None and not (0.0 <= c.eps <= 1.0):
+        raise eps_range_error("--eps", c.eps)
+    _positive_int("epochs", c.epochs)
+    _positive_int("batch-size", c.batch_size)
+    if c.pgd_steps is not None:
+        _positive_int("pgd-steps", c.pgd_steps)
+    _positive_int("attacker-steps", c.attacker_steps)
+    _non_negative_int("val-robust-n", c.val_robust_n)
+    _non_negative_int("checkpoint-every", c.checkpoint_every)
+    if c.crop_padding is not None:
+        _non_negative_int("crop-padding", c.crop_padding)
+    for name in ("seed", "split_seed"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or not (0 <= value <= MAX_SEED):
+            raise UserError(f"--{name.replace('_', '-')} must be an integer in [0, 2^63), got {value}")
+
+
+def _validate_optimizers(c: TrainConfig) -> None:
+    """TrainConfig.validate: the optimizers' numbers: learning rates, momenta, weight decays, schedules."""
+    for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", 1.0)):
+        value = getattr(c, name)
+        if value is not None and not (math.isfinite(value) and 0 < value <= top):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number <= {top:g}, got {value}")
+    for name in ("momentum", "attacker_momentum"):
+        value = getattr(c, name)
+        if value is not None and not (0 <= value < 1):
+            raise UserError(f"--{name.replace('_', '-')} must lie in [0, 1), got {value}")
+    for name in ("weight_decay", "attacker_weight_decay"):
+        value = getattr(c, name)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_LR):
+            raise UserError(f"--{name.replace('_', '-')} must lie in [0, {MAX_LR:g}], got {value}")
+    if not (0 < c.lr_gamma <= 1):
+        raise UserError(f"--lr-gamma must lie in (0, 1], got {c.lr_gamma}")
+    if any(not (0 <= b < 1) for b in c.betas) or len(c.betas) != 2:
+        raise UserError(f"--betas must be two numbers in [0, 1), got {c.betas}")
+    for name in ("lr_milestones", "attacker_lr_milestones"):
+        ms = getattr(c, name)
+        if ms is not None and (any(m <= 0 for m in ms) or list(ms) != sorted(ms)):
+            raise UserError(f"--{name.replace('_', '-')} must be increasing positive epochs")
+
+
+def _validate_losses(c: TrainConfig) -> None:
+    """TrainConfig.validate: the clean loss's weight and the attacker's width."""
+    if c.clean_weight is not None and not (0 <= c.clean_weight <= 1):
+        raise UserError(f"--clean-weight must lie in [0, 1], got {c.clean_weight}")
+    if c.is_l2l and c.clean_weight is not None and c.clean_weight >= 1:
+        raise UserError("--clean-weight 1 leaves the learned attacker nothing to learn; use < 1")
+    if not (math.isfinite(c.attacker_width) and 0 < c.attacker_width <= MAX_ATTACKER_WIDTH):
+        raise UserError(f"--attacker-width must lie in (0, {MAX_ATTACKER_WIDTH:g}], got {c.attacker_width}")
+
+
+def _validate_data(c: TrainConfig) -> None:
+    """TrainConfig.validate: the data options: image size, training subset, validation split."""
+    if c.image_size is not None:
+        _positive_int("image-size", c.image_size)
+        if c.image_size > MAX_IMAGE_SIZE:
+            raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {c.image_size}")
+    if c.train_size is not None:
+        _positive_int("train-size", c.train_size)
+    if not math.isfinite(c.val_size) or c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
+        raise UserError(f"--val-size must be a fraction in (0, 1) or a count >= 1, got {c.val_size}")
+
+
+def _validate_method(c: TrainConfig) -> None:
+    """TrainConfig.validate: the method's own options."""
+    _method_options(c)
+    if c.noise is not None and not (math.isfinite(c.noise) and 0 <= c.noise <= MAX_NOISE):
+        raise UserError(f"--noise must lie in [0, {MAX_NOISE:g}] (pixel units), got {c.noise}")
+    if not (isinstance(c.label_smoothing, (int, float)) and 0 <= c.label_smoothing < 1):
+        raise UserError(f"--label-smoothing must lie in [0, 1), got {c.label_smoothing}")
+    if c.ema is not None and not (isinstance(c.ema, (int, float)) and 0 < c.ema < 1):
+        raise UserError(f"--ema must be a decay in (0, 1), e.g. 0.999, got {c.ema}")
+    if c.attacker_every is not None:
+        _positive_int("attacker-every", c.attacker_every)
+        if c.attacker_every > MAX_ATTACKER_EVERY:
+            raise UserError(f"--attacker-every must be at most {MAX_ATTACKER_EVERY}, got {c.attacker_every}")
+    if c.beta is not None and not (math.isfinite(c.beta) and 0 <= c.beta <= MAX_BETA):
+        raise UserError(f"--beta must lie in [0, {MAX_BETA:g}], got {c.beta}")
+    if c.clean_weight and c.method in KL_METHODS:
+        raise UserError(f"--clean-weight does not apply to --method {c.method}: its loss has its own clean "
+                        "term, weighted against the KL term by --beta")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,66 +89,21 @@ def attack_correct(
         if source_correct is not None:
             source_correct.update(none)
         return dict(none)
-    transfer = source is not None and source is not model
-    source = source if transfer else model
-    correct: dict[str, Tensor] = {}
-    own: dict[str, Tensor] = {}
-    loaders: dict[int, DeviceLoader | _FloatBatches] = {}
-
-    def batches(size: int) -> DeviceLoader | _FloatBatches:
-        if size not in loaders:
-            loaders[size] = batches_in_order(images, size, device)
-        return loaders[size]
-
-    def chunk_size(attack: Attack) -> int:
-        return attack.batch_size if isinstance(attack, AutoAttack) else batch_size
-
-    n = len(images)
-    bar = _bar(progress and bool(attacks), sum(len(batches(chunk_size(a))) for a in attacks))
-    say = _say if progress and bar is None and attacks else None
-    with model_state_kept(model, source), float32_math(device):  # attacks in IEEE float32 (speed.py)
+    run = _Attacking(model, source, images, batch_size, device, seed, state_dir)
+    bar = _bar(progress and bool(attacks), sum(len(run.batches(run.chunk_size(a))) for a in attacks))
+    run.bar, run.say = bar, _say if progress and bar is None and attacks else None
+    with model_state_kept(model, run.source), float32_math(device):  # attacks in IEEE float32 (speed.py)
         model.eval()
-        source.eval()
-        clean, own_clean = [], []
-        for i, (x, y) in enumerate(batches(batch_size)):
-            with torch.no_grad():
-                logits = model(x)
-                if i == 0:  # labels checked once, against the model's number of classes
-                    check_labels(images.labels, n, int(logits.shape[1]))
-                ok = logits.argmax(1) == y
-                clean.append(ok.cpu())
-                own_clean.append((source(x).argmax(1) == y).cpu() if transfer else ok.cpu())
-        correct["clean"], own["clean"] = torch.cat(clean), torch.cat(own_clean)
+        run.source.eval()
+        correct, own = run.clean()
         worst, own_worst = correct["clean"].clone(), own["clean"].clone()
-        start = time.monotonic()
+        run.start = time.monotonic()
         try:
             for k, attack in enumerate(attacks):
-                parts, own_parts = [], []
-                loader = batches(chunk_size(attack))
-                for i, (x, y) in enumerate(loader):
-                    if bar is not None:
-                        bar.set_postfix_str(attack.name, refresh=False)
-                    kwargs: dict = {}
-                    if isinstance(attack, AutoAttack):
-                        if state_dir is not None:
-                            kwargs["state_path"] = state_dir / f"{_safe(attack.name)}-chunk{i:05d}.pt"
-                        if say is not None:
-                            prefix = f"{attack.name} [{k + 1}/{len(attacks)}] chunk {i + 1}/{len(loader)}"
-                            kwargs["progress"] = lambda line, prefix=prefix: say(f"{prefix}: {line}")
-                    adv = attack(source, x, y, seed=seed, **kwargs)
-                    with torch.no_grad():
-                        ok = model(adv).argmax(1) == y
-                        parts.append(ok.cpu())
-                        own_parts.append((source(adv).argmax(1) == y).cpu() if transfer else ok.cpu())
-                    if bar is not None:
-                        bar.update()
-                correct[attack.name], own[attack.name] = torch.cat(parts), torch.cat(own_parts)
+                correct[attack.name], own[attack.name] = run.attack(attack, f"[{k + 1}/{len(attacks)}]")
                 worst &= correct[attack.name]
                 own_worst &= own[attack.name]
-                if say is not None:
-                    say(f"{attack.name} [{k + 1}/{len(attacks)}]: accuracy {fraction(correct[attack.name]):.4f} "
-                        f"({int(correct[attack.name].sum())}/{n}), worst so far {fraction(worst):.4f}, "
-                        f"{time.monotonic() - start:.0f} s")
+                run.report(attack.name, f"[{k + 1}/{len(attacks)}]", correct[attack.name], worst)
         finally:
             if bar is not None:
                 bar.close()
@@ -155,6 +111,82 @@ def attack_correct(
     if source_correct is not None:
         source_correct.update({name: own[name] for name in names})
     return {name: correct[name] for name in names}
+
+
+class _Attacking:
+    """One `attack_correct` call: the models, the images in batches of each size asked for,
+    and where progress goes (a bar, or lines through `say`)."""
+
+    def __init__(self, model: nn.Module, source: nn.Module | None, images: ImageData, batch_size: int,
+                 device: torch.device, seed: int, state_dir: Path | None) -> None:
+        self.transfer = source is not None and source is not model
+        self.model, self.source = model, source if self.transfer else model
+        self.images, self.batch_size, self.device = images, batch_size, device
+        self.seed, self.state_dir = seed, state_dir
+        self.loaders: dict[int, DeviceLoader | _FloatBatches] = {}
+        self.bar: Any = None
+        self.say: Callable[[str], None] | None = None
+        self.start = time.monotonic()
+
+    def batches(self, size: int) -> DeviceLoader | _FloatBatches:
+        if size not in self.loaders:
+            self.loaders[size] = batches_in_order(self.images, size, self.device)
+        return self.loaders[size]
+
+    def chunk_size(self, attack: Attack) -> int:
+        return attack.batch_size if isinstance(attack, AutoAttack) else self.batch_size
+
+    def _scored(self, x: Tensor, y: Tensor, logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per image: the model's (its `logits` of `x`, if given) and the source's prediction
+        of `x` is `y` (CPU, bool)."""
+        with torch.no_grad():
+            ok = (self.model(x) if logits is None else logits).argmax(1) == y
+            return ok.cpu(), (self.source(x).argmax(1) == y).cpu() if self.transfer else ok.cpu()
+
+    def clean(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The model's and the source's clean correctness, the labels checked on the first batch."""
+        clean, own_clean = [], []
+        for i, (x, y) in enumerate(self.batches(self.batch_size)):
+            with torch.no_grad():
+                logits = self.model(x)
+            if i == 0:  # labels checked once, against the model's number of classes
+                check_labels(self.images.labels, len(self.images), int(logits.shape[1]))
+            ok, own = self._scored(x, y, logits)
+            clean.append(ok)
+            own_clean.append(own)
+        return {"clean": torch.cat(clean)}, {"clean": torch.cat(own_clean)}
+
+    def attack(self, attack: Attack, position: str) -> tuple[Tensor, Tensor]:
+        """The model's and the source's correctness on `attack`'s images, batch by batch."""
+        parts, own_parts = [], []
+        loader = self.batches(self.chunk_size(attack))
+        for i, (x, y) in enumerate(loader):
+            if self.bar is not None:
+                self.bar.set_postfix_str(attack.name, refresh=False)
+            adv = attack(self.source, x, y, seed=self.seed, **self._autoattack_options(attack, position, i, loader))
+            ok, own = self._scored(adv, y)
+            parts.append(ok)
+            own_parts.append(own)
+            if self.bar is not None:
+                self.bar.update()
+        return torch.cat(parts), torch.cat(own_parts)
+
+    def _autoattack_options(self, attack: Attack, position: str, i: int, loader: Any) -> dict[str, Any]:
+        """AutoAttack's state file of chunk i, and its progress lines; nothing for other attacks."""
+        kwargs: dict[str, Any] = {}
+        if isinstance(attack, AutoAttack):
+            if self.state_dir is not None:
+                kwargs["state_path"] = self.state_dir / f"{_safe(attack.name)}-chunk{i:05d}.pt"
+            if self.say is not None:
+                prefix, say = f"{attack.name} {position} chunk {i + 1}/{len(loader)}", self.say
+                kwargs["progress"] = lambda line: say(f"{prefix}: {line}")
+        return kwargs
+
+    def report(self, name: str, position: str, correct: Tensor, worst: Tensor) -> None:
+        if self.say is not None:
+            self.say(f"{name} {position}: accuracy {fraction(correct):.4f} "
+                     f"({int(correct.sum())}/{len(self.images)}), worst so far {fraction(worst):.4f}, "
+                     f"{time.monotonic() - self.start:.0f} s")
 
 
 def _say(line: str) -> None:

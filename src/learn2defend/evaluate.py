@@ -25,16 +25,16 @@ import re
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, make_attack
+from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, list_attack_names, make_attack
 from .checks import sanity_checks
-from .config import TrainConfig, parse_fraction
+from .config import DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option, parse_fraction
 from .correctness import attack_correct, fraction
 from .data import Dataset, ImageData, load_dataset
 from .errors import UserError, eps_range_error
@@ -43,24 +43,62 @@ from .runs import BEST, LAST, Run, load_run, resolve_device
 STATE_DIR = "eval-state"
 
 
-@dataclass
-class EvalConfig:
-    checkpoint: str
-    attacks: list[str] = field(default_factory=list)
-    dataset: str | None = None  # None: the run's own data set, with its validation split
-    split: str = "val"
-    n: int | None = None  # evaluate the first n images of the split
-    batch_size: int = 256
-    eps: float | None = None  # None: the run's training eps
-    which: str = "last"
-    device: str = "auto"
-    data_dir: str = "data"
-    seed: int = 0
+ATTACK_SEED_HELP = "seed of the attacks' random starts"
+
+
+def _attack_names_help() -> str:
+    """eval --attacks' help, with the attack names registered when the parser is built."""
+    return (f"comma-separated; K is a number of iterations: {', '.join(list_attack_names())} "
+            "(default: none, clean accuracy only); attacks always run in IEEE float32, whatever "
+            "speed switches the run was trained with")
+
+
+@dataclass(kw_only=True)
+class EvalData:
+    """What to evaluate and on which data: the options eval, transfer, sweep and show share.
+    Each field is also a command-line option (config.option); a subclass's `FLAG_HELP`
+    words the help of an inherited option for its command."""
+
+    FLAG_HELP: ClassVar[dict[str, str]] = {}
+
+    dataset: str | None = option(None, help="another data set with the same classes (default: the run's own)")
+    split: str = option("val", help="val or test")
+    n: int | None = option(None, flag="--n-images", aliases=("--n",), metavar="N",
+                           help="use the first N images of the split (default: all)")
+    eps: float | None = option(None, help="attack radius (default: the run's training eps)")
+    which: str = option("last", help="last or best checkpoint")
+    device: str = option("auto", help=DEVICE_HELP)
+    data_dir: str = option("data", help=DATA_DIR_HELP)
+    seed: int = option(0, help=ATTACK_SEED_HELP)
+
+
+@dataclass(kw_only=True)
+class BatchedEvalData(EvalData):
+    """EvalData of the commands that attack many images, batch by batch."""
+
+    batch_size: int = option(256, help="images per attack batch")
+
+
+@dataclass(kw_only=True)
+class EvalConfig(BatchedEvalData):
+    FLAG_HELP: ClassVar[dict[str, str]] = {
+        "dataset": "evaluate on another data set with the same classes (default: the run's own)",
+        "n": "evaluate the first N images of the split (default: all)",
+        "batch_size": "images per attack batch (memory only: the numbers do not depend on it; AutoAttack always "
+                      "attacks chunks of 250)",
+    }
+
+    checkpoint: str = option(help="run folder, or a model file written by learn2defend export (its data set and "
+                             "split as recorded there; AutoAttack's progress is not saved for a file)")
+    attacks: list[str] = option(default_factory=list, parse="comma_list", help=_attack_names_help)
     progress: bool = True
-    checks: bool = False  # run the sanity checks of learn2defend.checks on the same images
-    surrogate: str | None = None  # run folder for the checks' transfer comparison
-    attack_state: bool = True  # save AutoAttack's progress under <run>/eval-state/ and resume from it
-    pgm_step: float | None = None  # step of the pgmK attacks; None: eps/3 (the paper's 0.01 at eps 0.03)
+    checks: bool = option(False, switch=True,
+                          help="sanity checks for gradient masking (Carlini et al. 2019) on the same images")
+    surrogate: str | None = option(None, help="run folder: with --checks, compare white-box PGD with PGD "
+                                   "transferred from it (default: none, that check is skipped)")
+    attack_state: bool = option(True, help="save AutoAttack's progress under DIR/eval-state/ and resume an "
+                                "interrupted eval from it")
+    pgm_step: float | None = option(None, help="step of the pgmK attacks (default eps/3; the paper: 0.01)")
 
     def validate(self) -> None:
         if self.eps is not None and not (0 <= self.eps <= 1):
@@ -278,6 +316,32 @@ def evaluate_model(
     Raises UserError for bad images, labels (dtype, shape, range against the model's
     number of classes), eps, attack names or options.
     """
+    eps = _checked_eps(batch_size, eps, bool(attacks), checks)
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
+    device = torch.device(device)
+    data, result = _images_to_evaluate(images, labels, split, n, data_dir)
+    attack_objects = _unique_attacks(attacks, eps, batch_size)
+    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
+    accuracy = {name: fraction(ok) for name, ok in correct.items()}
+    if not attack_objects:
+        del accuracy["worst"]
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps} | result
+    ran = list(attack_objects)
+    if checks:
+        report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
+                               surrogate=surrogate, progress=progress)
+        result["checks"], result["flagged"] = report["checks"], report["flagged"]
+        ran += report["attacks"]
+    warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
+    if warnings:
+        result["warnings"] = warnings
+    return result
+
+
+def _checked_eps(batch_size: int, eps: float | None, attacks: bool, checks: bool) -> float | None:
+    """evaluate_model's batch size and eps checked; eps as `check_eps` returns it."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if (attacks or checks) and eps is None:
@@ -286,10 +350,13 @@ def evaluate_model(
         eps = check_eps(eps)
     if checks and not eps > 0:
         raise UserError("the sanity checks attack the model, so they need eps > 0")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
-    device = torch.device(device)
+    return eps
+
+
+def _images_to_evaluate(images: Tensor | str, labels: Tensor | None, split: str, n: int | None,
+                        data_dir: str) -> tuple[ImageData, dict[str, Any]]:
+    """evaluate_model's images (a tensor with its labels, or the first n of a data set's
+    split), checked, and what its result says of them (the data set and split, if named)."""
     result: dict[str, Any] = {}
     if isinstance(images, str):
         if labels is not None:
@@ -310,6 +377,11 @@ def evaluate_model(
         data = ImageData(images.detach(), labels.cpu())
     if not len(data):
         raise UserError("no images to evaluate")
+    return data, result
+
+
+def _unique_attacks(attacks: Sequence[str | Attack], eps: float | None, batch_size: int) -> list[Attack]:
+    """Attack names built, Attack objects as they are, each name once."""
     attack_objects: list[Attack] = []
     for a in attacks:
         attack = build_attacks([a], eps, batch_size)[0] if isinstance(a, str) else a
@@ -317,21 +389,7 @@ def evaluate_model(
             raise UserError(f"attacks must be attack names or learn2defend Attack objects, got {a!r}")
         if attack.name not in {b.name for b in attack_objects}:  # a duplicate would count twice
             attack_objects.append(attack)
-    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
-    accuracy = {name: fraction(ok) for name, ok in correct.items()}
-    if not attack_objects:
-        del accuracy["worst"]
-    result = {"accuracy": accuracy, "n": len(data), "eps": eps} | result
-    ran = list(attack_objects)
-    if checks:
-        report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
-                               surrogate=surrogate, progress=progress)
-        result["checks"], result["flagged"] = report["checks"], report["flagged"]
-        ran += report["attacks"]
-    warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
-    if warnings:
-        result["warnings"] = warnings
-    return result
+    return attack_objects
 
 
 def _discard_state(state: Path | None) -> None:
@@ -417,20 +475,14 @@ def transfer_accuracy(
     return {name: int(ok.sum()) for name, ok in correct.items()}
 
 
-@dataclass
-class TransferConfig:
-    surrogate: str
-    target: str
-    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd10"])
-    dataset: str | None = None  # None: the target run's data set and validation split
-    split: str = "val"
-    n: int | None = None
-    batch_size: int = 256
-    eps: float | None = None  # None: the target run's training eps
-    which: str = "last"
-    device: str = "auto"
-    data_dir: str = "data"
-    seed: int = 0
+@dataclass(kw_only=True)
+class TransferConfig(BatchedEvalData):
+    FLAG_HELP: ClassVar[dict[str, str]] = {"eps": "attack radius (default: the target's training eps)"}
+
+    surrogate: str = option(help="run folder the attacks are computed on")
+    target: str = option(help="run folder that is measured")  # its data set and eps unless given
+    attacks: list[str] = option(default_factory=lambda: ["fgsm", "pgd10"],
+                                help="comma-separated (default: fgsm,pgd10)")
     progress: bool = True
 
 
@@ -492,7 +544,8 @@ def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) 
 
 
 __all__ = [
-    "EvalConfig", "EvalInterrupted", "TransferConfig", "evaluate", "evaluate_model", "transfer", "attack_accuracy",
+    "EvalConfig", "EvalData", "EvalInterrupted", "TransferConfig", "evaluate", "evaluate_model", "transfer",
+    "attack_accuracy",
     "attack_correct",
     "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
     "load_evaluated",

@@ -10,6 +10,7 @@ reader gets the weights (README, "Sharing a model").
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from . import checkpoint as ckpt
+from .config import option
 from .errors import UserError
 from .models import create_model
 from .runs import load_run, load_weights
@@ -28,6 +30,15 @@ FORMAT = "learn2defend-model-1"
 _FIELDS = ("model", "num_classes", "classes", "image_shape", "mean", "std", "eps", "method", "learn2defend_version")
 # The run's data settings, stored as "data" (files exported before it was written lack it).
 DATA_FIELDS = ("dataset", "val_size", "split_seed", "image_size", "on_bad_image")
+
+
+@dataclass
+class ExportConfig:
+    """What `learn2defend export` writes: which checkpoint of which run, and where."""
+
+    checkpoint: str = option(positional=True, metavar="RUN", help="run folder")
+    out: str = option(help="file to write, e.g. model.safetensors")
+    which: str = option("last", help="last or best checkpoint")
 
 
 def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[str, Any]:

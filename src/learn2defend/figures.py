@@ -22,16 +22,27 @@ from __future__ import annotations
 import csv
 import math
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .attacks import Attack, make_attack
+from .config import option, parse_fraction
 from .data import DeviceLoader
 from .errors import UserError, eps_range_error
-from .evaluate import EvalConfig, attack_correct, build_attacks, check_same_task, eval_data, first_n, fraction
+from .evaluate import (
+    BatchedEvalData,
+    EvalConfig,
+    EvalData,
+    attack_correct,
+    build_attacks,
+    check_same_task,
+    eval_data,
+    first_n,
+    fraction,
+)
 from .runs import Run, load_run, resolve_device
 
 SWEEP_OVER = ("pgd-steps", "eps")
@@ -47,23 +58,29 @@ def _suptitle(fig: Any, text: str, width_inches: float) -> None:
     fig.suptitle(textwrap.fill(text, width=max(30, int(12 * width_inches))), fontsize=9)
 
 
-@dataclass
-class SweepConfig:
-    checkpoints: list[str]
-    over: str  # "pgd-steps" (Figure 3) or "eps" (Figure 4)
-    values: list[float]
-    out: str  # prefix: PREFIX.csv and PREFIX.png are written
-    attacks: list[str] | None = None  # None: ["pgm"] over pgd-steps, ["fgsm", "pgm"] over eps
-    steps: int = 10  # PGD/PGM iterations of an eps sweep
-    eps: float | None = None  # radius of a pgd-steps sweep; None: the first run's training eps
-    dataset: str | None = None
-    split: str = "val"
-    n: int | None = None
-    batch_size: int = 256
-    which: str = "last"
-    device: str = "auto"
-    data_dir: str = "data"
-    seed: int = 0
+def _over_and_values(over: list[str]) -> dict[str, Any]:
+    """--over WHAT VALUES: what to vary, and its comma-separated values."""
+    what, text = over
+    return {"over": what, "values": [parse_fraction(v) for v in text.split(",") if v.strip()]}
+
+
+@dataclass(kw_only=True)
+class SweepConfig(BatchedEvalData):
+    FLAG_HELP: ClassVar[dict[str, str]] = {
+        "eps": "radius of a pgd-steps sweep (default: the first run's training eps)",
+    }
+
+    checkpoints: list[str] = option(flag="--checkpoint", nargs="+", metavar="CHECKPOINT",
+                                    help="run folder(s); differences are to the first")
+    over: str = option(nargs=2, metavar=("pgd-steps|eps", "VALUES"), from_cli=_over_and_values,
+                       help="what to vary and its comma-separated values, e.g. --over pgd-steps 1,2,5,10,20,50")
+    values: list[float]  # set by --over with `over`: "pgd-steps" (Figure 3) or "eps" (Figure 4)
+    out: str = option(help="file prefix: writes PREFIX.csv and PREFIX.png")
+    # None: ["pgm"] over pgd-steps, ["fgsm", "pgm"] over eps
+    attacks: list[str] | None = option(None, flag="--attack", metavar="ATTACK",
+                                       help="fgsm, pgd (random start), pgm (paper: zero start, step eps/3); "
+                                       "default: pgm over pgd-steps, fgsm,pgm over eps")
+    steps: int = option(10, help="PGD/PGM iterations of an eps sweep (default: 10)")
     progress: bool = True
     title: str | None = None  # a line above the panels (e.g. the experiment and its settings)
 
@@ -209,19 +226,14 @@ def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], path: Pa
 # ---- Figure 5 ----------------------------------------------------------------------------
 
 
-@dataclass
-class ShowConfig:
-    checkpoint: str
-    out: str  # the PNG file to write
-    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd10"])
-    n: int = 6
-    dataset: str | None = None
-    split: str = "val"
-    eps: float | None = None
-    which: str = "last"
-    device: str = "auto"
-    data_dir: str = "data"
-    seed: int = 0
+@dataclass(kw_only=True)
+class ShowConfig(EvalData):
+    checkpoint: str = option(help="run folder")
+    out: str = option(help="PNG file to write")
+    attacks: list[str] = option(default_factory=lambda: ["fgsm", "pgd10"],
+                                help="comma-separated (default: fgsm,pgd10)")
+    n: int = option(6, flag="--n-images", aliases=("--n",), metavar="N",
+                    help="show the first N images of the split (default: 6)")
     title: str | None = None  # above the grid; None: the run folder's name
 
     def validate(self) -> None:

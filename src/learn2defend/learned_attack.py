@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .attacks import Attack
 from .config import L2L_METHODS
 from .errors import UserError
-from .methods import METHOD_RECORDS, StepContext
+from .methods import METHOD_RECORDS, Method, StepContext
 from .runs import load_run
 
 
@@ -65,8 +65,12 @@ class LearnedAttack(Attack):
         self.config = dataclasses.replace(run.config, eps=self.eps)
         self.image_shape = tuple(run.meta["image_shape"])
         self.method = run.config.method
-        self.record = METHOD_RECORDS[self.method]
         self.name = f"l2l:{run_dir}"
+
+    @property
+    def record(self) -> Method:
+        """The record of the training method (naive/grad/2step L2L, FGSM-SDI), which perturbs."""
+        return METHOD_RECORDS[self.method]
 
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         if tuple(images.shape[1:]) != self.image_shape:

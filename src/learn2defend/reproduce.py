@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, default_eps
+from .config import TrainConfig, default_eps, option
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
 from .methods import attacker_in_channels
@@ -766,41 +766,66 @@ def _robust_curve(histories: list[list[dict[str, Any]]]) -> list[tuple[int, floa
 def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
     """Clean, AutoAttack and worst-case accuracy of every method against its measured training
     seconds and its multiply-adds per step; each run is evaluated as soon as it is trained."""
-    from .bench import forward_macs, step_macs
-
     p = r.preset
     aa = p.autoattack
-    attacks = ["pgd10", aa]
     specs = frontier_specs(p)
 
     def measure(spec: RunSpec, path: Path) -> dict[str, Any]:
         checks = p.checks and (p.checks_all_seeds or spec.seed == 0)
-        result = r.white_box(path, attacks, checks, None)
-
-        def cost() -> dict[str, Any]:
-            run = load_run(path, with_attacker=False)
-            c, h, w = run.meta["image_shape"]
-            # Counted on the CPU in float32: the speed switches change the time, not the work.
-            plain_math = replace(run.config, amp="off", channels_last=False, compile=False)
-            macs = {"step_macs": step_macs(plain_math, run.meta), "classifier_macs": forward_macs(
-                run.model, torch.rand(1, c, h, w))}
-            if run.config.is_l2l:
-                attacker = build_attacker(run.config, run.meta)
-                a = torch.rand(1, attacker_in_channels(run.config.method, c), h, w)
-                macs["attacker_macs"] = forward_macs(attacker, a, run.config.eps)
-            return macs
-        return {**result, **r.cached("macs", [path], {}, cost), "seconds": _training_seconds(path)}
+        result = r.white_box(path, ["pgd10", aa], checks, None)
+        return {**result, **r.cached("macs", [path], {}, lambda: _frontier_macs(path)),
+                "seconds": _training_seconds(path)}
 
     measured = r.ensure_evaluated(dataset, "frontier", specs, measure)
     init_seconds = [0.0 if p.from_scratch else _training_seconds(r.run_dir(dataset, "frontier", RunSpec("plain", s)))
                     for s in range(p.seeds)]
+    header = ["method", "clean", aa.replace("autoattack", "AutoAttack"), "worst", "training s", "GMAC / step",
+              "collapsed", "flagged"]
+    lines, raw, points, curves = _frontier_rows(r, experiment, dataset, specs, measured, init_seconds)
+    l2l = [row for row in raw if row["attacker_macs"]]
+    ratios = sorted({f"{row['attacker']} {row['attacker_macs'] / row['classifier_macs']:.2f}x" for row in l2l})
+    title = (f"frontier: accuracy (%) against training cost on {dataset}, eps {raw[0]['eps']:g}, {p.title}, "
+             f"n={raw[0]['n']} validation images, mean ± std over {p.seeds} seed(s)")
+    notes = _frontier_notes(p, r.config(dataset, "frontier", specs[0]).batch_size, init_seconds, ratios)
+    out = r.out / experiment
+    stem = f"{experiment}-{_dataset_tag(dataset)}{r.eps_suffix(dataset)}"
+    files = _write_outputs(out, stem, title, header, lines, raw,
+                           {"experiment": experiment, "preset": p.name, "preset_title": p.title, "dataset": dataset,
+                            "points": points, "curves": curves, "attacker_ratio": ratios}, notes)
+    files["png"] = str(_plot_frontier(points, out / f"{stem}.png", aa, title))
+    per_epoch = title.replace("accuracy (%) against training cost", "validation PGD-10 accuracy (%) per epoch")
+    files["epochs_png"] = str(_plot_robust_curves(curves, out / f"{stem}-val-pgd10.png", per_epoch))
+    return {"title": title, "files": files, "rows": raw}
+
+
+def _frontier_macs(path: Path) -> dict[str, Any]:
+    """Multiply-adds of a run's training step, of its classifier's forward and (L2L) its attacker's."""
+    from .bench import forward_macs, step_macs
+
+    run = load_run(path, with_attacker=False)
+    c, h, w = run.meta["image_shape"]
+    # Counted on the CPU in float32: the speed switches change the time, not the work.
+    plain_math = replace(run.config, amp="off", channels_last=False, compile=False)
+    macs = {"step_macs": step_macs(plain_math, run.meta), "classifier_macs": forward_macs(
+        run.model, torch.rand(1, c, h, w))}
+    if run.config.is_l2l:
+        attacker = build_attacker(run.config, run.meta)
+        a = torch.rand(1, attacker_in_channels(run.config.method, c), h, w)
+        macs["attacker_macs"] = forward_macs(attacker, a, run.config.eps)
+    return macs
+
+
+def _frontier_rows(r: Reproduction, experiment: str, dataset: str, specs: list[RunSpec],
+                   measured: list[dict[str, Any]], init_seconds: list[float]) -> tuple[list, list, list, list]:
+    """The frontier's table lines (one per method), raw rows (one per run), plotted points and
+    validation curves."""
+    p = r.preset
+    aa = p.autoattack
     by_key: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
     histories: dict[str, list[list[dict[str, Any]]]] = {}
     for spec, res in zip(specs, measured, strict=True):
         by_key.setdefault(spec.key, []).append((spec, res))
         histories.setdefault(spec.key, []).append(_history(r.run_dir(dataset, "frontier", spec)))
-    header = ["method", "clean", aa.replace("autoattack", "AutoAttack"), "worst", "training s", "GMAC / step",
-              "collapsed", "flagged"]
     lines, raw, points, curves = [], [], [], []
     for key, entries in by_key.items():
         collapses = [_collapse(h) for h in histories[key]]
@@ -823,44 +848,37 @@ def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
         for (spec, res), (collapsed, collapsed_epoch) in zip(entries, collapses, strict=True):
             raw.append({"experiment": experiment, "preset": p.name, "dataset": dataset, "method": spec.method,
                         "attacker": spec.attacker or "", "variant": spec.variant, "seed": spec.seed, "n": res["n"],
-                        "eps": res["eps"], **{f"acc_{c}": res["accuracy"].get(c) for c in ("clean", *attacks, "worst")},
+                        "eps": res["eps"],
+                        **{f"acc_{c}": res["accuracy"].get(c) for c in ("clean", "pgd10", aa, "worst")},
                         "training_seconds": res["seconds"], "init_seconds": init_seconds[spec.seed],
                         "step_macs": res["step_macs"], "classifier_macs": res["classifier_macs"],
                         "attacker_macs": res.get("attacker_macs"), "collapsed": collapsed,
                         "collapsed_epoch": collapsed_epoch, "flagged": res.get("flagged"),
                         "run": str(r.run_dir(dataset, "frontier", spec))})
-    l2l = [row for row in raw if row["attacker_macs"]]
-    ratios = sorted({f"{row['attacker']} {row['attacker_macs'] / row['classifier_macs']:.2f}x" for row in l2l})
-    title = (f"frontier: accuracy (%) against training cost on {dataset}, eps {raw[0]['eps']:g}, {p.title}, "
-             f"n={raw[0]['n']} validation images, mean ± std over {p.seeds} seed(s)")
-    batch = r.config(dataset, "frontier", specs[0]).batch_size
+    return lines, raw, points, curves
+
+
+def _frontier_notes(p: Preset, batch: int, init_seconds: list[float], ratios: list[str]) -> list[str]:
+    """The notes under the frontier's table: what each column measures, and the recipes."""
+    aa = p.autoattack
     start = ("from scratch" if p.from_scratch else
              f"on top of the shared plain net's {statistics.fmean(init_seconds):.0f} s")
-    notes = [f"training s: measured seconds of the {p.epochs} adversarial epochs (metrics.jsonl), {start}; "
-             "measured as the runs ran (two processes on a shared machine add noise).",
-             f"GMAC / step: multiply-adds of one training step of {batch} images, attack, forwards, backwards and "
-             "attacker included (torch.utils.flop_counter's formulas).",
-             "attacker cost per image, against the classifier's forward: " + (", ".join(ratios) or "no L2L run"),
-             f"worst: images that survive both pgd10 and {aa}.",
-             "collapsed: catastrophic overfitting, an epoch whose validation PGD-10 accuracy (first "
-             f"{p.val_robust_n if p.val_robust_n < EVERY_VALIDATION_IMAGE else 'all'} validation images) collapsed "
-             "while clean accuracy rose (learn2defend.train.collapsed); the evaluated weights are the last epoch's. "
-             "'not measured': no validation PGD-10 in the run's metrics.jsonl.",
-             "recipes: PGM Net and L2L as the paper (table2); Plain Net (continued), FGSM-RS (random start, "
-             "step 1.25 eps, adversarial loss only), N-FGSM (noise 2 eps, step eps), FGSM-SDI (sdi attacker, "
-             "updated every 20 batches), PGD-AT, TRADES (beta 6) and MART (beta 5) with the L2L lr schedule; "
-             + ("every run starts from random weights." if p.from_scratch else
-                "every run starts from its seed's plain net.")
-             + " No label smoothing or weight averaging for any method."]
-    out = r.out / experiment
-    stem = f"{experiment}-{_dataset_tag(dataset)}{r.eps_suffix(dataset)}"
-    files = _write_outputs(out, stem, title, header, lines, raw,
-                           {"experiment": experiment, "preset": p.name, "preset_title": p.title, "dataset": dataset,
-                            "points": points, "curves": curves, "attacker_ratio": ratios}, notes)
-    files["png"] = str(_plot_frontier(points, out / f"{stem}.png", aa, title))
-    per_epoch = title.replace("accuracy (%) against training cost", "validation PGD-10 accuracy (%) per epoch")
-    files["epochs_png"] = str(_plot_robust_curves(curves, out / f"{stem}-val-pgd10.png", per_epoch))
-    return {"title": title, "files": files, "rows": raw}
+    return [f"training s: measured seconds of the {p.epochs} adversarial epochs (metrics.jsonl), {start}; "
+            "measured as the runs ran (two processes on a shared machine add noise).",
+            f"GMAC / step: multiply-adds of one training step of {batch} images, attack, forwards, backwards and "
+            "attacker included (torch.utils.flop_counter's formulas).",
+            "attacker cost per image, against the classifier's forward: " + (", ".join(ratios) or "no L2L run"),
+            f"worst: images that survive both pgd10 and {aa}.",
+            "collapsed: catastrophic overfitting, an epoch whose validation PGD-10 accuracy (first "
+            f"{p.val_robust_n if p.val_robust_n < EVERY_VALIDATION_IMAGE else 'all'} validation images) collapsed "
+            "while clean accuracy rose (learn2defend.train.collapsed); the evaluated weights are the last epoch's. "
+            "'not measured': no validation PGD-10 in the run's metrics.jsonl.",
+            "recipes: PGM Net and L2L as the paper (table2); Plain Net (continued), FGSM-RS (random start, "
+            "step 1.25 eps, adversarial loss only), N-FGSM (noise 2 eps, step eps), FGSM-SDI (sdi attacker, "
+            "updated every 20 batches), PGD-AT, TRADES (beta 6) and MART (beta 5) with the L2L lr schedule; "
+            + ("every run starts from random weights." if p.from_scratch else
+               "every run starts from its seed's plain net.")
+            + " No label smoothing or weight averaging for any method."]
 
 
 def _plot_frontier(points: list[dict[str, Any]], path: Path, attack: str, title: str) -> Path:
@@ -973,6 +991,14 @@ def curve_labels(run_dirs: list[str]) -> dict[Path, str]:
                 break
         labels[path] = "/".join(tail) if tail[0] != path.anchor else str(path)
     return labels
+
+
+@dataclass
+class PlotConfig:
+    """What `learn2defend plot` draws: the training curves of these run folders, into one PNG."""
+
+    runs: list[str] = option(positional=True, nargs="+", metavar="DIR", help="run folders (their metrics.jsonl)")
+    out: str = option(help="PNG file to write")
 
 
 def plot_curves(run_dirs: list[str], out: str) -> str:
