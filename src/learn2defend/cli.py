@@ -351,7 +351,7 @@ def _add_speed_commands(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--methods", type=_names, default=list(METHODS),
                    help="comma-separated (default: all); attacker-only: the attacker alone")
-    p.add_argument("--attacker", default="slim", help="slim | wide")
+    p.add_argument("--attacker", help="slim | wide | sdi (default: each method's own: slim; sdi for fgsm-sdi)")
     p.add_argument("--attacker-width", type=_number, default=1.0, help=HELP["attacker_width"])
     p.add_argument("--eps", type=_number, help="default: per data set, as in training")
     p.add_argument("--clean-weight", type=_number, help="default: per method, as in training")
