@@ -594,8 +594,8 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
            _sdi_forwards, attacker_sees="image+gradient", perturbation=sdi_perturbation, defaults={
                "attacker": Default(lambda c: "sdi", "sdi"),
                # The authors update it every 20 batches; on digits every 5 keeps 0.476 ± 0.022
-               # under autoattack-fast against 0.409 ± 0.017 for every 20 (every batch: 0.472
-               # ± 0.029; 3 seeds each, docs/results.md "What was tried").
+               # under autoattack-fast against 0.406 ± 0.015 for every 20 (every batch: 0.470
+               # ± 0.027; 3 seeds each, docs/results.md, "Learned starts").
                "attacker_every": Default(lambda c: 5, "5"),
                "pgd_steps": Default(lambda c: 1, "1"),
                "step_size": Default(lambda c: c.eps / c.pgd_steps, "eps / --pgd-steps")},
