@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, CompareConfig)
     _json_option(p, "print the rows as JSON instead of a table")
 
-    p = sub.add_parser("demo", help="the digits comparison of every method (about 3.5 minutes on a 2-core CPU)")
+    p = sub.add_parser("demo", help="the digits comparison of every method (about 2 minutes on a 2-core CPU)")
     p.add_argument("--out", default="runs/demo", help="folder holding one run folder per method")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
