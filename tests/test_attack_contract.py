@@ -95,7 +95,7 @@ def _learned(method: str, eps: float) -> LearnedAttack:
     torch.manual_seed(0)
     attack.attacker = create_attacker("slim", in_channels=1 if method == "naive-l2l" else 2, out_channels=1,
                                       width=0.25).eval()
-    attack.config = TrainConfig(method=method, eps=eps)
+    attack.config = TrainConfig(method=method, eps=eps).resolve()
     attack.image_shape, attack.method, attack.name = (1, 8, 8), method, f"l2l:{method}"
     return attack
 

@@ -66,17 +66,15 @@ def _ctx(method: str, clean_weight: float):
     from learn2defend.train import make_optimizer
 
     cfg = TrainConfig(method=method, eps=0.1, lr=0.05, clean_weight=clean_weight,
-                      attacker_width=0.125).resolved()
+                      attacker_width=0.125).resolve()
     torch.manual_seed(0)
     model = create_model("smallcnn", num_classes=2, in_channels=1, image_size=8)
-    opt = make_optimizer("sgd", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
-                         cfg.betas)
+    opt = make_optimizer(cfg.optimizer, model.parameters())
     attacker = attacker_opt = None
-    if cfg.is_l2l:
+    if cfg.attacker is not None:
         attacker = create_attacker("slim", in_channels=attacker_in_channels(method, 1),
-                                   out_channels=1, width=cfg.attacker_width)
-        attacker_opt = make_optimizer("sgd", attacker.parameters(), cfg.lr, cfg.momentum,
-                                      cfg.weight_decay, cfg.betas)
+                                   out_channels=1, width=cfg.attacker.width)
+        attacker_opt = make_optimizer(cfg.optimizer, attacker.parameters())
     return StepContext(model, opt, cfg, attacker, attacker_opt)
 
 
@@ -84,13 +82,13 @@ def _reference_step(ctx, x, y) -> None:
     """The same update the slow way: the clean graph is kept and walked back twice."""
     from learn2defend.methods import learned_perturbation
 
-    c, w = ctx.config, ctx.config.clean_weight
+    c, w = ctx.config, ctx.config.loss.clean_weight
     x_q = x.clone().requires_grad_(True)
     logits_clean = ctx.model(x_q)
     (g,) = torch.autograd.grad(F.cross_entropy(logits_clean, y, reduction="sum"), x_q,
                                retain_graph=True)
     if c.method == "fgsm":
-        delta = (c.step_size * g.sign()).clamp(-c.eps, c.eps)
+        delta = (c.attack.step_size * g.sign()).clamp(-c.eps, c.eps)
     else:
         delta = learned_perturbation(ctx, x, y, g)
     adv = F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
@@ -141,7 +139,7 @@ def test_mac_model_counts_what_a_step_computes(method, overrides):
     from learn2defend.train import build_parts
 
     meta = {"image_shape": [1, 8, 8], "classes": ["0", "1"], "mean": [0.5], "std": [0.25]}
-    cfg = TrainConfig(method=method, eps=0.1, lr=0.05, attacker_width=0.125, **overrides).resolved()
+    cfg = TrainConfig(method=method, eps=0.1, lr=0.05, attacker_width=0.125, **overrides).resolve()
     step = build_parts(cfg, meta, torch.device("cpu")).step(cfg, torch.device("cpu"))
     x = torch.rand(16, 1, 8, 8)
     counted = count_macs(lambda: step(x, torch.arange(16) % 2))  # backward passes included
@@ -171,7 +169,7 @@ def test_mac_model_averages_the_attacker_updates_over_attacker_every():
     from learn2defend.train import build_parts
 
     meta = {"image_shape": [1, 8, 8], "classes": ["0", "1"], "mean": [0.5], "std": [0.25]}
-    cfg = TrainConfig(method="fgsm-sdi", eps=0.1, lr=0.05, attacker_every=2).resolved()
+    cfg = TrainConfig(method="fgsm-sdi", eps=0.1, lr=0.05, attacker_every=2).resolve()
     parts = build_parts(cfg, meta, torch.device("cpu"))
     step = parts.step(cfg, torch.device("cpu"))
     x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 2

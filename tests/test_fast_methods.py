@@ -108,7 +108,7 @@ def test_attacker_every_applies_to_the_paper_methods(method):
 
 def test_n_fgsm_perturbation_is_bounded_by_noise_plus_step_and_leaves_the_ball():
     ctx = make_ctx("n-fgsm")
-    assert (ctx.config.noise, ctx.config.step_size) == pytest.approx((2 * EPS, EPS))
+    assert (ctx.config.attack.noise, ctx.config.attack.step_size) == pytest.approx((2 * EPS, EPS))
     x = torch.full((256, 1, 8, 8), 0.5)  # away from the box: nothing is clipped
     y = torch.arange(256) % 2
     torch.manual_seed(1)
@@ -145,10 +145,11 @@ def test_method_options_are_checked_against_the_record():
     with pytest.raises(UserError, match="--attacker-every applies to"):
         TrainConfig(method="pgd-at", attacker_every=5).validate()
     TrainConfig(method="fgsm-sdi", attacker_every=5).validate()
-    resolved = TrainConfig(method="fgsm-sdi", eps=0.1).resolved()
-    assert (resolved.attacker, resolved.attacker_every, resolved.pgd_steps, resolved.step_size) == ("sdi", 5, 1, 0.1)
-    two = TrainConfig(method="fgsm-sdi", eps=0.1, pgd_steps=2).resolved()
-    assert two.step_size == pytest.approx(0.05)
+    resolved = TrainConfig(method="fgsm-sdi", eps=0.1).resolve()
+    assert (resolved.attacker.name, resolved.attacker.every, resolved.attack.pgd_steps,
+            resolved.attack.step_size) == ("sdi", 5, 1, 0.1)
+    two = TrainConfig(method="fgsm-sdi", eps=0.1, pgd_steps=2).resolve()
+    assert two.attack.step_size == pytest.approx(0.05)
     assert {m for m, r in METHOD_RECORDS.items() if r.has_attacker} == {"naive-l2l", "grad-l2l", "2step-l2l",
                                                                         "fgsm-sdi"}
 

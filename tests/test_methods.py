@@ -33,15 +33,15 @@ def toy_batch(n=32, seed=0):
 
 def make_ctx(method, clean_weight=None, **overrides):
     cfg = TrainConfig(method=method, eps=EPS, lr=0.05, attacker_width=0.125, clean_weight=clean_weight,
-                      attacker_optimizer="adam", attacker_lr=1e-3, **overrides).resolved()
+                      attacker_optimizer="adam", attacker_lr=1e-3, **overrides).resolve()
     torch.manual_seed(0)
     model = create_model("smallcnn", num_classes=2, in_channels=1, image_size=8)
-    opt = make_optimizer("sgd", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas)
+    opt = make_optimizer(cfg.optimizer, model.parameters())
     attacker = attacker_opt = None
-    if cfg.is_l2l:
-        attacker = create_attacker(cfg.attacker, in_channels=attacker_in_channels(method, 1), out_channels=1,
-                                   width=cfg.attacker_width)
-        attacker_opt = make_optimizer("adam", attacker.parameters(), 1e-3, 0.9, 0.0, cfg.betas)
+    if cfg.attacker is not None:
+        attacker = create_attacker(cfg.attacker.name, in_channels=attacker_in_channels(method, 1), out_channels=1,
+                                   width=cfg.attacker.width)
+        attacker_opt = make_optimizer(cfg.attacker.optimizer, attacker.parameters())
     return StepContext(model, opt, cfg, attacker, attacker_opt)
 
 
@@ -136,7 +136,6 @@ def test_extra_attacker_steps_raise_the_adversarial_loss():
 
     start = adv_loss()
     for _ in range(5):
-        ctx.config.attacker_steps = 4
         from learn2defend.methods import _extra_attacker_updates
 
         _extra_attacker_updates(ctx, x, y, None)

@@ -29,10 +29,10 @@ def batch(n=16, seed=0):
 
 
 def ctx_for(method, **overrides):
-    cfg = TrainConfig(method=method, eps=EPS, lr=0.05, **overrides).resolved()
+    cfg = TrainConfig(method=method, eps=EPS, lr=0.05, **overrides).resolve()
     torch.manual_seed(0)
     model = create_model("smallcnn", num_classes=4, in_channels=1, image_size=8)
-    opt = make_optimizer("sgd", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas)
+    opt = make_optimizer(cfg.optimizer, model.parameters())
     return m.StepContext(model, opt, cfg)
 
 
@@ -94,7 +94,7 @@ def test_one_step_equals_an_sgd_step_on_the_loss_written_by_hand(monkeypatch, me
     metrics = m.STEPS[method](ctx, x, y)
 
     logits_clean, logits_adv = ref.model(x), ref.model(x + delta)  # train mode, as the step
-    expected = loss(logits_clean, logits_adv, y, ref.config.beta)
+    expected = loss(logits_clean, logits_adv, y, ref.config.loss.beta)
     ref.optimizer.zero_grad()
     expected.backward()
     ref.optimizer.step()
@@ -159,11 +159,11 @@ def test_kl_pgd_raises_the_kl_and_stays_in_the_threat_model():
 
 
 def test_beta_defaults_and_validation():
-    assert TrainConfig(method="trades").resolved().beta == 6.0
-    assert TrainConfig(method="mart").resolved().beta == 5.0
-    assert TrainConfig(method="trades", beta=1.5).resolved().beta == 1.5
-    assert TrainConfig(method="pgd").resolved().beta is None
-    assert TrainConfig(method="pgd-at").resolved().clean_weight == 0.0
+    assert TrainConfig(method="trades").resolve().loss.beta == 6.0
+    assert TrainConfig(method="mart").resolve().loss.beta == 5.0
+    assert TrainConfig(method="trades", beta=1.5).resolve().loss.beta == 1.5
+    assert TrainConfig(method="pgd").resolve().loss.beta is None
+    assert TrainConfig(method="pgd-at").resolve().loss.clean_weight == 0.0
     for bad, message in [(dict(method="trades", beta=-1.0), "--beta must lie"),
                          (dict(method="mart", beta=float("nan")), "--beta must lie"),
                          (dict(method="pgd", beta=6.0), "--beta applies to"),
@@ -174,7 +174,7 @@ def test_beta_defaults_and_validation():
 
 
 def test_a_config_json_without_beta_still_loads(tmp_path):
-    d = TrainConfig(method="pgd").resolved().to_dict()
+    d = TrainConfig(method="pgd").resolve().to_dict()
     del d["beta"]  # written before --beta existed
     path = tmp_path / "config.json"
     path.write_text(json.dumps(d))

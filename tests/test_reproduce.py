@@ -136,12 +136,12 @@ def test_paper_preset_uses_the_papers_pgm_step_on_its_data_sets(tmp_path: Path) 
 
 def test_paper_preset_keeps_the_papers_sgd_attacker(tmp_path: Path) -> None:
     spec = rp.RunSpec("grad-l2l", 0, "slim")
-    paper = rp.Reproduction(rp.PRESETS["paper"], tmp_path).config("cifar10", "sgd", spec).resolved()
-    assert (paper.attacker_optimizer, paper.attacker_lr, paper.attacker_lr_milestones) == ("sgd", 0.1, [30])
-    cpu = rp.Reproduction(rp.PRESETS["cpu"], tmp_path).config("cifar10", "sgd", spec).resolved()
-    assert (cpu.attacker_optimizer, cpu.attacker_lr) == ("adam", 1e-3)  # learn2defend's default
-    adam = rp.Reproduction(rp.PRESETS["paper"], tmp_path).config("svhn", "adam", spec).resolved()
-    assert (adam.attacker_optimizer, adam.attacker_lr, adam.attacker_lr_milestones) == ("adam", 1e-3, [])
+    paper = rp.Reproduction(rp.PRESETS["paper"], tmp_path).config("cifar10", "sgd", spec).resolve().attacker.optimizer
+    assert (paper.name, paper.lr, paper.milestones) == ("sgd", 0.1, (30,))
+    cpu = rp.Reproduction(rp.PRESETS["cpu"], tmp_path).config("cifar10", "sgd", spec).resolve().attacker.optimizer
+    assert (cpu.name, cpu.lr) == ("adam", 1e-3)  # learn2defend's default
+    adam = rp.Reproduction(rp.PRESETS["paper"], tmp_path).config("svhn", "adam", spec).resolve().attacker.optimizer
+    assert (adam.name, adam.lr, adam.milestones) == ("adam", 1e-3, ())
 
 
 def test_a_run_another_process_trains_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,7 +279,7 @@ def test_the_gpu_preset_fits_its_budget_on_the_mac_model() -> None:
     gpu = rp.FRONTIER_PRESETS["gpu"]
     meta = {"image_shape": [3, 32, 32], "classes": [str(i) for i in range(10)], "mean": [0.5] * 3, "std": [0.5] * 3}
     r = rp.Reproduction(gpu, "unused")
-    per_image = sum(step_macs(r.config("cifar10", "frontier", s).resolved(), meta, 1) for s in rp.frontier_specs(gpu))
+    per_image = sum(step_macs(r.config("cifar10", "frontier", s).resolve(), meta, 1) for s in rp.frontier_specs(gpu))
     training_seconds = gpu.epochs * 45_000 * per_image / 25e12
     assert 200 < training_seconds <= 480 - 164 - 30 - 4 * gpu.epochs * 0.7
 
@@ -314,9 +314,9 @@ def test_frontier_recipes(tmp_path: Path) -> None:
     assert (configs["fgsm-sdi-sdi"].attacker, configs["fgsm-sdi-sdi"].attacker_width) == ("sdi", 0.11)
     assert configs["grad-l2l-slim"].attacker_width == 0.07
     assert configs["fgsm-sdi-sdi"].lr == cpu.l2l_lr and configs["n-fgsm"].lr == cpu.l2l_lr
-    assert configs["fgsm-sdi-sdi"].resolved().attacker_optimizer == "adam"  # not the paper's SGD attacker
-    two = configs["fgsm-sdi-sdi-2step"].resolved()
-    assert (two.pgd_steps, two.step_size, two.attacker_every) == (2, two.eps / 2, 5)
+    assert configs["fgsm-sdi-sdi"].resolve().attacker.optimizer.name == "adam"  # not the paper's SGD attacker
+    two = configs["fgsm-sdi-sdi-2step"].resolve()
+    assert (two.attack.pgd_steps, two.attack.step_size, two.attacker.every) == (2, two.eps / 2, 5)
     # validation PGD-10 every epoch of the adversarial runs (collapse detection), none for the plain nets
     assert {k for k, c in configs.items() if c.val_robust_n == 500} == set(configs) - {"plain-continued"}
     assert configs["plain-continued"].val_robust_n == 0

@@ -33,12 +33,10 @@ def test_grad_l2l_beats_plain_under_pgd10_on_digits(tmp_path):
 
 
 def test_attacker_optimizer_defaults():
-    adam = TrainConfig(method="grad-l2l", lr=0.1, weight_decay=5e-4, lr_milestones=[3]).resolved()
-    assert (adam.attacker_optimizer, adam.attacker_lr, adam.attacker_weight_decay) == ("adam", ATTACKER_ADAM_LR, 0.0)
-    assert adam.attacker_lr_milestones == []
+    adam = TrainConfig(method="grad-l2l", lr=0.1, weight_decay=5e-4, lr_milestones=[3]).resolve().attacker.optimizer
+    assert (adam.name, adam.lr, adam.weight_decay, adam.milestones) == ("adam", ATTACKER_ADAM_LR, 0.0, ())
     # --attacker-optimizer sgd: the paper's CIFAR recipe, the classifier's configuration
     sgd = TrainConfig(method="grad-l2l", lr=0.1, weight_decay=5e-4, lr_milestones=[3],
-                      attacker_optimizer="sgd").resolved()
-    assert (sgd.attacker_lr, sgd.attacker_momentum, sgd.attacker_weight_decay) == (0.1, 0.9, 5e-4)
-    assert sgd.attacker_lr_milestones == [3]
-    assert TrainConfig(method="pgd").resolved().attacker_optimizer is None
+                      attacker_optimizer="sgd").resolve().attacker.optimizer
+    assert (sgd.name, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.milestones) == ("sgd", 0.1, 0.9, 5e-4, (3,))
+    assert TrainConfig(method="pgd").resolve().attacker is None  # a method without an attacker has none

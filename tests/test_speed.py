@@ -36,7 +36,7 @@ def run_steps(method, steps, **switches):
     zero (a conv bias right before batch norm) takes full steps in the direction of rounding
     noise, which differs between any two ways of computing the same step."""
     cfg = TrainConfig(method=method, eps=0.1, lr=0.05, attacker_width=0.125, attacker_optimizer="sgd",
-                      **switches).resolved()
+                      **switches).resolve()
     parts = build_parts(cfg, META, CPU)
     before = copy.deepcopy(parts)
     step = parts.step(cfg, CPU)
@@ -136,7 +136,7 @@ def test_compile_with_generated_kernels_gives_the_eager_step():
 def test_loss_scaling_keeps_the_reversal_update_equal_to_two_backwards(clean_weight):
     """Under a GradScaler the joint update's gradients, as the optimizers see them at their
     step, equal the unscaled two-backward reference (classifier descends, attacker ascends)."""
-    cfg = TrainConfig(method="grad-l2l", eps=0.1, lr=0.05, attacker_width=0.125, clean_weight=clean_weight).resolved()
+    cfg = TrainConfig(method="grad-l2l", eps=0.1, lr=0.05, attacker_width=0.125, clean_weight=clean_weight).resolve()
     parts = build_parts(cfg, META, CPU)
     ref = copy.deepcopy(parts)
     parts.ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)  # float32 math: the scaling alone

@@ -11,10 +11,11 @@ from .errors import UserError
 from .evaluate import EvalConfig, evaluate, evaluate_model
 from .export import load
 from .runs import Run, load_run
+from .settings import ResolvedConfig
 from .train import train
 from .version import __version__
 
 __all__ = [
-    "TrainConfig", "EvalConfig", "Run", "UserError", "evaluate", "evaluate_model", "load", "load_run", "train",
-    "__version__",
+    "TrainConfig", "ResolvedConfig", "EvalConfig", "Run", "UserError", "evaluate", "evaluate_model", "load",
+    "load_run", "train", "__version__",
 ]

@@ -36,6 +36,7 @@ from .errors import UserError
 from .methods import METHOD_RECORDS, attacker_in_channels, step_optimizers
 from .models import ATTACKERS, list_models
 from .runs import build_attacker, build_classifier, data_meta, resolve_device
+from .settings import ResolvedConfig
 from .speed import check_switches, wrap_step
 from .train import build_parts
 
@@ -98,7 +99,7 @@ class BenchConfig:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UserError(f"--threads must be a positive integer, got {self.threads}")
 
-    def train_config(self, method: str) -> TrainConfig:
+    def train_config(self, method: str) -> ResolvedConfig:
         """The resolved training configuration this method is timed with."""
         config = TrainConfig(
             dataset=self.dataset, data_dir=self.data_dir, model=self.model,
@@ -110,8 +111,7 @@ class BenchConfig:
             seed=self.seed, amp=self.amp, channels_last=self.channels_last, compile=self.compile,
             tf32=self.tf32, cudnn_benchmark=self.cudnn_benchmark,
         )
-        config.validate()  # eps, width, clean weight: the same checks and messages as training
-        return config.resolved()
+        return config.resolve()  # eps, width, clean weight: the same checks and messages as training
 
 
 Step = Callable[[], Any]
@@ -119,7 +119,7 @@ CPU_MEMORY_KIND = "none: the CPU has no per-step allocator peak (RSS high-water 
 
 
 def _training_step(
-    config: TrainConfig, meta: dict[str, Any], device: torch.device, x: Tensor, y: Tensor
+    config: ResolvedConfig, meta: dict[str, Any], device: torch.device, x: Tensor, y: Tensor
 ) -> Step:
     """One training step of `config.method`, set up as train.train sets it up (every method
     starts from the same weights: build_parts seeds with config.seed)."""
@@ -137,7 +137,7 @@ def _training_step(
 
 
 def _attacker_only_step(
-    config: TrainConfig, meta: dict[str, Any], device: torch.device, x: Tensor
+    config: ResolvedConfig, meta: dict[str, Any], device: torch.device, x: Tensor
 ) -> Step:
     """The grad-l2l attacker's forward, backward and optimizer step, and nothing else.
 
@@ -156,7 +156,7 @@ def _attacker_only_step(
         step_optimizers(ctx, loss, [ctx.attacker_optimizer])
         return {}
 
-    step = wrap_step(attacker_step, config, device)
+    step = wrap_step(attacker_step, config.speed, device)
     return lambda: step(a, x)
 
 
@@ -185,7 +185,7 @@ def count_macs(fn: Callable[[], Any]) -> int:
     return Counter.flops // 2  # the formulas count a multiply-add as two flops
 
 
-def step_macs(config: TrainConfig, meta: dict[str, Any], batch_size: int | None = None) -> int:
+def step_macs(config: ResolvedConfig, meta: dict[str, Any], batch_size: int | None = None) -> int:
     """Multiply-adds of one training step of `config.method` (resolved config) on a batch of
     `batch_size` images (default: the config's), everything included: attack, forwards,
     backwards, the attacker. Counted on a CPU on two random images and scaled, since every
@@ -217,7 +217,7 @@ def bench(config: BenchConfig, deadline: float | None = None) -> dict[str, Any]:
 def _bench(config: BenchConfig, deadline: float | None) -> dict[str, Any]:
     configs = {m: config.train_config(m) for m in config.methods}
     device = resolve_device(config.device)
-    check_switches(configs[config.methods[0]], device, world=1)
+    check_switches(configs[config.methods[0]].speed, device, world=1)
     data = load_dataset(config.dataset, config.data_dir)
     meta = data_meta(data)
     if len(data.train) < config.batch_size:
@@ -331,7 +331,7 @@ def forward_macs(module: nn.Module, *inputs: Any) -> int:
         module.train(was_training)
 
 
-def step_forwards(config: TrainConfig, attacker_only: bool = False) -> tuple[float, float]:
+def step_forwards(config: ResolvedConfig, attacker_only: bool = False) -> tuple[float, float]:
     """(classifier forwards F, attacker forwards A) per image of one (average) training step
     of `config.method`, from its record (`learn2defend.methods.Method.forwards`). A backward
     costs 2 forwards (input and weight gradients), 1 when only input gradients are taken;
@@ -341,7 +341,7 @@ def step_forwards(config: TrainConfig, attacker_only: bool = False) -> tuple[flo
     return METHOD_RECORDS[config.method].forwards(config)
 
 
-def step_macs_per_image(config: TrainConfig, meta: dict[str, Any], attacker_only: bool = False) -> float:
+def step_macs_per_image(config: ResolvedConfig, meta: dict[str, Any], attacker_only: bool = False) -> float:
     """The cost model's multiply-accumulates per image of one step: F and A counted on the
     networks the run builds, weighted by `step_forwards`."""
     c, h, w = meta["image_shape"]

@@ -102,7 +102,7 @@ def _per_method(name: str) -> str:
     return ", ".join(texts + ([fallback] if fallback else []))
 
 
-# What a None default of a TrainConfig field resolves to (TrainConfig.resolved), for --help.
+# What a None default of a TrainConfig field resolves to (TrainConfig.resolve), for --help.
 NONE_DEFAULTS = {
     "image_size": "the images' own size",
     "train_size": "every training image",

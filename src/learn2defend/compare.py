@@ -77,7 +77,7 @@ def plan(
             configs[method] = dataclasses.replace(base, method=method, out=str(out / method), init=str(out / "plain"))
     for config in configs.values():
         config.validate()
-    build_attacks(list(attacks), base.resolved().eps, 1)  # unknown attack names fail here
+    build_attacks(list(attacks), base.resolve().eps, 1)  # unknown attack names fail here
     for method, config in configs.items():
         _check_existing(Path(config.out), config, "--plain-epochs" if method == "plain" and plain_epochs else
                         "--epochs", extend)

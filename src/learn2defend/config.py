@@ -18,6 +18,16 @@ from typing import Any
 
 from .errors import UserError, eps_range_error
 from .methods import METHOD_RECORDS
+from .settings import (
+    AttackerSettings,
+    AttackSettings,
+    DataSettings,
+    LossSettings,
+    OptimizerSettings,
+    ResolvedConfig,
+    RunSettings,
+    SpeedSettings,
+)
 
 METHODS = tuple(METHOD_RECORDS)
 L2L_METHODS = tuple(name for name, m in METHOD_RECORDS.items() if m.has_attacker)
@@ -167,36 +177,45 @@ class TrainConfig:
     tf32: bool = True
     cudnn_benchmark: bool = False  # CUDA: cuDNN picks the fastest convolution algorithms by trying them
 
-    # ---- derived values: resolved once, never stored twice ---------------------------
     @property
     def is_l2l(self) -> bool:
         """Whether the method trains an attacker network (it has an attacker, its optimizer, ...)."""
         return self.method in L2L_METHODS
 
-    def resolved(self) -> TrainConfig:
-        """A copy with every data-set- or method-dependent default filled in."""
-        c = dataclasses.replace(self)
-        if c.eps is None:
-            c.eps = default_eps(c.dataset)
+    # ---- resolving: every default filled in ---------------------------------------------
+    def resolve(self) -> ResolvedConfig:
+        """Validate, then fill in every data-set- and method-dependent default (eps from the
+        data set, step sizes and the rest from the method's record in learn2defend.methods,
+        the attacker's optimizer from ATTACKER_ADAM_LR or the classifier's) and group the
+        result. UserError on the first bad value (`validate`)."""
+        self.validate()
+        c = dataclasses.replace(self, eps=default_eps(self.dataset) if self.eps is None else self.eps)
         for name, default in METHOD_RECORDS[c.method].defaults.items():  # in order: step_size may use pgd_steps
             if getattr(c, name) is None:
                 setattr(c, name, default.value(c))
         c.pgd_steps = 10 if c.pgd_steps is None else c.pgd_steps
         c.clean_weight = 0.0 if c.clean_weight is None else c.clean_weight
-        c.attacker = c.attacker or "slim"  # what runs without an attacker have always stored
-        if c.is_l2l:
-            c.attacker_optimizer = c.attacker_optimizer or "adam"
-            adam = c.attacker_optimizer == "adam"
-            if c.attacker_lr is None:
-                c.attacker_lr = ATTACKER_ADAM_LR if adam else c.lr
-            c.attacker_momentum = c.momentum if c.attacker_momentum is None else c.attacker_momentum
-            if c.attacker_weight_decay is None:
-                c.attacker_weight_decay = 0.0 if adam else c.weight_decay
-            if c.attacker_lr_milestones is None:
-                c.attacker_lr_milestones = [] if adam else list(c.lr_milestones)
-        c.lr_milestones = list(c.lr_milestones)
-        c.betas = tuple(c.betas)
-        return c
+        attacker = None
+        if METHOD_RECORDS[c.method].has_attacker:
+            adam = (c.attacker_optimizer or "adam") == "adam"
+            attacker = AttackerSettings(
+                c.attacker, c.attacker_every, c.attacker_width, c.attacker_scale, c.attacker_steps, c.grad_norm,
+                c.l2l_update, OptimizerSettings(
+                    name="adam" if adam else "sgd",
+                    lr=c.attacker_lr if c.attacker_lr is not None else ATTACKER_ADAM_LR if adam else c.lr,
+                    momentum=c.momentum if c.attacker_momentum is None else c.attacker_momentum,
+                    weight_decay=c.attacker_weight_decay if c.attacker_weight_decay is not None
+                    else 0.0 if adam else c.weight_decay,
+                    betas=tuple(c.betas),
+                    milestones=tuple(c.attacker_lr_milestones if c.attacker_lr_milestones is not None
+                                     else [] if adam else c.lr_milestones),
+                    gamma=c.lr_gamma))
+        return ResolvedConfig(
+            model=c.model, method=c.method, eps=c.eps, epochs=c.epochs, batch_size=c.batch_size, init=c.init,
+            ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
+            optimizer=OptimizerSettings(c.optimizer, c.lr, c.momentum, c.weight_decay, tuple(c.betas),
+                                        tuple(c.lr_milestones), c.lr_gamma),
+            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c))
 
     def validate(self) -> None:
         """Raise UserError on the first bad value, before anything is written."""
@@ -238,6 +257,11 @@ class TrainConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
             raise UserError(f"cannot read run config {path}: {e}") from None
+
+
+def _picked(cls: type, c: TrainConfig) -> Any:
+    """The settings group `cls`, its fields taken from TrainConfig's fields of the same names."""
+    return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
 
 
 def _has_type(value: Any, annotation: str) -> bool:

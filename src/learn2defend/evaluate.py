@@ -134,19 +134,17 @@ def load_evaluated(path: str | Path, which: str, device: torch.device | str, dat
         raise UserError(f"{path} does not record its data set (exported by an older learn2defend); "
                         "name it with --dataset")
     try:
-        config = TrainConfig(model=meta["model"], method=meta["method"], eps=float(meta["eps"]), **data)
-        if data:
-            config.validate()
+        config = TrainConfig(model=meta["model"], method=meta["method"], eps=float(meta["eps"]), **data).resolve()
     except (TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} has damaged metadata ({e})") from None
     model = load_exported(path, device)
     shape = {k: meta[k] for k in ("classes", "image_shape", "mean", "std")}
-    return Run(path, config, {"dataset": config.dataset, **shape}, model, None, 0)
+    return Run(path, config, {"dataset": config.data.dataset, **shape}, model, None, 0)
 
 
 def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
     """The run's own data (same validation split as in training), or another set with the same classes."""
-    c = run.config
+    c = run.config.data
     data = load_dataset(
         dataset or c.dataset, data_dir, val_size=c.val_size if c.val_size < 1 else int(c.val_size),
         split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image,

@@ -61,7 +61,7 @@ def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[st
         "method": run.config.method,
         "learn2defend_version": __version__,
         # what `eval --checkpoint FILE` needs to rebuild the run's data set and validation split
-        "data": {k: getattr(run.config, k) for k in DATA_FIELDS},
+        "data": {k: getattr(run.config.data, k) for k in DATA_FIELDS},
     }
     # clone: safetensors refuses tensors that share storage
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import fgsm_delta, kl_pgd_delta, pgd_delta, project
+from .settings import ResolvedConfig
 
 Metrics = dict[str, Tensor]
 Grads = list[Tensor | None]  # one entry per classifier parameter, in optimizer order
@@ -39,7 +40,7 @@ class StepContext:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    config: Any  # the run's learn2defend.config.TrainConfig, resolved: every default filled in
+    config: ResolvedConfig  # the run's: every default filled in, grouped (learn2defend.config)
     attacker: nn.Module | None = None
     attacker_optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None  # --amp fp16 (learn2defend.speed)
@@ -48,7 +49,7 @@ class StepContext:
     @property
     def attacker_due(self) -> bool:
         """Whether the attacker is updated on this batch (every --attacker-every batches)."""
-        return self.step_index % self.config.attacker_every == 0
+        return self.step_index % self.config.attacker.every == 0
 
 
 # ---- shared pieces -------------------------------------------------------------------
@@ -105,7 +106,7 @@ def _add_grads(params: list[Tensor], grads: Grads | None) -> None:
 def mixed_loss(ctx: StepContext, logits_adv: Tensor, y: Tensor, logits_clean: Tensor | None) -> Tensor:
     """(1 - w) * CE(adversarial) + w * CE(clean), Kurakin et al.'s clean-batch trick; both
     cross-entropies with --label-smoothing (the training loss only: attacks use plain CE)."""
-    w, smoothing = ctx.config.clean_weight, ctx.config.label_smoothing
+    w, smoothing = ctx.config.loss.clean_weight, ctx.config.loss.label_smoothing
     loss = F.cross_entropy(logits_adv, y, label_smoothing=smoothing)
     if w:
         loss = (1 - w) * loss + w * F.cross_entropy(logits_clean, y, label_smoothing=smoothing)
@@ -147,11 +148,11 @@ def clean_forward_with_grad(
     x = x.detach().requires_grad_(True)
     logits = ctx.model(x)
     loss = F.cross_entropy(logits, y, reduction="sum")
-    w = ctx.config.clean_weight
+    w = ctx.config.loss.clean_weight
     if not w:  # input gradient only
         (grad,) = torch.autograd.grad(loss, x)
         return logits.detach(), grad, None
-    if ctx.scaler is not None or ctx.config.label_smoothing:
+    if ctx.scaler is not None or ctx.config.loss.label_smoothing:
         # fp16: the weight gradients of the clean term come from the final backward, where
         # the loss is scaled (this backward is not: its input gradient feeds the attack, and
         # a scaled one could overflow into it); one more backward of the clean graph.
@@ -169,20 +170,20 @@ def clean_forward_with_grad(
 
 def plain_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     logits = ctx.model(x)
-    loss = F.cross_entropy(logits, y, label_smoothing=ctx.config.label_smoothing)
+    loss = F.cross_entropy(logits, y, label_smoothing=ctx.config.loss.label_smoothing)
     update(ctx, loss)
     return batch_metrics(loss, logits, y, adversarial=False)
 
 
 def fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
-    c = ctx.config
+    eps, a = ctx.config.eps, ctx.config.attack
     clean_grads = None
-    if c.random_start:  # FGSM-RS (Wong et al. 2020): the gradient is taken at a random point
-        delta = fgsm_delta(ctx.model, x, y, c.eps, step_size=c.step_size, random_start=True)
-        logits_clean = ctx.model(x) if c.clean_weight else None
+    if a.random_start:  # FGSM-RS (Wong et al. 2020): the gradient is taken at a random point
+        delta = fgsm_delta(ctx.model, x, y, eps, step_size=a.step_size, random_start=True)
+        logits_clean = ctx.model(x) if ctx.config.loss.clean_weight else None
     else:  # the gradient at x comes from the clean forward we train on anyway
         logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
-        delta = (c.step_size * grad.sign()).clamp(-c.eps, c.eps)
+        delta = (a.step_size * grad.sign()).clamp(-eps, eps)
     logits = ctx.model((x + delta).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss, clean_grads)
@@ -192,9 +193,9 @@ def fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
 def pgd_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     """The paper's PGM net: PGD from zero (or --random-start), step eps/3, clean weight 0.5.
     The attack sees the classifier in train mode (batch statistics), as it always has here."""
-    c = ctx.config
+    a = ctx.config.attack
     delta = pgd_delta(
-        ctx.model, x, y, c.eps, steps=c.pgd_steps, step_size=c.step_size, random_start=c.random_start
+        ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=a.random_start
     )
     return _train_on(ctx, x, y, delta)
 
@@ -208,16 +209,16 @@ def pgd_at_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     code do: batch norm then normalizes with its running statistics and the ten attack
     forwards leave those untouched. (locuslab/robust_overfitting attacks in train mode.)
     """
-    c = ctx.config
+    a = ctx.config.attack
     with eval_mode(ctx.model):
-        delta = pgd_delta(ctx.model, x, y, c.eps, steps=c.pgd_steps, step_size=c.step_size, random_start=True)
+        delta = pgd_delta(ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=True)
     return _train_on(ctx, x, y, delta)
 
 
 def _train_on(ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor) -> Metrics:
     """One update on mixed_loss at x + delta (adversarial forward first, then the clean one)."""
     logits = ctx.model(x + delta)
-    logits_clean = ctx.model(x) if ctx.config.clean_weight else None
+    logits_clean = ctx.model(x) if ctx.config.loss.clean_weight else None
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss)
     return batch_metrics(loss, logits, y, adversarial=True)
@@ -260,18 +261,18 @@ def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float,
 def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     """x' from 10 steps of PGD on the KL (0.001 Gaussian start), the attack in eval mode as
     in TRADES' reference code; then one update on trades_loss in train mode."""
-    c = ctx.config
+    a = ctx.config.attack
     with eval_mode(ctx.model):
-        delta = kl_pgd_delta(ctx.model, x, c.eps, steps=c.pgd_steps, step_size=c.step_size, start_std=0.001)
+        delta = kl_pgd_delta(ctx.model, x, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, start_std=0.001)
     return _kl_update(ctx, x, y, delta, trades_loss)
 
 
 def mart_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     """x' from 10 steps of PGD on CE (0.001 Gaussian start), the attack in eval mode as in
     MART's reference code; then one update on mart_loss in train mode."""
-    c = ctx.config
+    a = ctx.config.attack
     with eval_mode(ctx.model):
-        delta = pgd_delta(ctx.model, x, y, c.eps, steps=c.pgd_steps, step_size=c.step_size, start_std=0.001)
+        delta = pgd_delta(ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, start_std=0.001)
     return _kl_update(ctx, x, y, delta, mart_loss)
 
 
@@ -279,7 +280,7 @@ def _kl_update(ctx: StepContext, x: Tensor, y: Tensor, delta: Tensor,
                loss_fn: Callable[..., Tensor]) -> Metrics:
     logits_clean = ctx.model(x)
     logits_adv = ctx.model(x + delta)
-    loss = loss_fn(logits_clean, logits_adv, y, ctx.config.beta, ctx.config.label_smoothing)
+    loss = loss_fn(logits_clean, logits_adv, y, ctx.config.loss.beta, ctx.config.loss.label_smoothing)
     update(ctx, loss)
     return batch_metrics(loss, logits_adv, y, adversarial=True)
 
@@ -325,7 +326,7 @@ def condition_gradient(grad: Tensor, mode: str) -> Tensor:
 def attacker_input(ctx: StepContext, x: Tensor, grad: Tensor | None) -> Tensor:
     if grad is None:  # naive attacker: the image alone
         return x
-    return torch.cat([x, condition_gradient(grad, ctx.config.grad_norm)], dim=1)
+    return torch.cat([x, condition_gradient(grad, ctx.config.attacker.grad_norm)], dim=1)
 
 
 def learned_perturbation(
@@ -349,7 +350,7 @@ def learned_perturbation(
 
 def _extra_attacker_updates(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor | None) -> None:
     """Attacker-only ascent steps (--attacker-steps > 1), classifier weights untouched."""
-    for _ in range(ctx.config.attacker_steps - 1):
+    for _ in range(ctx.config.attacker.steps - 1):
         delta = learned_perturbation(ctx, x, y, grad)
         loss = F.cross_entropy(ctx.model((x + delta).clamp(0, 1)), y)
         step_optimizers(ctx, -loss, [ctx.attacker_optimizer])  # descending -CE ascends CE
@@ -359,19 +360,19 @@ def l2l_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     c = ctx.config
     if METHOD_RECORDS[c.method].attacker_sees == "image":  # naive: no gradient query
         grad = clean_grads = None
-        logits_clean = ctx.model(x) if c.clean_weight else None
+        logits_clean = ctx.model(x) if c.loss.clean_weight else None
     else:
         logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
-    if c.attacker_steps > 1 and ctx.attacker_due:
+    if c.attacker.steps > 1 and ctx.attacker_due:
         _extra_attacker_updates(ctx, x, y, grad)
     delta = learned_perturbation(ctx, x, y, grad)
 
-    if c.l2l_update == "alternating":
+    if c.attacker.update == "alternating":
         return _alternating_update(ctx, x, y, delta, logits_clean, clean_grads)
 
     # The clean term does not depend on the attacker, so the attacker's gradient is
     # (1 - w) * dL_adv/dphi; the reversal scale undoes that factor.
-    scale = 1.0 / (1.0 - c.clean_weight)
+    scale = 1.0 / (1.0 - c.loss.clean_weight)
     logits = ctx.model((x + _toward_attacker(ctx, delta, scale)).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss, clean_grads, attacker=ctx.attacker_due)
@@ -427,11 +428,10 @@ def fgsm_sdi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
       built in, so that every method can be compared with and without it;
     - their Adam also decays the attacker's weights (5e-4); here --attacker-weight-decay (0).
     """
-    c = ctx.config
     logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
     with torch.set_grad_enabled(ctx.attacker_due):  # no attacker graph on the batches it skips
         delta = sdi_perturbation(ctx, x, y, grad)
-    logits = ctx.model(x + _toward_attacker(ctx, delta, 1.0 / (1.0 - c.clean_weight)))
+    logits = ctx.model(x + _toward_attacker(ctx, delta, 1.0 / (1.0 - ctx.config.loss.clean_weight)))
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss, clean_grads, attacker=ctx.attacker_due)
     return batch_metrics(loss, logits, y, adversarial=True)
@@ -442,14 +442,14 @@ def sdi_perturbation(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor) -> Te
     signed-gradient steps of --step-size from it, each projected to the ball and to [0, 1].
     Returns delta [B, C, H, W] (x + delta in [0, 1], |delta| <= eps), with the attacker's graph
     through the start; the steps' directions are constants. `grad`: the clean input gradient."""
-    c = ctx.config
-    start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), c.eps)
-    delta = project(start, x, c.eps)  # into [0, 1] too: the first query must see a real image
-    for _ in range(c.pgd_steps):
+    eps, a = ctx.config.eps, ctx.config.attack
+    start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), eps)
+    delta = project(start, x, eps)  # into [0, 1] too: the first query must see a real image
+    for _ in range(a.pgd_steps):
         query = delta.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(x + query), y, reduction="sum"), query)
-        delta = project(delta + c.step_size * g.sign(), x, c.eps)
+        delta = project(delta + a.step_size * g.sign(), x, eps)
     return delta
 
 
@@ -458,10 +458,10 @@ def n_fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     [-noise, noise] (default 2 eps), one FGSM step of --step-size (default eps) from the noisy
     point, and no projection back to the eps-ball: |x' - x| <= noise + step (3 eps), then
     clipped to [0, 1]. As their code, the noisy point is clipped to [0, 1] before the query."""
-    c = ctx.config
-    noisy = (x + torch.empty_like(x).uniform_(-c.noise, c.noise)).clamp(0, 1).requires_grad_(True)
+    a = ctx.config.attack
+    noisy = (x + torch.empty_like(x).uniform_(-a.noise, a.noise)).clamp(0, 1).requires_grad_(True)
     (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(noisy), y, reduction="sum"), noisy)
-    x_adv = (noisy.detach() + c.step_size * g.sign()).clamp(0, 1)
+    x_adv = (noisy.detach() + a.step_size * g.sign()).clamp(0, 1)
     return _train_on(ctx, x, y, x_adv - x)
 
 
@@ -470,7 +470,8 @@ def n_fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
 
 @dataclass(frozen=True)
 class Default:
-    """A method's default for a config field left at None: `value(config)` (eps resolved)."""
+    """A method's default for a config field left at None: `value(config)`, where config is
+    the learn2defend.config.TrainConfig being resolved (eps already filled in)."""
 
     value: Callable[[Any], Any]
     text: str  # for --help, e.g. "eps/4"
@@ -494,7 +495,7 @@ class Method:
     name: str
     step: Callable[[StepContext, Tensor, Tensor], Metrics]
     help: str
-    forwards: Callable[[Any], tuple[float, float]]
+    forwards: Callable[[ResolvedConfig], tuple[float, float]]
     attacker_sees: str = ""
     # The learned attack alone, perturbation(ctx, x, y, grad at x or None) -> delta: what the
     # `l2l:DIR` evaluation attack applies to another model.
@@ -515,38 +516,38 @@ def _eps_times(k: float, text: str) -> Default:
     return Default(lambda c: k * c.eps, text)
 
 
-def _w(c: Any) -> float:
-    return 1.0 if c.clean_weight else 0.0
+def _w(c: ResolvedConfig) -> float:
+    return 1.0 if c.loss.clean_weight else 0.0
 
 
-def _split_clean(c: Any) -> float:
+def _split_clean(c: ResolvedConfig) -> float:
     """An input backward more when the clean term's weight gradients cannot come with the
     gradient query (methods.clean_forward_with_grad: fp16 or label smoothing)."""
-    return 1.0 if (c.amp == "fp16" or c.label_smoothing) and c.clean_weight else 0.0
+    return 1.0 if (c.speed.amp == "fp16" or c.loss.label_smoothing) and c.loss.clean_weight else 0.0
 
 
-def _fgsm_forwards(c: Any) -> tuple[float, float]:
+def _fgsm_forwards(c: ResolvedConfig) -> tuple[float, float]:
     # FGSM-RS queries at a random point, so the clean term needs its own pass
-    return (5.0 + 3 * _w(c), 0.0) if c.random_start else (5.0 + _w(c) + _split_clean(c), 0.0)
+    return (5.0 + 3 * _w(c), 0.0) if c.attack.random_start else (5.0 + _w(c) + _split_clean(c), 0.0)
 
 
-def _l2l_forwards(c: Any) -> tuple[float, float]:
-    two_step, due = c.method == "2step-l2l", 1.0 / c.attacker_every  # share of batches the attacker learns on
+def _l2l_forwards(c: ResolvedConfig) -> tuple[float, float]:
+    two_step, due = c.method == "2step-l2l", 1.0 / c.attacker.every  # share of batches the attacker learns on
     if c.method == "naive-l2l":  # attacker, adversarial forward and backward, attacker backward; clean term apart
         cls, att = 3.0 + 3 * _w(c), 1.0 + 2 * due
     else:  # + the gradient query (forward, input backward; weight gradients of the clean term with it)
         cls, att = 5.0 + _w(c) + _split_clean(c), 1.0 + 2 * due
     if two_step:  # a second query and a second attacker pass, backward through both
         cls, att = cls + 2, att + 1 + 2 * due
-    if c.l2l_update == "alternating":  # the attacker's step: one more forward and input backward
+    if c.attacker.update == "alternating":  # the attacker's step: one more forward and input backward
         cls += 2 * due
-    extra = (c.attacker_steps - 1) * due  # each: the perturbation, forward, input backward, attacker backward
+    extra = (c.attacker.steps - 1) * due  # each: the perturbation, forward, input backward, attacker backward
     return cls + extra * (4.0 if two_step else 2.0), att + extra * (6.0 if two_step else 3.0)
 
 
-def _sdi_forwards(c: Any) -> tuple[float, float]:
+def _sdi_forwards(c: ResolvedConfig) -> tuple[float, float]:
     # the clean query, a forward and input backward per step, the trained forward and backward
-    return 2.0 + _w(c) + _split_clean(c) + 2.0 * c.pgd_steps + 3.0, 1.0 + 2.0 / c.attacker_every
+    return 2.0 + _w(c) + _split_clean(c) + 2.0 * c.attack.pgd_steps + 3.0, 1.0 + 2.0 / c.attacker.every
 
 
 # Per-method defaults. Step sizes follow each method's reference: the paper's PGM 0.01 at
@@ -568,18 +569,18 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
            defaults={"step_size": _eps_times(1.0, "eps"), "noise": _eps_times(2.0, "2 eps")},
            options=frozenset({"noise"})),
     Method("pgd", pgd_step, "the paper's PGM net: PGD-10 from zero, step eps/3, clean weight 0.5",
-           lambda c: (2.0 * c.pgd_steps + 3 + 3 * _w(c), 0.0),
+           lambda c: (2.0 * c.attack.pgd_steps + 3 + 3 * _w(c), 0.0),
            defaults={"clean_weight": Default(lambda c: 0.5, "0.5"), "step_size": _eps_times(1 / 3, "eps/3")},
            options=frozenset({"random_start", "pgd_steps"})),
     Method("pgd-at", pgd_at_step, "PGD-AT (Madry et al. 2018): PGD-10 from a random start, step eps/4",
-           lambda c: (2.0 * c.pgd_steps + 3 + 3 * _w(c), 0.0),
+           lambda c: (2.0 * c.attack.pgd_steps + 3 + 3 * _w(c), 0.0),
            defaults={"step_size": _eps_times(1 / 4, "eps/4")}, options=frozenset({"pgd_steps"})),
     Method("trades", trades_step, "TRADES (Zhang et al. 2019): clean CE + beta x KL to a KL-PGD-10 point",
-           lambda c: (2.0 * c.pgd_steps + 7, 0.0),  # TRADES' attack first fixes the clean prediction
+           lambda c: (2.0 * c.attack.pgd_steps + 7, 0.0),  # TRADES' attack first fixes the clean prediction
            defaults={**_KL_DEFAULTS, "beta": Default(lambda c: 6.0, "6")},
            options=frozenset({"beta", "pgd_steps"})),
     Method("mart", mart_step, "MART (Wang et al. 2020): boosted CE + beta x KL weighted by misclassification",
-           lambda c: (2.0 * c.pgd_steps + 6, 0.0),
+           lambda c: (2.0 * c.attack.pgd_steps + 6, 0.0),
            defaults={**_KL_DEFAULTS, "beta": Default(lambda c: 5.0, "5")},
            options=frozenset({"beta", "pgd_steps"})),
     Method("naive-l2l", l2l_step, "the paper's Naive L2L: the attacker sees the image", _l2l_forwards,

@@ -805,10 +805,10 @@ def _frontier_macs(path: Path) -> dict[str, Any]:
     run = load_run(path, with_attacker=False)
     c, h, w = run.meta["image_shape"]
     # Counted on the CPU in float32: the speed switches change the time, not the work.
-    plain_math = replace(run.config, amp="off", channels_last=False, compile=False)
+    plain_math = replace(run.config, speed=replace(run.config.speed, amp="off", channels_last=False, compile=False))
     macs = {"step_macs": step_macs(plain_math, run.meta), "classifier_macs": forward_macs(
         run.model, torch.rand(1, c, h, w))}
-    if run.config.is_l2l:
+    if run.config.attacker is not None:
         attacker = build_attacker(run.config, run.meta)
         a = torch.rand(1, attacker_in_channels(run.config.method, c), h, w)
         macs["attacker_macs"] = forward_macs(attacker, a, run.config.eps)

@@ -1,7 +1,7 @@
 """The run folder as a format: its files, its lock, and loading a run back.
 
 A run folder holds:
-- `config.json`: the resolved `TrainConfig` (every default filled in);
+- `config.json`: the run's `ResolvedConfig` in `TrainConfig`'s flat fields (every default filled in);
 - `last.safetensors`: everything needed to continue exactly (weights, optimizers,
   schedulers, epoch and step, metric sums of a half-done epoch, random generators, and
   with --ema the averaged weights, which loading a run gives as its classifier);
@@ -39,6 +39,7 @@ from .errors import UserError
 from .methods import attacker_in_channels
 from .models import create_attacker, create_model
 from .models.attackers import ATTACKER_LAYOUT
+from .settings import ResolvedConfig
 
 LAST, BEST, CONFIG, METRICS = "last.safetensors", "best.safetensors", "config.json", "metrics.jsonl"
 
@@ -79,7 +80,7 @@ def data_meta(data: Dataset) -> dict[str, Any]:
     }
 
 
-def build_classifier(config: TrainConfig, meta: dict[str, Any]) -> nn.Module:
+def build_classifier(config: ResolvedConfig, meta: dict[str, Any]) -> nn.Module:
     c, h, w = meta["image_shape"]
     return create_model(
         config.model,
@@ -91,16 +92,17 @@ def build_classifier(config: TrainConfig, meta: dict[str, Any]) -> nn.Module:
     )
 
 
-def build_attacker(config: TrainConfig, meta: dict[str, Any]) -> nn.Module | None:
-    if not config.is_l2l:
+def build_attacker(config: ResolvedConfig, meta: dict[str, Any]) -> nn.Module | None:
+    a = config.attacker
+    if a is None:
         return None
     channels = meta["image_shape"][0]
     return create_attacker(
-        config.attacker,
+        a.name,
         in_channels=attacker_in_channels(config.method, channels),
         out_channels=channels,
-        width=config.attacker_width,
-        learnable_scale=config.attacker_scale,
+        width=a.width,
+        learnable_scale=a.scale,
     )
 
 
@@ -121,7 +123,7 @@ class Run:
     """A trained run loaded back from its folder."""
 
     path: Path
-    config: TrainConfig
+    config: ResolvedConfig
     meta: dict[str, Any]
     model: nn.Module
     attacker: nn.Module | None
@@ -139,8 +141,7 @@ def load_run(path: str | Path, which: str = "last", device: str | torch.device =
         raise UserError(f"'{path}' is not a run folder (no {CONFIG}); train one with learn2defend train --out {path}")
     if which not in ("last", "best"):
         raise UserError(f"--which must be last or best, got '{which}'")
-    config = TrainConfig.load(path / CONFIG)
-    config.validate()
+    config = TrainConfig.load(path / CONFIG).resolve()
     state = ckpt.load_state(path / (LAST if which == "last" else BEST), device=device)
     meta = checked_meta(state, path / (LAST if which == "last" else BEST))
     model = build_classifier(config, meta)
@@ -267,11 +268,10 @@ def resume_config(out: Path, given: dict[str, Any], may_change: set[str]) -> Tra
 def changed_settings(stored: TrainConfig, config: TrainConfig, may_change: set[str]) -> str:
     """The settings of `config` that differ from those of the run `stored`, but for `may_change`
     (both resolved first), as flags: '--lr (the run: 0.1, given: 0.05), ...'; '' when none."""
-    before, now = stored.resolved(), config.resolved()
-    differ = [f.name for f in dataclasses.fields(TrainConfig)
-              if f.name not in may_change and getattr(now, f.name) != getattr(before, f.name)]
-    return ", ".join(f"--{k.replace('_', '-')} (the run: {_shown(getattr(before, k))}, "
-                     f"given: {_shown(getattr(now, k))})" for k in differ)
+    before, now = stored.resolve().to_dict(), config.resolve().to_dict()
+    differ = [k for k in dict.fromkeys([*before, *now]) if k not in may_change and now.get(k) != before.get(k)]
+    return ", ".join(f"--{k.replace('_', '-')} (the run: {_shown(before.get(k))}, given: {_shown(now.get(k))})"
+                     for k in differ)
 
 
 def _shown(value: Any) -> str:
@@ -283,7 +283,7 @@ def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def claim_folder(out: Path, cfg: TrainConfig, overwrite: bool, history: list[dict[str, Any]] | None,
+def claim_folder(out: Path, cfg: ResolvedConfig, overwrite: bool, history: list[dict[str, Any]] | None,
                   lock: FolderLock) -> None:
     """Rank 0 makes the run folder its own: old files of an overwritten run go, config.json
     is written, and a continued run's metrics (`history`) are rewritten from its checkpoint."""

@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .config import TrainConfig
 from .errors import UserError
+from .settings import SpeedSettings
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # torch.compile's backend. Tests swap in "aot_eager": the same graph capture and autograd
@@ -45,7 +45,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_BACKEND = "inductor"
 
 
-def check_switches(cfg: TrainConfig, device: torch.device, world: int) -> None:
+def check_switches(cfg: SpeedSettings, device: torch.device, world: int) -> None:
     """UserError for a switch this machine or run cannot honour, before anything is built."""
     if cfg.amp == "fp16" and world > 1:
         # The scaler decides on each process alone whether a step overflowed; the processes
@@ -61,7 +61,7 @@ def check_switches(cfg: TrainConfig, device: torch.device, world: int) -> None:
 
 
 def prepare_modules(model: nn.Module, attacker: nn.Module | None,
-                    cfg: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
+                    cfg: SpeedSettings) -> tuple[nn.Module, nn.Module | None]:
     """Apply --channels-last to the networks in place (their parameters keep their identity,
     so optimizers built before or after both work) and return the modules the training step
     calls: the compiled ones with --compile (they share the parameters), else the same ones.
@@ -76,12 +76,12 @@ def prepare_modules(model: nn.Module, attacker: nn.Module | None,
     return torch.compile(model, backend=COMPILE_BACKEND), compiled_attacker
 
 
-def grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+def grad_scaler(cfg: SpeedSettings, device: torch.device) -> torch.amp.GradScaler | None:
     """A GradScaler for --amp fp16, else None."""
     return torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
 
 
-def fused_optimizers(cfg: TrainConfig) -> bool:
+def fused_optimizers(cfg: SpeedSettings) -> bool:
     """Under --amp fp16 the optimizers use their fused kernels: the scaler then hands its
     overflow flag to the kernel on the device, where an unfused optimizer step would read it
     on the host (one device-to-host sync per step)."""
@@ -91,7 +91,7 @@ def fused_optimizers(cfg: TrainConfig) -> bool:
 Step = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
 
-def wrap_step(step: Callable[[Tensor, Tensor], dict[str, Tensor]], cfg: TrainConfig,
+def wrap_step(step: Callable[[Tensor, Tensor], dict[str, Tensor]], cfg: SpeedSettings,
               device: torch.device) -> Step:
     """`step(x, y)` with the switches around it: the batch in channels_last, autocast, and
     the CUDA math flags. With every switch off, `step` itself."""

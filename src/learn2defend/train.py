@@ -1,8 +1,9 @@
 """The one training loop every method shares.
 
-`train` checks a `TrainConfig`, builds the networks and optimizers (`build_parts`), and
-runs epochs of the method's step (`learn2defend.methods`) with validation, checkpoints
-and stopping; the run folder it writes is described in `learn2defend.runs`.
+`train` resolves a `TrainConfig` into a `ResolvedConfig` (checked, every default filled
+in), builds the networks and optimizers (`build_parts`), and runs epochs of the method's
+step (`learn2defend.methods`) with validation, checkpoints and stopping; the run folder
+it writes is described in `learn2defend.runs`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .runs import (
     prepare_out,
     resolve_device,
 )
+from .settings import OptimizerSettings, ResolvedConfig
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -62,14 +64,17 @@ class TrainingDiverged(UserError):
     checkpoint was kept. A UserError: the CLI prints one line and exits 2."""
 
 
-def make_optimizer(
-    kind: str, params, lr: float, momentum: float, weight_decay: float, betas: tuple[float, float],
-    fused: bool | None = None,
-) -> torch.optim.Optimizer:
-    """SGD or Adam; `fused`: PyTorch's fused kernels (None: its default choice)."""
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
-    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+def make_optimizer(settings: OptimizerSettings, params, fused: bool | None = None) -> torch.optim.Optimizer:
+    """SGD or Adam as `settings` say; `fused`: PyTorch's fused kernels (None: its default choice)."""
+    o = settings
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
+
+
+def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate times `gamma` after each of the `milestones` epochs."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(settings.milestones), settings.gamma)
 
 
 # ---- evaluation during training ------------------------------------------------------------
@@ -95,7 +100,7 @@ def _robust_correct(
     return correct
 
 
-def validate(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
+def validate(model: nn.Module, data: Dataset, config: ResolvedConfig, device: torch.device) -> dict[str, float]:
     """Clean accuracy on the validation split and PGD-10 accuracy on its first
     `val_robust_n` images, in float32 whatever the training step's switches."""
     model.eval()
@@ -103,7 +108,7 @@ def validate(model: nn.Module, data: Dataset, config: TrainConfig, device: torch
         with speed.float32_math(device):
             val = data.val
             result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
-            n = min(config.val_robust_n, len(val))
+            n = min(config.run.val_robust_n, len(val))
             if n and config.eps > 0:
                 subset = ImageData(val.images[:n], val.labels[:n])
                 result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
@@ -119,7 +124,7 @@ RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", 
                      "tensorboard", "channels_last", "compile", "tf32", "cudnn_benchmark"}
 
 
-def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: TrainConfig, meta: dict[str, Any],
+def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: ResolvedConfig, meta: dict[str, Any],
                device: torch.device) -> None:
     """Run the classifier and the attacker once on two blank images, so that a network
     that cannot take these images fails before the run folder is touched. Eval mode and
@@ -150,9 +155,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     missing folder simply starts); with `overwrite`, an existing folder is replaced.
     Everything is validated before anything is written.
     """
-    config.validate()
-    cfg = config.resolved()
-    lock = FolderLock(Path(cfg.out))
+    cfg = config.resolve()
+    lock = FolderLock(Path(cfg.run.out))
     lock.acquire()  # before reading the folder, if there is one
     try:
         return _train(cfg, resume, overwrite, lock)
@@ -160,20 +164,20 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         lock.release()
 
 
-def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) -> Run:
+def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock) -> Run:
     """Check everything, build the run, take the folder, train; in that order, so that bad
     input fails before anything is written."""
-    out = Path(cfg.out)
-    if cfg.tensorboard:
+    out = Path(cfg.run.out)
+    if cfg.run.tensorboard:
         _require_tensorboard()
     continuing = prepare_out(out, resume, overwrite)
     stored = _check_resumable(out, cfg) if continuing else None
-    device = distributed.local_device(resolve_device(cfg.device))
+    device = distributed.local_device(resolve_device(cfg.run.device))
     world = distributed.world_size()
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
+    if cfg.run.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
                         "leave it out (each process then normalizes with its own batch statistics)")
-    speed.check_switches(cfg, device, world)
+    speed.check_switches(cfg.speed, device, world)
     data = _training_data(cfg)
     loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world))
     if stored is not None:
@@ -197,35 +201,36 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, lock: FolderLock) ->
     return load_run(out, "last", device)
 
 
-def _check_resumable(out: Path, cfg: TrainConfig) -> TrainConfig:
+def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     """The stored config of the run being continued; UserError if `cfg` changes what it computes."""
-    stored = TrainConfig.load(out / CONFIG)
     # resolved again: a field added since the run was written gets the value the run had
-    before, now = stored.resolved().to_dict(), cfg.to_dict()
-    changed = sorted(k for k, v in before.items() if k not in RESUMABLE_CHANGES | {"batch_size"} and now[k] != v)
+    stored = TrainConfig.load(out / CONFIG).resolve()
+    before, now = stored.to_dict(), cfg.to_dict()
+    changed = sorted(k for k in {*before, *now} if k not in RESUMABLE_CHANGES | {"batch_size"}
+                     and now.get(k) != before.get(k))
     if changed:  # the values too: a default that changed between versions is set back with its flag
-        details = ", ".join(f"{k} (the run: {before[k]}, now: {now[k]})" for k in changed)
+        details = ", ".join(f"{k} (the run: {before.get(k)}, now: {now.get(k)})" for k in changed)
         raise UserError(f"cannot resume '{out}' with different settings: {details}; "
                         "give the run's values as flags to continue it")
     return stored
 
 
-def _training_data(cfg: TrainConfig) -> Dataset:
+def _training_data(cfg: ResolvedConfig) -> Dataset:
     """The data set, with the run's subset and augmentation overrides applied."""
+    d = cfg.data
     data = load_dataset(
-        cfg.dataset, cfg.data_dir, val_size=cfg.val_size if cfg.val_size < 1 else int(cfg.val_size),
-        split_seed=cfg.split_seed, download=cfg.download, image_size=cfg.image_size,
-        on_bad_image=cfg.on_bad_image,
+        d.dataset, d.data_dir, val_size=d.val_size if d.val_size < 1 else int(d.val_size),
+        split_seed=d.split_seed, download=d.download, image_size=d.image_size, on_bad_image=d.on_bad_image,
     )
-    if cfg.train_size is not None:
-        data.train = ImageData(data.train.images[: cfg.train_size], data.train.labels[: cfg.train_size])
-    if cfg.flip is not None:  # the data set's augmentation, where the run overrides it
-        data.flip = cfg.flip
-    if cfg.crop_padding is not None:
-        if cfg.crop_padding > min(data.image_shape[1:]):  # a crop would then see padding only
-            raise UserError(f"--crop-padding {cfg.crop_padding} is larger than the {data.image_shape[1]}x"
+    if d.train_size is not None:
+        data.train = ImageData(data.train.images[: d.train_size], data.train.labels[: d.train_size])
+    if d.flip is not None:  # the data set's augmentation, where the run overrides it
+        data.flip = d.flip
+    if d.crop_padding is not None:
+        if d.crop_padding > min(data.image_shape[1:]):  # a crop would then see padding only
+            raise UserError(f"--crop-padding {d.crop_padding} is larger than the {data.image_shape[1]}x"
                             f"{data.image_shape[2]} images; use at most {min(data.image_shape[1:])}")
-        data.crop_padding = cfg.crop_padding
+        data.crop_padding = d.crop_padding
     return data
 
 
@@ -251,14 +256,14 @@ class Parts:
         averaged one under --ema, else the trained one."""
         return self.model if self.ema is None else self.ema.module
 
-    def step(self, cfg: TrainConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Metrics]:
+    def step(self, cfg: ResolvedConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Metrics]:
         """One training step of `cfg.method` on a batch, with the speed switches around it."""
-        return speed.wrap_step(functools.partial(STEPS[cfg.method], self.ctx), cfg, device)
+        return speed.wrap_step(functools.partial(STEPS[cfg.method], self.ctx), cfg.speed, device)
 
 
-def build_parts(cfg: TrainConfig, meta: dict[str, Any], device: torch.device, world: int = 1) -> Parts:
+def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device, world: int = 1) -> Parts:
     """The networks, optimizers and schedules of a run, as `train` builds them (also `bench`)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     model = build_classifier(cfg, meta).to(device)
     attacker = build_attacker(cfg, meta)
     if cfg.init:
@@ -270,27 +275,20 @@ def build_parts(cfg: TrainConfig, meta: dict[str, Any], device: torch.device, wo
         attacker.to(device)
     # Identical starting weights everywhere (the seed gives them already; this makes sure).
     distributed.broadcast_modules([model, attacker])
-    if cfg.sync_bn and world > 1:
+    if cfg.run.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    step_model, step_attacker = speed.prepare_modules(model, attacker, cfg)
-    fused = True if speed.fused_optimizers(cfg) else None
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.betas,
-                               fused)
-    parts = Parts(meta, model, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones,
-                                                                                cfg.lr_gamma))
+    step_model, step_attacker = speed.prepare_modules(model, attacker, cfg.speed)
+    fused = True if speed.fused_optimizers(cfg.speed) else None
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), fused)
+    parts = Parts(meta, model, optimizer, schedule(optimizer, cfg.optimizer))
     if attacker is not None:
         parts.attacker = attacker
-        parts.attacker_optimizer = make_optimizer(
-            cfg.attacker_optimizer, attacker.parameters(), cfg.attacker_lr,
-            cfg.attacker_momentum, cfg.attacker_weight_decay, cfg.betas, fused,
-        )
-        parts.attacker_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            parts.attacker_optimizer, cfg.attacker_lr_milestones, cfg.lr_gamma
-        )
+        parts.attacker_optimizer = make_optimizer(cfg.attacker.optimizer, attacker.parameters(), fused)
+        parts.attacker_scheduler = schedule(parts.attacker_optimizer, cfg.attacker.optimizer)
     # Every later optimizer step first averages its gradients over the processes.
     distributed.install_gradient_sync([parts.optimizer, parts.attacker_optimizer])
     parts.ctx = StepContext(step_model, optimizer, cfg, step_attacker, parts.attacker_optimizer,
-                            speed.grad_scaler(cfg, device))
+                            speed.grad_scaler(cfg.speed, device))
     if cfg.ema is not None:
         parts.ema = WeightAverage(model, cfg.ema)
     return parts
@@ -331,13 +329,13 @@ class WeightAverage(nn.Module):
             a.copy_(m)
 
 
-def _train_loader(cfg: TrainConfig, data: Dataset, device: torch.device, ranks: distributed.Ranks) -> DeviceLoader:
+def _train_loader(cfg: ResolvedConfig, data: Dataset, device: torch.device, ranks: distributed.Ranks) -> DeviceLoader:
     # Under torchrun --batch-size is per process; rank r takes every world-th image of the
     # epoch's permutation, so global batch i is the same images for any world size.
     loader = DeviceLoader(
         data.train, cfg.batch_size, device, shuffle=True,
         drop_last=len(data.train) // ranks.world >= cfg.batch_size,
-        augment=cfg.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.seed,
+        augment=cfg.data.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.run.seed,
         rank=ranks.rank, world_size=ranks.world,
     )
     if len(loader) == 0:
@@ -363,14 +361,14 @@ class _Position:
 class _Loop:
     """The training loop of one run: epochs of steps, checkpoints, validation, stopping."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data: Dataset, parts: Parts) -> None:
+    def __init__(self, cfg: ResolvedConfig, out: Path, device: torch.device, data: Dataset, parts: Parts) -> None:
         self.cfg, self.out, self.device, self.data, self.parts = cfg, out, device, data, parts
         self.ranks = distributed.Ranks.current()
         self.loader = _train_loader(cfg, data, device, self.ranks)
         _preflight(parts.model, parts.attacker, cfg, parts.meta, device)
         self.step = parts.step(cfg, device)
         self.guard: _SkipGuard | None = None  # on_nonfinite=skip: undoes a step that went non-finite
-        if cfg.on_nonfinite == "skip":
+        if cfg.run.on_nonfinite == "skip":
             self.guard = _SkipGuard([parts.model, parts.attacker, parts.ema],
                                     [parts.optimizer, parts.attacker_optimizer], self.ranks)
         self.pos = _Position()
@@ -396,7 +394,7 @@ class _Loop:
             s["ema"] = p.ema.state_dict()
         return s
 
-    def restore(self, stored: TrainConfig) -> None:
+    def restore(self, stored: ResolvedConfig) -> None:
         """Load LAST (written with the settings `stored`) into this run; UserError if it does not fit."""
         p, cfg, path = self.parts, self.cfg, self.out / LAST
         s = ckpt.load_state(path, device=self.device)
@@ -409,7 +407,7 @@ class _Loop:
             raise UserError(f"checkpoint {path} does not fit this run ({e!r:.200}); "
                             "start over with --overwrite") from None
         if s["data"]["classes"] != p.meta["classes"] or s["data"]["image_shape"] != p.meta["image_shape"]:
-            raise UserError(f"checkpoint {path} was trained on other data than {cfg.dataset}")
+            raise UserError(f"checkpoint {path} was trained on other data than {cfg.data.dataset}")
         # --batch-size is per process: it may change on resume only so that the global batch stays
         if cfg.batch_size != stored.batch_size and cfg.batch_size * self.ranks.world != stored.batch_size * saved_world:
             raise UserError(f"cannot resume '{self.out}' with a different --batch-size: it was trained with "
@@ -439,7 +437,7 @@ class _Loop:
             if opt is not None:
                 _match_layouts(opt)
 
-    def _position(self, s: dict[str, Any], stored: TrainConfig) -> tuple[_Position, int]:
+    def _position(self, s: dict[str, Any], stored: ResolvedConfig) -> tuple[_Position, int]:
         """Where the checkpoint `s` stands, in this run's global batches, and the number of
         processes that wrote it; ValueError if that is outside this run."""
         pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
@@ -459,7 +457,7 @@ class _Loop:
         cfg, pos, out = self.cfg, self.pos, self.out
         self.started, self.first_epoch = time.perf_counter(), pos.epoch  # for the time left of the whole run
         self._train_mode()
-        with _StopFlag() as stop, _board(out, cfg.tensorboard and self.ranks.is_main) as board:
+        with _StopFlag() as stop, _board(out, cfg.run.tensorboard and self.ranks.is_main) as board:
             while pos.epoch < cfg.epochs:
                 started = time.perf_counter()
                 for i, (x, y) in self._batches():
@@ -513,7 +511,7 @@ class _Loop:
         """After batch `i`: every --checkpoint-every batches, and when a stop was asked for,
         save LAST (then stop); check the loss sums then and every NONFINITE_CHECK_EVERY batches."""
         cfg, pos = self.cfg, self.pos
-        periodic = bool(cfg.checkpoint_every) and i % cfg.checkpoint_every == 0 and i < len(self.loader)
+        periodic = bool(cfg.run.checkpoint_every) and i % cfg.run.checkpoint_every == 0 and i < len(self.loader)
         stopping = self.ranks.agree_stop(stop.requested, due=periodic or i % STOP_CHECK_EVERY == 0)
         if not (stopping or periodic or i % NONFINITE_CHECK_EVERY == 0):
             return
@@ -787,18 +785,19 @@ SMALLCNN_ADVICE = ("note: smallcnn sees 10x10-pixel patches before its global po
                    "on images this large --model smallcnn-pooled (or a ResNet) learns faster and costs less")
 
 
-def _header(cfg: TrainConfig, data: Dataset, device: torch.device, world: int) -> str:
+def _header(cfg: ResolvedConfig, data: Dataset, device: torch.device, world: int) -> str:
     """One line saying what this run trains, on what, and where."""
-    method = cfg.method + (f" ({cfg.attacker} attacker x{cfg.attacker_width:g})" if cfg.is_l2l else "")
-    where = str(device) + (" (auto: no CUDA here)" if cfg.device == "auto" and device.type == "cpu" else "")
+    a = cfg.attacker
+    method = cfg.method + (f" ({a.name} attacker x{a.width:g})" if a is not None else "")
+    where = str(device) + (" (auto: no CUDA here)" if cfg.run.device == "auto" and device.type == "cpu" else "")
     if world > 1:
         where += f" x {world} processes"
     augment = []
-    if cfg.augment and data.crop_padding:
+    if cfg.data.augment and data.crop_padding:
         augment.append(f"crop {data.crop_padding} px")
-    if cfg.augment and data.flip:
+    if cfg.data.augment and data.flip:
         augment.append("flip")
-    return (f"train {cfg.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}, {cfg.epochs} epochs, "
+    return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}, {cfg.epochs} epochs, "
             f"augmentation {' + '.join(augment) or 'none'}, device {where}")
 
 
@@ -817,9 +816,9 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _progress(batches, total: int, epoch: int, cfg: TrainConfig):
+def _progress(batches, total: int, epoch: int, cfg: ResolvedConfig):
     """A tqdm bar on a terminal; nothing (the per-epoch line) otherwise."""
-    if not (cfg.progress and sys.stderr.isatty()) or not distributed.is_main():
+    if not (cfg.run.progress and sys.stderr.isatty()) or not distributed.is_main():
         return batches
     from tqdm import tqdm
 

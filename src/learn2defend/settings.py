@@ -1,0 +1,158 @@
+"""The resolved configuration of a training run: what the training loop, the steps
+(`methods.StepContext`), `speed` and `bench` take.
+
+A `ResolvedConfig` is a `learn2defend.config.TrainConfig` after `TrainConfig.resolve`:
+validated, every data-set- and method-dependent default filled in, and its fields grouped
+(data, optimizer, the method's attack and loss, the attacker and its optimizer, speed
+switches, the run). Frozen: nothing fills it in later. The flags and config.json keep
+TrainConfig's flat names (`ResolvedConfig.to_dict`), so that run folders of every version
+load and a run's settings read as the command line that made it.
+
+This module imports nothing of the package's: the steps below the configuration read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data, split how, augmented how (learn2defend.data)."""
+
+    dataset: str
+    data_dir: str
+    download: bool
+    image_size: int | None  # None: the images' own size
+    val_size: float  # a fraction in (0, 1), or a count of images
+    split_seed: int
+    train_size: int | None  # None: every training image
+    augment: bool
+    flip: bool | None  # None: the data set's own convention (no flips for digits and SVHN)
+    crop_padding: int | None  # None: the data set's own (pixels)
+    on_bad_image: str
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """An optimizer and its learning-rate schedule (MultiStepLR): the classifier's or the attacker's."""
+
+    name: str  # sgd | adam
+    lr: float
+    momentum: float  # sgd only
+    weight_decay: float
+    betas: tuple[float, float]  # adam only
+    milestones: tuple[int, ...]  # epochs after which lr is multiplied by gamma
+    gamma: float
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """The method's hand-designed training attack; a field the method does not use keeps its
+    TrainConfig default (step_size and noise: None)."""
+
+    pgd_steps: int  # iterations of pgd, pgd-at, trades and mart; fgsm-sdi's steps after its start
+    step_size: float | None  # pixels; None: the method takes no step (plain, the paper's L2L methods)
+    random_start: bool
+    noise: float | None  # n-fgsm's uniform noise half-width in pixels; None: other methods
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the method's training loss weighs its terms."""
+
+    clean_weight: float  # of the clean cross-entropy, (1 - w) of the adversarial one
+    beta: float | None  # trades and mart: the KL term's weight; None: the method has none
+    label_smoothing: float
+
+
+@dataclass(frozen=True)
+class AttackerSettings:
+    """The learned attacker of an L2L method (learn2defend.models.attackers) and its optimizer."""
+
+    name: str  # slim | wide | sdi
+    every: int  # updated on every K-th batch
+    width: float
+    scale: bool  # the authors' learnable tanh scale
+    steps: int  # attacker updates per classifier update
+    grad_norm: str  # how its gradient input is conditioned
+    update: str  # joint (one backward) | alternating (the authors' code)
+    optimizer: OptimizerSettings
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The training step's speed switches (learn2defend.speed)."""
+
+    amp: str
+    channels_last: bool
+    compile: bool
+    tf32: bool
+    cudnn_benchmark: bool
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where the run lives and how it reports, checkpoints and seeds itself."""
+
+    out: str
+    seed: int
+    device: str
+    val_robust_n: int
+    checkpoint_every: int
+    progress: bool
+    on_nonfinite: str
+    sync_bn: bool
+    tensorboard: bool
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated `TrainConfig` with every default filled in (`TrainConfig.resolve`). No
+    field is "filled in later": a None left says the run does without (no --init, no --ema,
+    no attacker for a method without one)."""
+
+    model: str
+    method: str
+    eps: float  # L-inf radius in pixel units ([0, 1] images)
+    epochs: int
+    batch_size: int  # per process under torchrun
+    init: str | None  # run folder whose classifier the run starts from
+    ema: float | None  # decay of the classifier's weight average; None: off
+    data: DataSettings
+    optimizer: OptimizerSettings
+    attack: AttackSettings
+    loss: LossSettings
+    attacker: AttackerSettings | None  # None: the method trains no attacker
+    speed: SpeedSettings
+    run: RunSettings
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json's object: the flat fields of learn2defend.config.TrainConfig, by which the
+        run's flags are named; `TrainConfig.from_dict(d).resolve()` gives this config back. The
+        settings of an attacker the method lacks are left out (they take their defaults)."""
+        d: dict[str, Any] = {
+            "model": self.model, "method": self.method, "eps": self.eps, "epochs": self.epochs,
+            "batch_size": self.batch_size, "init": self.init, "ema": self.ema,
+            **_fields(self.data), **_fields(self.attack), **_fields(self.loss), **_fields(self.speed),
+            **_fields(self.run), **_optimizer_fields(self.optimizer, ""),
+        }
+        a = self.attacker
+        if a is not None:
+            d.update(attacker=a.name, attacker_every=a.every, attacker_width=a.width, attacker_scale=a.scale,
+                     attacker_steps=a.steps, grad_norm=a.grad_norm, l2l_update=a.update,
+                     **_optimizer_fields(a.optimizer, "attacker_"))
+        return d
+
+
+def _fields(group: Any) -> dict[str, Any]:
+    return {f.name: getattr(group, f.name) for f in dataclasses.fields(group)}
+
+
+def _optimizer_fields(o: OptimizerSettings, prefix: str) -> dict[str, Any]:
+    """An optimizer's flat fields; betas and the schedule's gamma are shared (the classifier's)."""
+    d = {f"{prefix}optimizer": o.name, f"{prefix}lr": o.lr, f"{prefix}momentum": o.momentum,
+         f"{prefix}weight_decay": o.weight_decay, f"{prefix}lr_milestones": list(o.milestones)}
+    return d if prefix else {**d, "betas": list(o.betas), "lr_gamma": o.gamma}
