@@ -114,8 +114,8 @@ def _subcommands():
     return parser, sub.choices
 
 
-# The eval-side commands: their config (module, class), and a smallest command line of each
-# with the fields it gives.
+# The commands whose options are their config's fields (config.option): the config (module,
+# class), and a smallest command line of each with the fields it gives.
 EVAL_SIDE = {
     "eval": ("evaluate", "EvalConfig", ["--checkpoint", "r"], {"checkpoint": "r"}),
     "transfer": ("evaluate", "TransferConfig", ["--surrogate", "s", "--target", "t"],
@@ -126,6 +126,8 @@ EVAL_SIDE = {
     "export": ("export", "ExportConfig", ["r", "--out", "m.safetensors"], {"checkpoint": "r", "out": "m.safetensors"}),
     "plot": ("reproduce", "PlotConfig", ["a", "b", "--out", "c.png"], {"runs": ["a", "b"], "out": "c.png"}),
     "compare": ("compare", "CompareConfig", [], {}),
+    "bench": ("bench", "BenchConfig", [], {}),
+    "doctor": ("doctor", "DoctorConfig", [], {}),
 }
 LIBRARY_ONLY = {"progress", "title"}  # config fields the command line leaves at their defaults
 
@@ -164,6 +166,19 @@ def test_eval_side_options_come_from_their_config_dataclass(command):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             assert action.default == default, dest
     assert config_from_args(cls, build_parser().parse_args([command, *argv])) == cls(**given)
+
+
+def test_doctor_checks_is_on_off_or_per_device_and_lists_are_comma_separated():
+    from learn2defend.cli import build_parser, config_from_args
+    from learn2defend.doctor import DoctorConfig
+
+    def parsed(*argv):
+        return config_from_args(DoctorConfig, build_parser().parse_args(["doctor", *argv]))
+
+    assert parsed().checks is None  # on CUDA only
+    assert parsed("--checks").checks is True and parsed("--no-checks").checks is False
+    config = parsed("--methods", "plain, attacker-only", "--variants", "float32,fast")
+    assert (config.methods, config.variants) == (["plain", "attacker-only"], ["float32", "fast"])
 
 
 def test_eval_side_configs_share_what_to_evaluate():

@@ -24,13 +24,22 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import KL_METHODS, METHODS, TrainConfig
+from .config import (
+    ATTACKER_WIDTH_HELP,
+    DATA_DIR_HELP,
+    DEVICE_HELP,
+    KL_METHODS,
+    METHODS,
+    SWITCH_HELP,
+    TrainConfig,
+    option,
+)
 from .data import DeviceLoader, load_dataset
 from .errors import UserError
 from .methods import METHOD_RECORDS, attacker_in_channels, step_optimizers
@@ -54,28 +63,32 @@ PAPER_SECONDS_PER_EPOCH: dict[str, dict[str, float]] = {
 
 @dataclass
 class BenchConfig:
-    """What to time; every method gets the same model, data, batch and attacker."""
+    """What to time; every method gets the same model, data, batch and attacker. Each field
+    is also an option of `learn2defend bench` (config.option)."""
 
-    model: str = "smallcnn"
-    dataset: str = "fake:3x32x32:10"
-    batch_size: int = 128
-    steps: int = 10  # timed rounds; the reported time is their median
-    warmup: int = 2  # untimed rounds first
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    attacker: str | None = None  # None: each method's own (slim; sdi for fgsm-sdi)
-    attacker_width: float = 1.0
-    eps: float | None = None  # None: the data set's default, as in training
-    clean_weight: float | None = None  # None: each method's training default
-    device: str = "auto"
-    data_dir: str = "data"
-    seed: int = 0
-    threads: int | None = None  # CPU threads for the run (None: torch's default)
-    # the speed switches of TrainConfig (learn2defend.speed), applied as training applies them
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-    tf32: bool = False
-    cudnn_benchmark: bool = False
+    model: str = option("smallcnn", help="classifier name")
+    dataset: str = option("fake:3x32x32:10", help="data set; one batch of it is used")
+    batch_size: int = option(128, help="images per step")
+    steps: int = option(10, help="timed rounds; the median is reported")
+    warmup: int = option(2, help="untimed rounds first")
+    methods: list[str] = option(default_factory=lambda: list(METHODS),
+                                help="comma-separated (default: all); attacker-only: the attacker alone")
+    attacker: str | None = option(None, help="slim | wide | sdi (default: each method's own: slim; sdi for fgsm-sdi)")
+    attacker_width: float = option(1.0, help=ATTACKER_WIDTH_HELP)
+    eps: float | None = option(None, help="default: per data set, as in training")
+    clean_weight: float | None = option(None, help="default: per method, as in training")
+    device: str = option("auto", help=DEVICE_HELP)
+    data_dir: str = option("data", help=DATA_DIR_HELP)
+    seed: int = option(0, help="seed of the weights and the batch")
+    threads: int | None = option(None, help="CPU threads (default: torch's, one per core)")
+    # the speed switches of TrainConfig (learn2defend.speed), applied as training applies them;
+    # all off here, tf32 included (training's default is on): bench times IEEE float32 unless told
+    amp: str = option("off", help=SWITCH_HELP["amp"])
+    channels_last: bool = option(False, switch=True, help=SWITCH_HELP["channels_last"])
+    compile: bool = option(False, switch=True, help=SWITCH_HELP["compile"])
+    tf32: bool = option(False, switch=True, help="CUDA: TF32 math for the timed steps' matmuls and convolutions "
+                        "(training's default; bench times IEEE float32 without it); no effect on the CPU")
+    cudnn_benchmark: bool = option(False, switch=True, help=SWITCH_HELP["cudnn_benchmark"])
 
     def validate(self) -> None:
         if not self.methods:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .compare import CompareConfig
-from .config import DATA_DIR_HELP, DEVICE_HELP, METHODS, TrainConfig, parse_fraction
+from .config import ATTACKER_WIDTH_HELP, DATA_DIR_HELP, DEVICE_HELP, SWITCH_HELP, TrainConfig, parse_fraction
 from .errors import UserError
 from .evaluate import EvalConfig, TransferConfig
 from .export import ExportConfig
@@ -53,7 +53,7 @@ HELP = {
     "random_start": "uniform random start (FGSM-RS of Wong et al. for --method fgsm)",
     "beta": "trades, mart: weight of the KL term against the clean (trades) or boosted (mart) cross-entropy",
     "attacker": "slim | wide (the paper's Table 1) | sdi (FGSM-SDI's generator)",
-    "attacker_width": "multiplies the attacker's channel counts",
+    "attacker_width": ATTACKER_WIDTH_HELP,
     "attacker_scale": "attacker output tanh(s*h) with a learnable s starting at 5 (authors' code)",
     "attacker_optimizer": "sgd | adam (adam: lr 1e-3, no weight decay, fixed; sgd takes the "
                           "classifier's lr, momentum, weight decay and schedule, as in the paper)",
@@ -79,16 +79,7 @@ HELP = {
     "attacker_weight_decay": "the attacker's weight decay",
     "attacker_lr_milestones": "epochs after which the attacker's learning rate is multiplied by --lr-gamma",
     "seed": "seed of weights, data order, augmentation and random starts",
-    "amp": "mixed precision of the training step: off | bf16 | fp16 (fp16 with a loss scaler over both optimizers); "
-           "validation and evaluation attacks always run in float32, since an attack in low precision can "
-           "overstate robustness",
-    "channels_last": "channels_last (NHWC) memory layout for the networks and batches of the training step",
-    "compile": "torch.compile the classifier and the attacker (the first steps are slow: compilation; "
-               "on the CPU it needs g++)",
-    "tf32": "CUDA: TF32 tensor-core math for the training step's float32 matmuls and convolutions "
-            "(--no-tf32: IEEE float32; evaluation is IEEE float32 either way); no effect on the CPU",
-    "cudnn_benchmark": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (not bit-reproducible "
-                       "between runs); no effect on the CPU",
+    **SWITCH_HELP,
 }
 
 def _per_method(name: str) -> str:
@@ -270,7 +261,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
         options: dict[str, Any] = {"help": text}
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):  # None: neither --flag nor --no-flag given
             options["action"] = "store_true" if meta["switch"] else argparse.BooleanOptionalAction
         else:
             options.update(type=_option_type(f), **{k: meta[k] for k in ("metavar", "nargs") if meta[k] is not None})
@@ -343,54 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_speed_commands(sub) -> None:
     """bench (each method's step, timed alike) and doctor (the machine, and bench with each switch)."""
+    from .bench import BenchConfig
+    from .doctor import DoctorConfig
+
     p = sub.add_parser("bench", help="seconds per training step of each method, timed alike")
-    p.add_argument("--model", default="smallcnn", help="classifier name (default: smallcnn)")
-    p.add_argument("--dataset", default="fake:3x32x32:10", help="data set; one batch of it is used")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step")
-    p.add_argument("--steps", type=int, default=10, help="timed rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    p.add_argument("--methods", type=_names, default=list(METHODS),
-                   help="comma-separated (default: all); attacker-only: the attacker alone")
-    p.add_argument("--attacker", help="slim | wide | sdi (default: each method's own: slim; sdi for fgsm-sdi)")
-    p.add_argument("--attacker-width", type=_number, default=1.0, help=HELP["attacker_width"])
-    p.add_argument("--eps", type=_number, help="default: per data set, as in training")
-    p.add_argument("--clean-weight", type=_number, help="default: per method, as in training")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
-    _add_switch_options(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_config_options(p, BenchConfig)
+    _json_option(p)
 
     p = sub.add_parser("doctor", help="versions, device, and every method's speed with each speed switch "
                        "(run this on a new machine, a GPU one above all)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--model", help="classifier to bench (default: wrn-34-4 on CUDA, smallcnn on the CPU)")
-    p.add_argument("--batch-size", type=int, help="images per step (default: 128 on CUDA, 32 on the CPU)")
-    p.add_argument("--steps", type=int, default=5, help="timed rounds per variant; the median is reported")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation happens there)")
-    p.add_argument("--methods", type=_names, help="comma-separated (default: every method, and attacker-only)")
-    p.add_argument("--variants", type=_names, help="comma-separated, from: float32, bf16, fp16, channels_last, "
-                   "tf32, cudnn_benchmark, compile, fast (default: all that apply to the device)")
-    p.add_argument("--attacker-width", type=_number, default=1.0, help=HELP["attacker_width"])
-    p.add_argument("--max-seconds", type=_number, default=240.0, help="no new variant or check starts after "
-                   "this many seconds (a compilation under way finishes)")
-    p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None, help="also train a short epoch "
-                   "in float32, one with every switch, and one under torchrun (default: on CUDA only)")
-    p.add_argument("--epoch-images", type=int, default=1792, help="training images of those epochs")
-    p.add_argument("--data-dir", default="data", help=HELP["data_dir"])
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-
-
-def _add_switch_options(p: argparse.ArgumentParser) -> None:
-    """The speed switches of TrainConfig (learn2defend.speed), for bench and doctor."""
-    p.add_argument("--amp", default="off", help=HELP["amp"])
-    for name in ("channels_last", "compile", "tf32", "cudnn_benchmark"):
-        text = HELP[name] if name != "tf32" else (
-            "CUDA: TF32 math for the timed steps' matmuls and convolutions (training's default; "
-            "bench times IEEE float32 without it); no effect on the CPU")
-        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    add_config_options(p, DoctorConfig)
+    _json_option(p)
 
 
 def _names(text: str) -> list[str]:
@@ -517,14 +471,7 @@ def _show(args: argparse.Namespace) -> dict[str, Any]:
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
     from .bench import BenchConfig, bench, format_table
 
-    result = bench(BenchConfig(
-        model=args.model, dataset=args.dataset, batch_size=args.batch_size, steps=args.steps,
-        warmup=args.warmup, methods=args.methods, attacker=args.attacker,
-        attacker_width=args.attacker_width, eps=args.eps, clean_weight=args.clean_weight,
-        device=args.device, data_dir=args.data_dir, seed=args.seed, threads=args.threads,
-        amp=args.amp, channels_last=args.channels_last, compile=args.compile, tf32=args.tf32,
-        cudnn_benchmark=args.cudnn_benchmark,
-    ))
+    result = bench(config_from_args(BenchConfig, args))
     if args.json:
         return result
     print(format_table(result))
@@ -534,13 +481,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
 def _doctor(args: argparse.Namespace) -> dict[str, Any]:
     from .doctor import DoctorConfig, doctor, format_report
 
-    report = doctor(DoctorConfig(
-        device=args.device, model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-        **({"methods": args.methods} if args.methods else {}), variants=args.variants,
-        attacker_width=args.attacker_width, max_seconds=args.max_seconds, checks=args.checks,
-        epoch_images=args.epoch_images, data_dir=args.data_dir,
-        threads=args.threads,
-    ))
+    report = doctor(config_from_args(DoctorConfig, args))
     if args.json:
         return report
     print(format_report(report))

@@ -63,6 +63,20 @@ MAX_ATTACKER_EVERY = 10**6
 
 DEVICE_HELP = "auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N"
 DATA_DIR_HELP = "where torchvision data sets and decoded-folder caches live"
+ATTACKER_WIDTH_HELP = "multiplies the attacker's channel counts"
+# The speed switches' help, for train (TrainConfig) and bench (bench.BenchConfig).
+SWITCH_HELP = {
+    "amp": "mixed precision of the training step: off | bf16 | fp16 (fp16 with a loss scaler over both optimizers); "
+           "validation and evaluation attacks always run in float32, since an attack in low precision can "
+           "overstate robustness",
+    "channels_last": "channels_last (NHWC) memory layout for the networks and batches of the training step",
+    "compile": "torch.compile the classifier and the attacker (the first steps are slow: compilation; "
+               "on the CPU it needs g++)",
+    "tf32": "CUDA: TF32 tensor-core math for the training step's float32 matmuls and convolutions "
+            "(--no-tf32: IEEE float32; evaluation is IEEE float32 either way); no effect on the CPU",
+    "cudnn_benchmark": "CUDA: let cuDNN time its convolution algorithms and keep the fastest (not bit-reproducible "
+                       "between runs); no effect on the CPU",
+}
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str | Callable[[], str], flag: str | None = None,
@@ -73,7 +87,8 @@ def option(default: Any = dataclasses.MISSING, *, help: str | Callable[[], str],
     `--field-name` (or `flag`, with further names `aliases`), its `help` (a text, or a
     function giving one when the parser is built), `metavar`, `nargs`, `parse` (the name of
     a cli parser of the value, instead of the one of the field's type), `switch` (a bool
-    given as a plain --flag, off by default, instead of --flag/--no-flag), `from_cli` (the
+    given as a plain --flag, off by default, instead of --flag/--no-flag; a `bool | None`
+    field is --flag/--no-flag, None when neither is given), `from_cli` (the
     parsed value -> the config fields it fills, for an option that fills several) and
     `positional` (an argument named by its place, not a --flag). A field without `help`
     has no option. The default is the field's, for the CLI too."""

@@ -33,14 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .bench import BENCH_METHODS, BenchConfig, bench, switches
-from .config import TrainConfig
+from .config import ATTACKER_WIDTH_HELP, DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option
 from .errors import UserError
 from .models import list_models
 from .runs import resolve_device
@@ -64,19 +64,27 @@ VARIANTS = (FLOAT32, *SWITCH_VARIANTS, FAST)
 
 @dataclass
 class DoctorConfig:
-    device: str = "auto"
-    model: str | None = None  # None: wrn-34-4 on CUDA, smallcnn on the CPU
-    batch_size: int | None = None  # None: 128 on CUDA, 32 on the CPU
-    steps: int = 5  # timed rounds per variant (the median is reported)
-    warmup: int = 2  # untimed rounds first (compilation and cuDNN's search happen there)
-    methods: list[str] = field(default_factory=lambda: list(BENCH_METHODS))
-    variants: list[str] | None = None  # None: every variant that applies to the device
-    attacker_width: float = 1.0
-    max_seconds: float = 240.0  # no new variant or check starts after this
-    checks: bool | None = None  # the training checks (epochs, torchrun); None: on CUDA only
-    epoch_images: int = 1792  # training images of the checks' epochs (fake data: 2048, 256 for validation)
-    data_dir: str = "data"
-    threads: int | None = None
+    """What doctor benchmarks and checks. Each field is also an option of `learn2defend doctor`
+    (config.option)."""
+
+    device: str = option("auto", help=DEVICE_HELP)
+    model: str | None = option(None, help="classifier to bench (default: wrn-34-4 on CUDA, smallcnn on the CPU)")
+    batch_size: int | None = option(None, help="images per step (default: 128 on CUDA, 32 on the CPU)")
+    steps: int = option(5, help="timed rounds per variant; the median is reported")
+    warmup: int = option(2, help="untimed rounds first (compilation and cuDNN's search happen there)")
+    methods: list[str] = option(default_factory=lambda: list(BENCH_METHODS),
+                                help="comma-separated (default: every method, and attacker-only)")
+    variants: list[str] | None = option(None, help=f"comma-separated, from: {', '.join(VARIANTS)} "
+                                        "(default: all that apply to the device)")
+    attacker_width: float = option(1.0, help=ATTACKER_WIDTH_HELP)
+    max_seconds: float = option(240.0, help="no new variant or check starts after this many seconds "
+                                "(a compilation under way finishes)")
+    checks: bool | None = option(None, help="also train a short epoch in float32, one with every switch, and one "
+                                 "under torchrun (default: on CUDA only)")
+    # fake data: 2048 training images, of which 256 are held out for validation
+    epoch_images: int = option(1792, help="training images of those epochs")
+    data_dir: str = option("data", help=DATA_DIR_HELP)
+    threads: int | None = option(None, help="CPU threads (default: torch's, one per core)")
 
     def validate(self) -> None:
         if self.model is not None and self.model not in list_models():
