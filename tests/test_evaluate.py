@@ -445,3 +445,21 @@ def test_a_failed_evaluation_leaves_no_state(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         evaluate(EvalConfig(checkpoint=str(run.path), attacks=["autoattack-fast"], n=16))
     assert not (run.path / STATE_DIR).exists()
+
+
+def test_torchrun_shares_are_whole_autoattack_chunks_of_one_process():
+    """Under torchrun each rank attacks whole chunks of 250 images, the very chunks one process
+    attacks, so AutoAttack (random numbers shared by a chunk) gives the same accuracy with any
+    number of processes; together the ranks attack every image exactly once."""
+    from learn2defend.attacks.auto import CHUNK
+    from learn2defend.data import ImageData
+    from learn2defend.evaluate import shard
+
+    n = 2 * CHUNK + 30
+    images = ImageData(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n))  # label = index
+    index = [shard(images, r, 2, CHUNK).labels.tolist() for r in range(2)]
+    assert index[0] == [*range(CHUNK), *range(2 * CHUNK, n)]  # one process's chunks 1 and 3
+    assert index[1] == list(range(CHUNK, 2 * CHUNK))  # and its chunk 2
+    strided = [shard(images, r, 3).labels.tolist() for r in range(3)]
+    assert sorted(sum(strided, [])) == list(range(n))
+    assert strided[1][:3] == [1, 4, 7]  # without AutoAttack: every world-th image

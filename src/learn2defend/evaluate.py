@@ -202,6 +202,15 @@ def check_same_task(a: Run, b: Run, what: str) -> None:
                         f"{b.meta['image_shape']}")
 
 
+def shard(images: ImageData, rank: int, world: int, block: int = 1) -> ImageData:
+    """Rank `rank`'s share of `images` among `world` processes: blocks rank, rank + world, ...
+    of `block` consecutive images. With AutoAttack's chunk as the block (250 images, whose
+    random numbers it shares), every chunk is the one a single process attacks, so the
+    accuracy does not depend on the number of processes; other attacks draw per image."""
+    keep = (torch.arange(len(images)) // block) % world == rank
+    return ImageData(images.images[keep], images.labels[keep])
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Clean accuracy, accuracy under each attack, and the per-sample worst case; with
     `config.checks`, the sanity checks ("checks", "flagged")."""
@@ -223,9 +232,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     data = eval_data(run, config.dataset, config.data_dir)
     images = first_n(data, config.split, config.n)
     n = len(images)
-    if world > 1:  # under torchrun: rank r attacks images r, r + world, ...; the counts are added up
-        r = distributed.rank()
-        images = ImageData(images.images[r::world], images.labels[r::world])
+    if world > 1:  # under torchrun each rank attacks its share; the counts are added up
+        block = max((a.batch_size for a in attacks if isinstance(a, AutoAttack)), default=1)
+        images = shard(images, distributed.rank(), world, block)
     # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
     resumable = world == 1 and run.path.is_dir() and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
