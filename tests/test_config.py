@@ -98,7 +98,9 @@ def test_an_older_flat_config_json_loads_into_the_same_resolved_config(tmp_path)
     r = TrainConfig.load(path).resolve()
     assert r == TrainConfig(method="pgd", eps=0.2, tf32=False).resolve()
     assert r.attacker is None and r.speed.tf32 is False
-    assert "attacker" not in r.to_dict()  # settings of an attacker the method lacks are not stored
+    stored = r.to_dict()
+    assert "attacker" not in stored and "beta" not in stored  # what pgd does without is not stored
+    assert stored["step_size"] == pytest.approx(0.2 / 3)
 
 
 def test_the_loop_the_steps_speed_and_bench_take_the_resolved_config():

@@ -131,12 +131,13 @@ class ResolvedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """config.json's object: the flat fields of learn2defend.config.TrainConfig, by which the
-        run's flags are named; `TrainConfig.from_dict(d).resolve()` gives this config back. The
-        settings of an attacker the method lacks are left out (they take their defaults)."""
+        run's flags are named; `TrainConfig.from_dict(d).resolve()` gives this config back. What
+        the method does without is left out: the settings of an attacker it lacks, and a step
+        size, noise or KL weight it takes none of (each field then takes its default)."""
         d: dict[str, Any] = {
             "model": self.model, "method": self.method, "eps": self.eps, "epochs": self.epochs,
             "batch_size": self.batch_size, "init": self.init, "ema": self.ema,
-            **_fields(self.data), **_fields(self.attack), **_fields(self.loss), **_fields(self.speed),
+            **_fields(self.data), **_given(self.attack), **_given(self.loss), **_fields(self.speed),
             **_fields(self.run), **_optimizer_fields(self.optimizer, ""),
         }
         a = self.attacker
@@ -149,6 +150,11 @@ class ResolvedConfig:
 
 def _fields(group: Any) -> dict[str, Any]:
     return {f.name: getattr(group, f.name) for f in dataclasses.fields(group)}
+
+
+def _given(group: Any) -> dict[str, Any]:
+    """The fields of an attack or loss group the method uses: None there means it takes none."""
+    return {k: v for k, v in _fields(group).items() if v is not None}
 
 
 def _optimizer_fields(o: OptimizerSettings, prefix: str) -> dict[str, Any]:
