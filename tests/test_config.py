@@ -15,8 +15,8 @@ from learn2defend.methods import METHOD_RECORDS
 from learn2defend.settings import ResolvedConfig
 
 # Fields a resolved run may leave at None: each says "the run does without", none "later".
-DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "step_size", "beta",
-                "noise"}
+DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
+                "random_start", "beta", "noise"}
 
 OPTION_SETS = [
     {},
@@ -100,7 +100,47 @@ def test_an_older_flat_config_json_loads_into_the_same_resolved_config(tmp_path)
     assert r.attacker is None and r.speed.tf32 is False
     stored = r.to_dict()
     assert "attacker" not in stored and "beta" not in stored  # what pgd does without is not stored
-    assert stored["step_size"] == pytest.approx(0.2 / 3)
+    assert stored["step_size"] == pytest.approx(0.2 / 3) and stored["pgd_steps"] == 10
+
+
+def test_settings_a_method_does_without_are_none_and_not_stored():
+    """pgd-at always starts at a random point and grad-l2l runs no PGD: their configs say neither
+    --random-start false nor --pgd-steps 10 (both flags are still accepted, and ignored)."""
+    pgd_at = TrainConfig(method="pgd-at").resolve()
+    assert (pgd_at.attack.random_start, pgd_at.attack.pgd_steps) == (None, 10)
+    grad = TrainConfig(method="grad-l2l", pgd_steps=3).resolve()
+    assert (grad.attack.pgd_steps, grad.attack.step_size, grad.attack.random_start) == (None, None, None)
+    assert not {"pgd_steps", "step_size", "random_start"} & set(grad.to_dict())
+    fgsm_rs = TrainConfig(method="fgsm", random_start=True).resolve()
+    assert fgsm_rs.attack.random_start is True and fgsm_rs.to_dict()["random_start"] is True
+
+
+def test_a_config_json_with_a_bad_value_is_named_in_the_error(tmp_path):
+    from learn2defend.config import load_resolved
+    from learn2defend.errors import UserError
+
+    d = TrainConfig(method="pgd-at").resolve().to_dict()
+    path = tmp_path / "config.json"
+    for key, bad, message in [("eps", 8, "--eps must"), ("epochs", "ten", "'epochs' should be int")]:
+        path.write_text(json.dumps({**d, key: bad}))
+        with pytest.raises(UserError, match=f"run config {path}: .*{message}"):
+            load_resolved(path)
+
+
+def test_train_takes_a_derived_resolved_config_and_checks_it_again(tmp_path):
+    from learn2defend import train
+    from learn2defend.errors import UserError
+
+    base = TrainConfig(method="fgsm-sdi", dataset="digits", epochs=1, train_size=128, batch_size=64,
+                       attacker_width=0.25, val_robust_n=0, progress=False, out=str(tmp_path / "a")).resolve()
+    with pytest.raises(UserError, match="--eps must"):
+        train(dataclasses.replace(base, eps=5.0))
+    with pytest.raises(UserError, match="--attacker-every applies to"):  # pgd-at has no attacker to update
+        train(dataclasses.replace(base, method="pgd-at"))
+    assert not (tmp_path / "a").exists()  # nothing written before the checks
+    variant = dataclasses.replace(base, attacker=dataclasses.replace(base.attacker, every=2))
+    run = train(variant)
+    assert run.config == variant and run.config.attacker.every == 2
 
 
 def test_the_loop_the_steps_speed_and_bench_take_the_resolved_config():

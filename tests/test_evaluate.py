@@ -337,6 +337,7 @@ def test_evaluate_model_returns_what_eval_json_returns(runs, images):
     by_tensor = evaluate_model(model, x, y, attacks=["fgsm", "pgd10"], eps=EPS, batch_size=11)
     assert by_name["accuracy"] == by_tensor["accuracy"] == reference["accuracy"]
     assert by_name["n"] == by_tensor["n"] == reference["n"] and by_name["eps"] == reference["eps"]
+    assert by_name["seed"] == reference["seed"] == 0 and reference["which"] == "last"  # what the numbers rest on
 
 
 # ---- transfer, sweep, show ----------------------------------------------------------------

@@ -50,7 +50,8 @@ HELP = {
            "this decay, e.g. 0.999; validation, best, eval and export then use the averaged weights",
     "attacker_every": "update the attacker every K batches (learned-attacker methods)",
     "step_size": "attack step size of the training attack, in pixels",
-    "random_start": "uniform random start (FGSM-RS of Wong et al. for --method fgsm)",
+    "random_start": "uniform random start: FGSM-RS (Wong et al. 2020) with --method fgsm; PGD from a random "
+                    "point with --method pgd (pgd-at always starts at one)",
     "beta": "trades, mart: weight of the KL term against the clean (trades) or boosted (mart) cross-entropy",
     "attacker": "slim | wide (the paper's Table 1) | sdi (FGSM-SDI's generator)",
     "attacker_width": ATTACKER_WIDTH_HELP,

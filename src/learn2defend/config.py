@@ -202,16 +202,20 @@ class TrainConfig:
         """Validate, then fill in every data-set- and method-dependent default (eps from the
         data set, step sizes and the rest from the method's record in learn2defend.methods,
         the attacker's optimizer from ATTACKER_ADAM_LR or the classifier's) and group the
-        result. UserError on the first bad value (`validate`)."""
+        result. A setting the method does without resolves to None (--pgd-steps and
+        --random-start too, which methods without them have always accepted and ignored).
+        UserError on the first bad value (`validate`)."""
         self.validate()
+        method = METHOD_RECORDS[self.method]
         c = dataclasses.replace(self, eps=default_eps(self.dataset) if self.eps is None else self.eps)
-        for name, default in METHOD_RECORDS[c.method].defaults.items():  # in order: step_size may use pgd_steps
+        for name, default in method.defaults.items():  # in order: step_size may use pgd_steps
             if getattr(c, name) is None:
                 setattr(c, name, default.value(c))
-        c.pgd_steps = 10 if c.pgd_steps is None else c.pgd_steps
+        c.pgd_steps = (10 if c.pgd_steps is None else c.pgd_steps) if "pgd_steps" in method.options else None
+        c.random_start = c.random_start if "random_start" in method.options else None  # type: ignore[assignment]
         c.clean_weight = 0.0 if c.clean_weight is None else c.clean_weight
         attacker = None
-        if METHOD_RECORDS[c.method].has_attacker:
+        if method.has_attacker:
             adam = (c.attacker_optimizer or "adam") == "adam"
             attacker = AttackerSettings(
                 c.attacker, c.attacker_every, c.attacker_width, c.attacker_scale, c.attacker_steps, c.grad_norm,
@@ -268,10 +272,23 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
+        """A config.json of any version; UserError naming the file if it is not one."""
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
             raise UserError(f"cannot read run config {path}: {e}") from None
+        except UserError as e:
+            raise UserError(f"run config {path}: {e}") from None
+
+
+def load_resolved(path: Path) -> ResolvedConfig:
+    """A run's config.json, checked and resolved; UserError naming the file if it is not one
+    or holds a value training would refuse."""
+    config = TrainConfig.load(path)
+    try:
+        return config.resolve()
+    except UserError as e:
+        raise UserError(f"run config {path}: {e}") from None
 
 
 def _picked(cls: type, c: TrainConfig) -> Any:

@@ -338,8 +338,9 @@ def format_report(report: dict[str, Any]) -> str:
         if "error" in result:
             lines += ["", f"{name} ({switches}): {result['error']}"]
             continue
+        attacker = result["attacker"] or "per method"
         lines += ["", f"{name} ({switches}): {result['model']}, batch {result['batch_size']}, attacker "
-                      f"{result['attacker']} x{result['attacker_width']:g}, {result['rounds_timed']} timed rounds, "
+                      f"{attacker} x{result['attacker_width']:g}, {result['rounds_timed']} timed rounds, "
                       f"{result['seconds']:g} s"]
         lines.append(f"{'method':<14}{'s/step':>10}{'images/s':>11}{'GMAC/s':>10}{'x floor':>9}{'x float32':>11}")
         for m, row in result["methods"].items():

@@ -254,8 +254,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             "dataset": data.name,
             "split": config.split,
             "eps": eps,
+            "seed": config.seed,  # of the attacks' random starts
             "checkpoint": str(run.path),
-            "which": config.which,
+            "which": config.which if run.path.is_dir() else None,  # an exported file has one set of weights
             "model": run.config.model,
             "method": run.config.method,
         }
@@ -334,7 +335,7 @@ def evaluate_model(
     accuracy = {name: fraction(ok) for name, ok in correct.items()}
     if not attack_objects:
         del accuracy["worst"]
-    result = {"accuracy": accuracy, "n": len(data), "eps": eps} | result
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps, "seed": seed} | result
     ran = list(attack_objects)
     if checks:
         report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
@@ -521,6 +522,7 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
         "target": str(target.path),
         "n": n,
         "eps": eps,
+        "seed": config.seed,
         "split": config.split,
     }
     warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import TrainConfig
+from .config import TrainConfig, load_resolved
 from .data import Dataset
 from .errors import UserError
 from .methods import attacker_in_channels
@@ -141,7 +141,7 @@ def load_run(path: str | Path, which: str = "last", device: str | torch.device =
         raise UserError(f"'{path}' is not a run folder (no {CONFIG}); train one with learn2defend train --out {path}")
     if which not in ("last", "best"):
         raise UserError(f"--which must be last or best, got '{which}'")
-    config = TrainConfig.load(path / CONFIG).resolve()
+    config = load_resolved(path / CONFIG)
     state = ckpt.load_state(path / (LAST if which == "last" else BEST), device=device)
     meta = checked_meta(state, path / (LAST if which == "last" else BEST))
     model = build_classifier(config, meta)

@@ -50,12 +50,11 @@ class OptimizerSettings:
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """The method's hand-designed training attack; a field the method does not use keeps its
-    TrainConfig default (step_size and noise: None)."""
+    """The method's hand-designed training attack; None: the method has no such setting."""
 
-    pgd_steps: int  # iterations of pgd, pgd-at, trades and mart; fgsm-sdi's steps after its start
+    pgd_steps: int | None  # iterations of pgd, pgd-at, trades and mart; fgsm-sdi's steps after its start
     step_size: float | None  # pixels; None: the method takes no step (plain, the paper's L2L methods)
-    random_start: bool
+    random_start: bool | None  # fgsm (FGSM-RS) and pgd; None: fixed by the method (pgd-at: always random)
     noise: float | None  # n-fgsm's uniform noise half-width in pixels; None: other methods
 
 
@@ -112,7 +111,11 @@ class RunSettings:
 class ResolvedConfig:
     """A validated `TrainConfig` with every default filled in (`TrainConfig.resolve`). No
     field is "filled in later": a None left says the run does without (no --init, no --ema,
-    no attacker for a method without one)."""
+    no attacker or attack setting the method lacks), or, in `data`, keeps what the data set
+    itself prescribes (image size, flips, crop padding: learn2defend.data).
+
+    To derive a variant, `dataclasses.replace` it and pass it to `learn2defend.train`, which
+    checks it again through its flat form."""
 
     model: str
     method: str
@@ -132,8 +135,8 @@ class ResolvedConfig:
     def to_dict(self) -> dict[str, Any]:
         """config.json's object: the flat fields of learn2defend.config.TrainConfig, by which the
         run's flags are named; `TrainConfig.from_dict(d).resolve()` gives this config back. What
-        the method does without is left out: the settings of an attacker it lacks, and a step
-        size, noise or KL weight it takes none of (each field then takes its default)."""
+        the method does without is left out: the settings of an attacker it lacks, and attack
+        settings or a KL weight it has none of (each field then takes its default)."""
         d: dict[str, Any] = {
             "model": self.model, "method": self.method, "eps": self.eps, "epochs": self.epochs,
             "batch_size": self.batch_size, "init": self.init, "ema": self.ema,

@@ -26,7 +26,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed, speed
 from .attacks import pgd_delta
-from .config import TrainConfig
+from .config import TrainConfig, load_resolved
 from .data import Dataset, DeviceLoader, ImageData, load_dataset
 from .errors import UserError
 from .methods import STEPS, Metrics, StepContext, attacker_in_channels
@@ -148,14 +148,16 @@ def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: ResolvedConfig
             attacker.train()
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
-    """Train a classifier with `config.method`; return the loaded run.
+def train(config: TrainConfig | ResolvedConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+    """Train a classifier with `config.method`; return the loaded run. A `ResolvedConfig` (e.g. a
+    `dataclasses.replace` of a run's) is checked again through its flat form first.
 
     With `resume`, a run folder holding a checkpoint is continued from it (an empty or
     missing folder simply starts); with `overwrite`, an existing folder is replaced.
     Everything is validated before anything is written.
     """
-    cfg = config.resolve()
+    flat = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config.to_dict())
+    cfg = flat.resolve()
     lock = FolderLock(Path(cfg.run.out))
     lock.acquire()  # before reading the folder, if there is one
     try:
@@ -204,7 +206,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
 def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     """The stored config of the run being continued; UserError if `cfg` changes what it computes."""
     # resolved again: a field added since the run was written gets the value the run had
-    stored = TrainConfig.load(out / CONFIG).resolve()
+    stored = load_resolved(out / CONFIG)
     before, now = stored.to_dict(), cfg.to_dict()
     changed = sorted(k for k in {*before, *now} if k not in RESUMABLE_CHANGES | {"batch_size"}
                      and now.get(k) != before.get(k))
