@@ -125,6 +125,9 @@ def test_a_config_json_with_a_bad_value_is_named_in_the_error(tmp_path):
         path.write_text(json.dumps({**d, key: bad}))
         with pytest.raises(UserError, match=f"run config {path}: .*{message}"):
             load_resolved(path)
+    path.write_text(json.dumps({k: v for k, v in d.items() if k != "model"}))  # every version stored it
+    with pytest.raises(UserError, match="names no model; the file is damaged"):
+        load_resolved(path)
 
 
 def test_train_takes_a_derived_resolved_config_and_checks_it_again(tmp_path):
@@ -154,3 +157,12 @@ def test_the_loop_the_steps_speed_and_bench_take_the_resolved_config():
         hint = typing.get_type_hints(fn)[arg]
         assert hint in (ResolvedConfig, speed.SpeedSettings), (fn.__qualname__, hint)
     assert typing.get_type_hints(methods.StepContext)["config"] is ResolvedConfig
+
+
+def test_load_run_on_an_exported_file_says_how_to_load_one(tmp_path):
+    from learn2defend import load_run
+    from learn2defend.errors import UserError
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(UserError, match="is a file, not a run folder; an exported model file loads with"):
+        load_run(tmp_path / "model.safetensors")

@@ -272,9 +272,14 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        """A config.json of any version; UserError naming the file if it is not one."""
+        """A config.json of any version; UserError naming the file if it is not one. Every version
+        stored the model, the method and the data set: a file without them is damaged."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            d = json.loads(Path(path).read_text())
+            missing = [k for k in ("model", "method", "dataset") if isinstance(d, dict) and k not in d]
+            if missing:
+                raise UserError(f"it names no {' or '.join(missing)}; the file is damaged")
+            return cls.from_dict(d)
         except (OSError, ValueError, TypeError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
             raise UserError(f"cannot read run config {path}: {e}") from None
         except UserError as e:

@@ -138,6 +138,9 @@ def load_run(path: str | Path, which: str = "last", device: str | torch.device =
     older layout still loads."""
     path = Path(path)
     if not (path / CONFIG).is_file():
+        if path.is_file():
+            raise UserError(f"'{path}' is a file, not a run folder; an exported model file loads with "
+                            "learn2defend.load (and evaluates with eval --checkpoint FILE)")
         raise UserError(f"'{path}' is not a run folder (no {CONFIG}); train one with learn2defend train --out {path}")
     if which not in ("last", "best"):
         raise UserError(f"--which must be last or best, got '{which}'")
