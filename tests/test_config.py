@@ -8,6 +8,7 @@ import json
 import typing
 
 import pytest
+import torch
 
 from learn2defend import bench, methods, speed
 from learn2defend.config import ATTACKER_ADAM_LR, TrainConfig
@@ -144,6 +145,11 @@ def test_train_takes_a_derived_resolved_config_and_checks_it_again(tmp_path):
     variant = dataclasses.replace(base, attacker=dataclasses.replace(base.attacker, every=2))
     run = train(variant)
     assert run.config == variant and run.config.attacker.every == 2
+    from learn2defend import __version__
+    from learn2defend.checkpoint import load_state
+
+    made_with = load_state(run.path / "last.safetensors")["made_with"]  # the device used, not "auto"
+    assert made_with == {"learn2defend": __version__, "torch": torch.__version__, "device": "cpu"}
 
 
 def test_the_loop_the_steps_speed_and_bench_take_the_resolved_config():

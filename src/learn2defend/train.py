@@ -50,6 +50,7 @@ from .runs import (
     resolve_device,
 )
 from .settings import OptimizerSettings, ResolvedConfig
+from .version import __version__
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -385,6 +386,8 @@ class _Loop:
             "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
             "world_size": self.ranks.world,
+            # what made it, for whoever reads a shared run (config.json stores --device as given)
+            "made_with": {"learn2defend": __version__, "torch": torch.__version__, "device": str(self.device)},
         }
         if p.attacker is not None:
             s.update(attacker=p.attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,
