@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from .config import METHODS, TrainConfig, option
+from .config import METHODS, TrainConfig, load_resolved, option
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, evaluate
 from .runs import CONFIG, changed_settings
@@ -88,8 +88,8 @@ def _check_existing(folder: Path, config: TrainConfig, epochs_flag: str, extend:
     """A run already in `folder` must be the one `config` asks for."""
     if not (folder / CONFIG).is_file():
         return
-    stored = TrainConfig.load(folder / CONFIG)
-    differ = changed_settings(stored, config, RESUMABLE_CHANGES - {"batch_size"})
+    stored = load_resolved(folder / CONFIG)
+    differ = changed_settings(stored, config.resolve(), RESUMABLE_CHANGES - {"batch_size"})
     if differ:
         raise UserError(f"'{folder}' holds a run with other settings: {differ}; use another --out, "
                         "or the settings of the runs there")

@@ -216,19 +216,8 @@ class TrainConfig:
         c.clean_weight = 0.0 if c.clean_weight is None else c.clean_weight
         attacker = None
         if method.has_attacker:
-            adam = (c.attacker_optimizer or "adam") == "adam"
-            attacker = AttackerSettings(
-                c.attacker, c.attacker_every, c.attacker_width, c.attacker_scale, c.attacker_steps, c.grad_norm,
-                c.l2l_update, OptimizerSettings(
-                    name="adam" if adam else "sgd",
-                    lr=c.attacker_lr if c.attacker_lr is not None else ATTACKER_ADAM_LR if adam else c.lr,
-                    momentum=c.momentum if c.attacker_momentum is None else c.attacker_momentum,
-                    weight_decay=c.attacker_weight_decay if c.attacker_weight_decay is not None
-                    else 0.0 if adam else c.weight_decay,
-                    betas=tuple(c.betas),
-                    milestones=tuple(c.attacker_lr_milestones if c.attacker_lr_milestones is not None
-                                     else [] if adam else c.lr_milestones),
-                    gamma=c.lr_gamma))
+            attacker = AttackerSettings(c.attacker, c.attacker_every, c.attacker_width, c.attacker_scale,
+                                        c.attacker_steps, c.grad_norm, c.l2l_update, _attacker_optimizer(c))
         return ResolvedConfig(
             model=c.model, method=c.method, eps=c.eps, epochs=c.epochs, batch_size=c.batch_size, init=c.init,
             ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
@@ -294,6 +283,26 @@ def load_resolved(path: Path) -> ResolvedConfig:
         return config.resolve()
     except UserError as e:
         raise UserError(f"run config {path}: {e}") from None
+
+
+def _attacker_optimizer(c: TrainConfig) -> OptimizerSettings:
+    """Adam at ATTACKER_ADAM_LR without weight decay, fixed (the default), or with
+    --attacker-optimizer sgd the classifier's lr, momentum, weight decay and schedule (the
+    paper's CIFAR recipe); a given --attacker-lr, -momentum, -weight-decay, -lr-milestones wins.
+    Betas and the schedule's gamma are the classifier's."""
+    adam = (c.attacker_optimizer or "adam") == "adam"
+
+    def given(value: Any, otherwise: Any) -> Any:
+        return otherwise if value is None else value
+
+    return OptimizerSettings(
+        name="adam" if adam else "sgd",
+        lr=given(c.attacker_lr, ATTACKER_ADAM_LR if adam else c.lr),
+        momentum=given(c.attacker_momentum, c.momentum),
+        weight_decay=given(c.attacker_weight_decay, 0.0 if adam else c.weight_decay),
+        betas=tuple(c.betas),
+        milestones=tuple(given(c.attacker_lr_milestones, [] if adam else c.lr_milestones)),
+        gamma=c.lr_gamma)
 
 
 def _picked(cls: type, c: TrainConfig) -> Any:

@@ -260,7 +260,7 @@ def resume_config(out: Path, given: dict[str, Any], may_change: set[str]) -> Tra
                         "leave out --resume to start one")
     stored = TrainConfig.load(out / CONFIG)
     config = dataclasses.replace(stored, **{**given, "out": str(out)})
-    differ = changed_settings(stored, config, may_change)
+    differ = changed_settings(stored.resolve(), config.resolve(), may_change)
     if differ:
         allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(may_change - {"out"}))
         raise UserError(f"cannot resume '{out}' with other settings: {differ}; leave them out to keep the run's "
@@ -268,10 +268,10 @@ def resume_config(out: Path, given: dict[str, Any], may_change: set[str]) -> Tra
     return config
 
 
-def changed_settings(stored: TrainConfig, config: TrainConfig, may_change: set[str]) -> str:
+def changed_settings(stored: ResolvedConfig, config: ResolvedConfig, may_change: set[str]) -> str:
     """The settings of `config` that differ from those of the run `stored`, but for `may_change`
     (both resolved first), as flags: '--lr (the run: 0.1, given: 0.05), ...'; '' when none."""
-    before, now = stored.resolve().to_dict(), config.resolve().to_dict()
+    before, now = stored.to_dict(), config.to_dict()
     differ = [k for k in dict.fromkeys([*before, *now]) if k not in may_change and now.get(k) != before.get(k)]
     return ", ".join(f"--{k.replace('_', '-')} (the run: {_shown(before.get(k))}, given: {_shown(now.get(k))})"
                      for k in differ)

@@ -40,6 +40,7 @@ from .runs import (
     Run,
     build_attacker,
     build_classifier,
+    changed_settings,
     check_attacker_layout,
     checked_meta,
     claim_folder,
@@ -208,13 +209,9 @@ def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     """The stored config of the run being continued; UserError if `cfg` changes what it computes."""
     # resolved again: a field added since the run was written gets the value the run had
     stored = load_resolved(out / CONFIG)
-    before, now = stored.to_dict(), cfg.to_dict()
-    changed = sorted(k for k in {*before, *now} if k not in RESUMABLE_CHANGES | {"batch_size"}
-                     and now.get(k) != before.get(k))
-    if changed:  # the values too: a default that changed between versions is set back with its flag
-        details = ", ".join(f"{k} (the run: {before.get(k)}, now: {now.get(k)})" for k in changed)
-        raise UserError(f"cannot resume '{out}' with different settings: {details}; "
-                        "give the run's values as flags to continue it")
+    differ = changed_settings(stored, cfg, RESUMABLE_CHANGES | {"batch_size"})
+    if differ:  # the values too: a default that changed between versions is set back with its flag
+        raise UserError(f"cannot resume '{out}' with other settings: {differ}; give the run's values to continue it")
     return stored
 
 
