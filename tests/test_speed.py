@@ -207,7 +207,7 @@ def test_fp16_run_stores_its_switches_and_resumes_exactly_with_its_scaler(tmp_pa
 
 def test_resume_refuses_another_amp_and_allows_layout_switches(tmp_path, monkeypatch):
     train(cfg(tmp_path, epochs=1, val_robust_n=0))
-    with pytest.raises(UserError, match=r"amp \(the run: off, now: bf16\)"):
+    with pytest.raises(UserError, match=r"--amp \(the run: off, given: bf16\)"):
         train(cfg(tmp_path, epochs=2, val_robust_n=0, amp="bf16"), resume=True)
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
     run = train(cfg(tmp_path, epochs=2, val_robust_n=0, channels_last=True, compile=True), resume=True)
