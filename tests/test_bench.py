@@ -11,7 +11,7 @@ from learn2defend.cli import main
 from learn2defend.config import METHODS
 
 TINY = ["bench", "--model", "smallcnn", "--dataset", "fake:1x8x8:4", "--batch-size", "8",
-        "--steps", "2", "--warmup", "1", "--attacker-width", "0.0625", "--device", "cpu"]
+        "--steps", "2", "--warmup", "1", "--attacker-width", "0.0625", "--device", "cpu", "--roofline-seconds", "0.05"]
 
 
 def test_bench_json_contract(capsys):
@@ -180,3 +180,32 @@ def test_mac_model_averages_the_attacker_updates_over_attacker_every():
             step(x, y)
 
     assert count_macs(two_steps) == pytest.approx(2 * 16 * step_macs_per_image(cfg, meta), rel=0.01)
+
+
+def test_roofline_probe_gives_a_positive_rate_and_each_method_a_fraction_of_it(capsys):
+    from learn2defend.bench import matmul_rate
+
+    rate, size = matmul_rate(torch.device("cpu"), torch.float32, size=64, seconds=0.01)
+    assert rate > 0 and size == 64
+    assert main([*TINY, "--methods", "plain,fgsm", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    roof = result["roofline"]
+    assert set(roof["mac_per_s"]) == {"float32", "bf16"} and all(r > 0 for r in roof["mac_per_s"].values())
+    assert roof["threads"] == result["threads"]
+    for m in ("plain", "fgsm"):  # float32 steps: the float32 roofline
+        assert result["roofline_fraction"][m] == pytest.approx(result["mac_per_s"][m] / roof["mac_per_s"]["float32"])
+    assert result["compile_seconds"] == {"plain": None, "fgsm": None}  # no --compile
+    assert all(t > 0 for t in result["first_step_seconds"].values())
+
+
+def test_bench_reports_compile_time_apart_and_skips_the_roofline_at_zero(monkeypatch):
+    from learn2defend import speed
+    from learn2defend.bench import BenchConfig, bench
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")  # compilation without building kernels
+    result = bench(BenchConfig(model="smallcnn", dataset="fake:1x8x8:4", batch_size=8, steps=1, warmup=0,
+                               methods=["plain"], device="cpu", compile=True, roofline_seconds=0))
+    assert result["roofline"] is None and result["roofline_fraction"] is None
+    assert result["compile_seconds"]["plain"] >= 0
+    assert result["compile_seconds"]["plain"] == pytest.approx(
+        max(0.0, result["first_step_seconds"]["plain"] - result["seconds_per_step"]["plain"]))

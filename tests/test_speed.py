@@ -223,7 +223,8 @@ def test_old_config_without_switches_loads_with_them_off(tmp_path):
     path.write_text(json.dumps(old))
     loaded = TrainConfig.load(path)
     assert (loaded.amp, loaded.channels_last, loaded.compile, loaded.tf32) == ("off", False, False, False)
-    assert TrainConfig().tf32  # while a new run has TF32 on (CUDA only)
+    assert TrainConfig().tf32 is None  # while a new run takes its device's default: TF32 on for CUDA
+    assert speed.resolve_switches(TrainConfig().resolve(), torch.device("cuda"), 10)[0].speed.tf32 is True
     assert train(cfg(tmp_path, epochs=2, val_robust_n=0, method="plain"), resume=True).epoch == 2
 
 
@@ -245,3 +246,71 @@ def test_cuda_math_sets_and_restores_the_backend_flags():
             assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
         assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
     assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
+
+
+# ---- defaults per device (speed.DEVICE_DEFAULTS) -----------------------------------------------
+
+
+def test_defaults_are_chosen_per_device_and_given_flags_win(monkeypatch):
+    monkeypatch.setattr(speed.shutil, "which", lambda name: "/usr/bin/g++")  # a compiler, whatever this machine has
+    unset = TrainConfig().resolve()
+    assert (unset.speed.channels_last, unset.speed.compile, unset.speed.tf32) == (None, None, None)
+    cpu, why = speed.resolve_switches(unset, CPU, steps=100)
+    assert (cpu.speed.channels_last, cpu.speed.compile) == (True, False)
+    assert "channels_last on (cpu default)" in why and "compile off" in why
+    # compile "auto" (on where the run wins its compilation back): off for short runs, on for long ones
+    monkeypatch.setitem(speed.DEVICE_DEFAULTS, "cpu", {**speed.DEVICE_DEFAULTS["cpu"], "compile": "auto"})
+    short, why = speed.resolve_switches(unset, CPU, steps=100)
+    assert short.speed.compile is False and "compile off (run of 100 steps too short" in why
+    long, why = speed.resolve_switches(unset, CPU, steps=speed.COMPILE_MIN_STEPS["cpu"])
+    assert long.speed.compile is True and "compile on" in why
+    cuda, why = speed.resolve_switches(unset, torch.device("cuda", 0), steps=10**6)  # a device object, no GPU used
+    assert (cuda.speed.channels_last, cuda.speed.compile, cuda.speed.tf32, cuda.speed.cudnn_benchmark) == (
+        False, False, True, False)
+    assert "tf32 on (cuda default)" in why
+    given = TrainConfig(channels_last=False, compile=True, tf32=False).resolve()
+    cpu, why = speed.resolve_switches(given, CPU, steps=1)
+    assert (cpu.speed.channels_last, cpu.speed.compile) == (False, True) and "channels_last off (given)" in why
+    assert speed.resolve_switches(given, torch.device("cuda"), 1)[0].speed.tf32 is False
+    monkeypatch.setattr(speed.shutil, "which", lambda name: None)
+    no_compiler, why = speed.resolve_switches(unset, CPU, steps=10**9)
+    assert no_compiler.speed.compile is False and "no C++ compiler" in why
+
+
+def test_the_no_flags_turn_each_default_off():
+    from learn2defend.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--no-channels-last", "--no-compile", "--no-tf32",
+                                      "--no-cudnn-benchmark"])
+    assert (args.channels_last, args.compile, args.tf32, args.cudnn_benchmark) == (False, False, False, False)
+    args = build_parser().parse_args(["train"])  # neither given: the device's default
+    assert (args.channels_last, args.compile, args.tf32, args.cudnn_benchmark) == (None, None, None, None)
+
+
+def test_a_run_with_the_cpu_defaults_records_them_says_why_and_trains_as_the_old_switches(tmp_path, capsys):
+    # one epoch of 3 steps: the defaults (channels_last on, compile off: far too short) against
+    # the old switches (all off); within the channels_last tolerance of a step (2e-3, above)
+    short = dict(epochs=1, val_robust_n=0, train_size=192, val_size=64)
+    new = train(cfg(tmp_path, "new", **short))
+    err = capsys.readouterr().err
+    assert "speed: channels_last on (cpu default), compile off (" in err
+    stored = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert (stored["channels_last"], stored["compile"]) == (True, False)  # what ran, not None
+    old = train(cfg(tmp_path, "old", channels_last=False, compile=False, **short))
+    for (name, a), b in zip(new.model.state_dict().items(), old.model.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            assert float((a - b).norm()) <= 2e-3 * float(b.norm()) + 1e-6, name
+    assert new.history[0]["train_loss"] == pytest.approx(old.history[0]["train_loss"], rel=1e-3)
+
+
+def test_a_run_with_the_cpu_defaults_resumes_exactly(tmp_path):
+    short = dict(val_robust_n=0, train_size=192, val_size=64)
+    full = train(cfg(tmp_path, "full", **short))
+    train(cfg(tmp_path, "part", epochs=1, **short))
+    resumed = train(cfg(tmp_path, "part", **short), resume=True)
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["channels_last"] is True
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(full.attacker.state_dict().values(), resumed.attacker.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in full.history] == [r["train_loss"] for r in resumed.history]

@@ -81,6 +81,8 @@ class BenchConfig:
     data_dir: str = option("data", help=DATA_DIR_HELP)
     seed: int = option(0, help="seed of the weights and the batch")
     threads: int | None = option(None, help="CPU threads (default: torch's, one per core)")
+    roofline_seconds: float = option(1.0, help="seconds per dtype (float32, bf16) timing the device's dense "
+                                     "matmul rate, the roofline each step's MAC rate is compared with (0: skip)")
     # the speed switches of TrainConfig (learn2defend.speed), applied as training applies them;
     # all off here, tf32 included (training's default is on): bench times IEEE float32 unless told
     amp: str = option("off", help=SWITCH_HELP["amp"])
@@ -111,6 +113,8 @@ class BenchConfig:
                 raise UserError(f"{flag} must be an integer >= {low}, got {value}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UserError(f"--threads must be a positive integer, got {self.threads}")
+        if not (isinstance(self.roofline_seconds, (int, float)) and 0 <= self.roofline_seconds <= 60):
+            raise UserError(f"--roofline-seconds must be in [0, 60], got {self.roofline_seconds}")
 
     def train_config(self, method: str) -> ResolvedConfig:
         """The resolved training configuration this method is timed with."""
@@ -125,6 +129,73 @@ class BenchConfig:
             tf32=self.tf32, cudnn_benchmark=self.cudnn_benchmark,
         )
         return config.resolve()  # eps, width, clean weight: the same checks and messages as training
+
+
+# ---- the roofline: this device's own dense matrix-multiply rate -----------------------------
+
+ROOFLINE_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
+                seconds: float = 1.0, repeats: int = 5) -> tuple[float, int]:
+    """(multiply-adds per second, matrix size) of `torch.mm` on two square matrices of
+    `dtype`: on the CPU oneDNN's/MKL's GEMM with torch's current threads, on CUDA cuBLAS.
+
+    The size is `size`, or the largest of 256, 512, ... up to 8192 on CUDA and 2048 on the
+    CPU whose one call takes under `seconds` / 8 (a CPU without native bf16 instructions
+    emulates bf16 hundreds of times slower than float32: there the size stays small). Each
+    size's first call is untimed (kernel choice, page faults); then up to `repeats` timed
+    calls while fewer than `seconds` have passed (at least one); the median. The practical
+    roofline a training step's multiply-add rate is measured against (`roofline_fraction`)."""
+    cuda = device.type == "cuda"
+    largest = size or (8192 if cuda else 2048)
+    n = size or 256
+
+    def timed(a: Tensor, b: Tensor, out: Tensor) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    def operands(n: int) -> tuple[Tensor, Tensor, Tensor]:
+        g = torch.Generator(device=device).manual_seed(0)
+        return (torch.randn(n, n, device=device, dtype=dtype, generator=g),
+                torch.randn(n, n, device=device, dtype=dtype, generator=g),
+                torch.empty(n, n, device=device, dtype=dtype))
+
+    mats = operands(n)
+    timed(*mats)
+    while n < largest and timed(*mats) * 8 < seconds / 8:  # the doubled size's call: 8x as long
+        n *= 2
+        mats = operands(n)
+        timed(*mats)
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - began < seconds):
+        times.append(timed(*mats))
+    return n**3 / statistics.median(times), n
+
+
+def roofline(device: torch.device, seconds: float = 1.0, size: int | None = None) -> dict[str, Any]:
+    """This device's dense matmul rate in float32 and bf16 (`matmul_rate`): multiply-adds
+    per second and the matrix size by dtype name, and the threads."""
+    rates = {name: matmul_rate(device, dtype, size, seconds) for name, dtype in ROOFLINE_DTYPES.items()}
+    return {"mac_per_s": {k: r for k, (r, _) in rates.items()}, "size": {k: n for k, (_, n) in rates.items()},
+            "threads": torch.get_num_threads(), "op": "torch.mm", "seconds_per_dtype": seconds}
+
+
+def roofline_fraction(mac_per_s: dict[str, float | None], peak: float) -> dict[str, float | None]:
+    """Each method's achieved multiply-add rate over the device's matmul rate `peak`."""
+    return {m: None if r is None else r / peak for m, r in mac_per_s.items()}
+
+
+def peak_for(roof: dict[str, Any], amp: str) -> float:
+    """The roofline that applies to a step: bf16's under --amp bf16 (fp16 alike: the same
+    tensor-core rate), else float32's."""
+    return roof["mac_per_s"]["bf16" if amp in ("bf16", "fp16") else "float32"]
 
 
 Step = Callable[[], Any]
@@ -242,9 +313,10 @@ def _bench(config: BenchConfig, deadline: float | None) -> dict[str, Any]:
     for m, c in configs.items():
         steps[m] = (_attacker_only_step(c, meta, device, x) if m == ATTACKER_ONLY
                     else _training_step(c, meta, device, x, y))
-    times, cpu_times, peaks = _time_round_robin(steps, config, device, deadline)
+    times, cpu_times, peaks, first = _time_round_robin(steps, config, device, deadline)
     timed = bool(times[config.methods[0]])
     median = {m: statistics.median(t) if timed else None for m, t in times.items()}
+    roof = roofline(device, config.roofline_seconds) if config.roofline_seconds > 0 else None
 
     def ratios(ref: str) -> dict[str, float] | None:
         return {m: t / median[ref] for m, t in median.items()} if ref in median and timed else None
@@ -260,6 +332,14 @@ def _bench(config: BenchConfig, deadline: float | None) -> dict[str, Any]:
         "ratio_to_pgd": ratios("pgd"),
         "ratio_to_fgsm": ratios("fgsm"),
         **_throughput(median, macs, config.batch_size),
+        # the first call of each step, timed apart: with --compile its compilation, whose cost
+        # over a timed step is compile_seconds (None without --compile)
+        "first_step_seconds": first,
+        "compile_seconds": {m: None if not config.compile or median[m] is None or first.get(m) is None
+                            else max(0.0, first[m] - median[m]) for m in median},
+        "roofline": roof,
+        "roofline_fraction": None if roof is None else
+        roofline_fraction(_throughput(median, macs, config.batch_size)["mac_per_s"], peak_for(roof, config.amp)),
         "peak_memory_bytes": peaks if cuda else dict.fromkeys(steps),
         "memory_kind": "cuda_max_allocated_above_step_start" if cuda else CPU_MEMORY_KIND,
         "device": str(device) if not cuda else f"{device} ({torch.cuda.get_device_name(device)})",
@@ -279,21 +359,34 @@ def _bench(config: BenchConfig, deadline: float | None) -> dict[str, Any]:
 
 
 def _time_round_robin(steps: dict[str, Step], config: BenchConfig, device: torch.device, deadline: float | None
-                      ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
-    """Wall and CPU seconds of each timed round of each step, and the CUDA peak memory.
-    Past `deadline` no step starts (a first call that compiles may take long); only the
-    rounds every method finished count."""
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int], dict[str, float]]:
+    """Wall and CPU seconds of each timed round of each step, the CUDA peak memory, and
+    the seconds of each step's first call (compilation happens there). A first round,
+    before the warm-up, calls every step once and is never counted as a timed one. Past
+    `deadline` no step starts (a first call that compiles may take long); only the rounds
+    every method finished count."""
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {m: [] for m in steps}
     cpu_times: dict[str, list[float]] = {m: [] for m in steps}
     peaks: dict[str, int] = dict.fromkeys(steps, 0)
+    first: dict[str, float] = {}
+    for m, step in steps.items():
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        first[m] = time.perf_counter() - start
     order = list(steps)
     for r in range(config.warmup + config.steps):
         shift = r % len(order)  # rotate who goes first: no method always follows the same one
         for m in order[shift:] + order[:shift]:
             if deadline is not None and time.monotonic() > deadline:
                 n = min(len(t) for t in times.values())
-                return {m: t[:n] for m, t in times.items()}, {m: t[:n] for m, t in cpu_times.items()}, peaks
+                return {m: t[:n] for m, t in times.items()}, {m: t[:n] for m, t in cpu_times.items()}, peaks, first
             if cuda:
                 torch.cuda.synchronize(device)  # the benchmark may sync; the training loop must not
                 torch.cuda.reset_peak_memory_stats(device)
@@ -310,7 +403,7 @@ def _time_round_robin(steps: dict[str, Step], config: BenchConfig, device: torch
                     # above what was resident at the start: every benchmarked method's weights
                     # and optimizer state live on the device at once and would mask the step's own
                     peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated(device) - resident)
-    return times, cpu_times, peaks
+    return times, cpu_times, peaks, first
 
 
 def _throughput(median: dict[str, float | None], macs: dict[str, float], batch_size: int) -> dict[str, Any]:

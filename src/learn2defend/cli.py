@@ -110,6 +110,10 @@ NONE_DEFAULTS = {
     "attacker_momentum": "--momentum",
     "attacker_weight_decay": "0 with adam, --weight-decay with sgd",
     "attacker_lr_milestones": "none with adam, --lr-milestones with sgd",
+    "channels_last": "per device: on for the CPU, off for CUDA (learn2defend.speed.DEVICE_DEFAULTS)",
+    "compile": "per device: on for CPU runs long enough to win back the compilation, off for CUDA",
+    "tf32": "on",
+    "cudnn_benchmark": "off",
 }
 
 
@@ -347,6 +351,13 @@ def _add_speed_commands(sub) -> None:
     add_config_options(p, DoctorConfig)
     _json_option(p)
 
+    from .gpu_report import GpuReportConfig
+
+    p = sub.add_parser("gpu-report", help="every GPU figure of docs/performance.md in one command (~12 minutes on "
+                       "one H100/H200): doctor, the switch combinations and reproduce frontier --preset gpu")
+    add_config_options(p, GpuReportConfig)
+    _json_option(p, "print the summary as one JSON object")
+
 
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
@@ -479,6 +490,16 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _gpu_report(args: argparse.Namespace) -> dict[str, Any]:
+    from .gpu_report import GpuReportConfig, gpu_report
+
+    result = gpu_report(config_from_args(GpuReportConfig, args))
+    if args.json:
+        return result
+    print(f"gpu-report: JSON written to {result['out']} ({', '.join(result['steps'])}), {result['seconds']:g} s")
+    return {}
+
+
 def _doctor(args: argparse.Namespace) -> dict[str, Any]:
     from .doctor import DoctorConfig, doctor, format_report
 
@@ -600,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(list_models(args.pattern)))
             return 0
         commands = {"train": _train, "eval": _eval, "compare": _compare, "demo": _compare, "export": _export,
-                    "bench": _bench, "doctor": _doctor, "transfer": _transfer, "sweep": _sweep, "show": _show,
+                    "bench": _bench, "doctor": _doctor, "gpu-report": _gpu_report,
+                    "transfer": _transfer, "sweep": _sweep, "show": _show,
                     "reproduce": _reproduce, "plot": _plot}
         result = commands[args.command](args)
     except UserError as e:  # one line, even when the message quotes a file name with a newline

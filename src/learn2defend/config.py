@@ -181,16 +181,18 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # non-finite loss: stop (keep the last good checkpoint) or skip the step
     sync_bn: bool = False  # under torchrun: batch norm with statistics over all processes (SyncBatchNorm)
     tensorboard: bool = False  # each epoch's metrics also to RUN/tensorboard/ (extra: learn2defend[tensorboard])
-    # speed switches of the training step (learn2defend.speed); off until a GPU measurement
-    # says otherwise (docs/performance.md). Validation and evaluation attacks ignore them.
+    # speed switches of the training step (learn2defend.speed). None: the default of the
+    # device the run trains on (speed.DEVICE_DEFAULTS, resolved by train when the device is
+    # known; config.json holds the value that ran). amp stays opt-in: it changes the numbers.
+    # Validation and evaluation attacks ignore them.
     amp: str = "off"  # off | bf16 | fp16: autocast in that dtype (fp16 with a loss scaler)
-    channels_last: bool = False  # NHWC memory layout for the networks and the batches
-    compile: bool = False  # torch.compile of the classifier and the attacker
+    channels_last: bool | None = None  # NHWC memory layout for the networks and the batches
+    compile: bool | None = None  # torch.compile of the classifier and the attacker
     # CUDA: TF32 matmuls and convolutions (else IEEE float32). On by default: 1.9-2.4x faster
     # steps on an H200 (doctor, wrn-34-4; docs/performance.md), and PyTorch's own default for
     # cuDNN convolutions.
-    tf32: bool = True
-    cudnn_benchmark: bool = False  # CUDA: cuDNN picks the fastest convolution algorithms by trying them
+    tf32: bool | None = None
+    cudnn_benchmark: bool | None = None  # CUDA: cuDNN picks the fastest convolution algorithms by trying them
 
     @property
     def is_l2l(self) -> bool:
@@ -251,8 +253,9 @@ class TrainConfig:
         for f in dataclasses.fields(cls):
             if f.name in d and not _has_type(d[f.name], f.type):
                 raise UserError(f"config field '{f.name}' should be {f.type}, got {d[f.name]!r:.80}")
-        # Written before the switch existed, so trained without it (its default is now on).
-        c = cls(**{"tf32": False, **d})
+        # Written before the switches existed, so trained without them (their defaults now
+        # depend on the device).
+        c = cls(**{"tf32": False, "channels_last": False, "compile": False, "cudnn_benchmark": False, **d})
         c.betas = tuple(c.betas)
         return c
 

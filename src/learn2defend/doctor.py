@@ -10,6 +10,13 @@ each method and variant: seconds per step, images per second, multiply-accumulat
 second, the ratio to the MAC floor (the step's MACs by the cost model of
 docs/performance.md at the rate the plain step achieves), and the speed-up over float32.
 
+First it times the device's own dense matrix multiply (`bench.roofline`: torch.mm in
+float32 and bf16, a second each), the practical roofline; each method's MAC rate is also
+given as a fraction of it (`roofline_fraction`; bf16's under bf16/fp16 autocast). The
+combinations tensor cores are built for, bf16 + channels_last and bf16 + channels_last +
+compile, are timed at each of `combination_batch_sizes` (128 and 512 on CUDA), with each
+step's compilation reported apart from its steps (`compile_seconds`).
+
 On CUDA it also trains, as checks that the whole loop works there: one epoch of grad-l2l
 on `fake:3x32x32:10` (CIFAR-sized) in float32 and with the switches, and one epoch under
 `torchrun --nproc_per_node 1` with the nccl backend (gloo on the CPU), as a subprocess.
@@ -39,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .bench import BENCH_METHODS, BenchConfig, bench, switches
+from .bench import BENCH_METHODS, BenchConfig, bench, peak_for, roofline, roofline_fraction, switches
 from .config import ATTACKER_WIDTH_HELP, DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option
 from .errors import UserError
 from .models import list_models
@@ -59,7 +66,12 @@ SWITCH_VARIANTS: dict[str, dict[str, Any]] = {
     "compile": {"compile": True},
 }
 CUDA_ONLY = ("tf32", "cudnn_benchmark")
-VARIANTS = (FLOAT32, *SWITCH_VARIANTS, FAST)
+# Timed at each of DoctorConfig.combination_batch_sizes, as "NAME@BATCH".
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "bf16+channels_last": {"amp": "bf16", "channels_last": True},
+    "bf16+channels_last+compile": {"amp": "bf16", "channels_last": True, "compile": True},
+}
+VARIANTS = (FLOAT32, *SWITCH_VARIANTS, FAST, *COMBINATIONS)
 
 
 @dataclass
@@ -85,6 +97,10 @@ class DoctorConfig:
     epoch_images: int = option(1792, help="training images of those epochs")
     data_dir: str = option("data", help=DATA_DIR_HELP)
     threads: int | None = option(None, help="CPU threads (default: torch's, one per core)")
+    combination_batch_sizes: list[int] | None = option(
+        None, help="batch sizes of the bf16+channels_last(+compile) variants (default: 128,512 on CUDA, "
+        "--batch-size on the CPU)")
+    roofline_seconds: float = option(1.0, help="seconds per dtype timing the device's dense matmul rate (0: skip)")
 
     def validate(self) -> None:
         if self.model is not None and self.model not in list_models():
@@ -97,17 +113,27 @@ class DoctorConfig:
         if not isinstance(self.epoch_images, int) or not 2 <= self.epoch_images <= 1792:
             raise UserError(f"--epoch-images must be an integer in [2, 1792] (the fake data's training images), "
                             f"got {self.epoch_images}")
-        # methods, steps, warmup, batch size and threads: BenchConfig.validate, same messages as bench
+        for b in self.combination_batch_sizes or []:
+            if not isinstance(b, int) or b < 1:
+                raise UserError(f"--combination-batch-sizes must be integers >= 1, got {b}")
+        # methods, steps, warmup, batch size, threads, roofline seconds: BenchConfig.validate, as bench
         self.bench_config(torch.device("cpu"), {}).validate()
 
-    def bench_config(self, device: torch.device, switches: dict[str, Any]) -> BenchConfig:
+    def bench_config(self, device: torch.device, switches: dict[str, Any], batch_size: int | None = None
+                     ) -> BenchConfig:
         cuda = device.type == "cuda"
         return BenchConfig(
             model=self.model or ("wrn-34-4" if cuda else "smallcnn"), dataset=DATASET,
-            batch_size=self.batch_size or (128 if cuda else 32), steps=self.steps, warmup=self.warmup,
+            batch_size=batch_size or self.batch_size or (128 if cuda else 32), steps=self.steps, warmup=self.warmup,
             methods=list(self.methods), attacker_width=self.attacker_width, device=str(device),
-            data_dir=self.data_dir, threads=self.threads, **switches,
+            data_dir=self.data_dir, threads=self.threads, roofline_seconds=0, **switches,
         )
+
+    def combination_batches(self, device: torch.device) -> list[int]:
+        """The batch sizes the combinations are timed at."""
+        if self.combination_batch_sizes:
+            return list(self.combination_batch_sizes)
+        return [128, 512] if device.type == "cuda" else [self.bench_config(device, {}).batch_size]
 
 
 def doctor(config: DoctorConfig) -> dict[str, Any]:
@@ -117,18 +143,23 @@ def doctor(config: DoctorConfig) -> dict[str, Any]:
     deadline = started + config.max_seconds
     device = resolve_device(config.device)
     report: dict[str, Any] = {"environment": environment(device), "variants": {}, "skipped": {}}
+    report["roofline"] = _roofline(config, device)
     checks = device.type == "cuda" if config.checks is None else config.checks
     for name in config.variants or VARIANTS:
-        if name in CUDA_ONLY and device.type != "cuda":
-            report["skipped"][name] = "CUDA only"
-        elif name != FLOAT32 and time.monotonic() > deadline:
-            report["skipped"][name] = f"the --max-seconds {config.max_seconds:g} were spent"
-        else:
-            report["variants"][name] = _bench_variant(config, device, name, deadline)
-            _log(f"{name}: {report['variants'][name].get('seconds', 0):g} s")
+        batches = config.combination_batches(device) if name in COMBINATIONS else [None]
+        for batch in batches:
+            key = name if batch is None else f"{name}@{batch}"
+            if name in CUDA_ONLY and device.type != "cuda":
+                report["skipped"][key] = "CUDA only"
+            elif name != FLOAT32 and time.monotonic() > deadline:
+                report["skipped"][key] = f"the --max-seconds {config.max_seconds:g} were spent"
+            else:
+                report["variants"][key] = _bench_variant(config, device, name, deadline, batch)
+                _log(f"{key}: {report['variants'][key].get('seconds', 0):g} s")
         if name == FLOAT32 and checks:  # the loop checks right after the baseline, before the slow compiles
             report["checks"] = _training_checks(config, device, deadline)
     _add_speedups(report["variants"])
+    _add_roofline_fractions(report)
     report["seconds"] = round(time.monotonic() - started, 1)
     return report
 
@@ -138,10 +169,40 @@ def _log(message: str) -> None:
     print(f"doctor: {message}", file=sys.stderr, flush=True)
 
 
+def _roofline(config: DoctorConfig, device: torch.device) -> dict[str, Any] | None:
+    """The device's matmul rate with the threads the benchmarks use."""
+    if config.roofline_seconds <= 0:
+        return None
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        roof = roofline(device, config.roofline_seconds)
+    finally:
+        torch.set_num_threads(previous)
+    _log("roofline: " + ", ".join(f"{k} {v / 1e9:.1f} GMAC/s" for k, v in roof["mac_per_s"].items()))
+    return roof
+
+
+def _add_roofline_fractions(report: dict[str, Any]) -> None:
+    """Each method's MAC rate over the roofline of its variant's precision."""
+    roof = report.get("roofline")
+    for result in report["variants"].values():
+        if "methods" not in result:
+            continue
+        peak = None if roof is None else peak_for(roof, result["switches"].get("amp", "off"))
+        rates = {m: row["mac_per_s"] for m, row in result["methods"].items()}
+        fractions = roofline_fraction(rates, peak) if peak else dict.fromkeys(rates)
+        for m, row in result["methods"].items():
+            row["roofline_fraction"] = fractions[m]
+
+
 def variant_switches(name: str, device: torch.device) -> dict[str, Any]:
     """The switches a variant turns on; "fast" is every one that applies to the device."""
     if name == FLOAT32:
         return {}
+    if name in COMBINATIONS:
+        return dict(COMBINATIONS[name])
     if name != FAST:
         return dict(SWITCH_VARIANTS[name])
     fast = {"amp": "bf16", "channels_last": True, "compile": True}
@@ -152,14 +213,17 @@ def variant_switches(name: str, device: torch.device) -> dict[str, Any]:
     return fast
 
 
-def _bench_variant(config: DoctorConfig, device: torch.device, name: str, deadline: float) -> dict[str, Any]:
+def _bench_variant(config: DoctorConfig, device: torch.device, name: str, deadline: float,
+                   batch_size: int | None = None) -> dict[str, Any]:
     switches = variant_switches(name, device)
     started = time.monotonic()
     try:
-        result = bench(config.bench_config(device, switches), deadline=None if name == FLOAT32 else deadline)
+        result = bench(config.bench_config(device, switches, batch_size),
+                       deadline=None if name == FLOAT32 else deadline)
     except Exception as e:  # noqa: BLE001 - e.g. no bf16 on this GPU, or a compiler failing: the finding
         return {"switches": switches, "error": _one_line(e)}
-    keys = ("seconds_per_step", "images_per_s", "mac_per_s", "ratio_to_mac_floor", "macs_per_step")
+    keys = ("seconds_per_step", "images_per_s", "mac_per_s", "ratio_to_mac_floor", "macs_per_step",
+            "compile_seconds")
     methods = {m: {k: (result[k] or {}).get(m) for k in keys} for m in result["seconds_per_step"]}
     return {"switches": switches, "methods": methods, "rounds_timed": result["rounds_timed"],
             "seconds": round(time.monotonic() - started, 1),
@@ -333,6 +397,10 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as text: the environment, one table per variant, the checks, what was skipped."""
     env = report["environment"]
     lines = ["environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
+    roof = report.get("roofline")
+    if roof:
+        lines.append(f"roofline (torch.mm, {roof['threads']} threads): " + ", ".join(
+            f"{k} {v / 1e9:.1f} GMAC/s at {roof['size'][k]}x{roof['size'][k]}" for k, v in roof["mac_per_s"].items()))
     for name, result in report["variants"].items():
         switches = ", ".join(f"{k}={v}" for k, v in result["switches"].items()) or "none"
         if "error" in result:
@@ -342,11 +410,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"{name} ({switches}): {result['model']}, batch {result['batch_size']}, attacker "
                       f"{attacker} x{result['attacker_width']:g}, {result['rounds_timed']} timed rounds, "
                       f"{result['seconds']:g} s"]
-        lines.append(f"{'method':<14}{'s/step':>10}{'images/s':>11}{'GMAC/s':>10}{'x floor':>9}{'x float32':>11}")
+        lines.append(f"{'method':<14}{'s/step':>10}{'images/s':>11}{'GMAC/s':>10}{'x floor':>9}{'x float32':>11}"
+                     f"{'of roof':>9}{'compile s':>11}")
         for m, row in result["methods"].items():
             gmacs = None if row["mac_per_s"] is None else row["mac_per_s"] / 1e9
             cells = ((row["seconds_per_step"], 10, 4), (row["images_per_s"], 11, 1), (gmacs, 10, 1),
-                     (row["ratio_to_mac_floor"], 9, 2), (row["speedup_vs_float32"], 11, 2))
+                     (row["ratio_to_mac_floor"], 9, 2), (row["speedup_vs_float32"], 11, 2),
+                     (row.get("roofline_fraction"), 9, 3), (row.get("compile_seconds"), 11, 1))
             lines.append(f"{m:<14}" + "".join(("-" if v is None else f"{v:.{d}f}").rjust(w) for v, w, d in cells))
     for name, check in report.get("checks", {}).items():
         lines.append(f"check {name}: " + ", ".join(f"{k} {v}" for k, v in check.items()))

@@ -83,13 +83,15 @@ class AttackerSettings:
 
 @dataclass(frozen=True)
 class SpeedSettings:
-    """The training step's speed switches (learn2defend.speed)."""
+    """The training step's speed switches (learn2defend.speed). None: the device's default,
+    not yet known (`speed.resolve_switches` sets it when the run's device is; until then
+    None acts as off)."""
 
     amp: str
-    channels_last: bool
-    compile: bool
-    tf32: bool
-    cudnn_benchmark: bool
+    channels_last: bool | None
+    compile: bool | None
+    tf32: bool | None
+    cudnn_benchmark: bool | None
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,25 @@
   calls `autograd.grad`, a custom autograd Function and optimizers).
 - `--tf32`, `--cudnn-benchmark` (CUDA only): TF32 tensor-core math for float32 matrix
   products and convolutions, and cuDNN's search for the fastest convolution algorithm.
-  `--tf32` is on by default (1.9-2.4x faster steps on an H200, measured by `doctor`);
-  `--no-tf32` computes the training step in IEEE float32.
 
-The others are off by default: on the H200, channels_last and compile alone made the
-step slower, cudnn_benchmark changed nothing, and bf16/fp16 autocast (2.0-2.7x) changes
-the numbers a run trains on (docs/performance.md).
+Defaults per device kind (`DEVICE_DEFAULTS`, `resolve_switches`): a switch left unset
+(None in `TrainConfig`) takes the fastest measured choice of the device the run trains
+on, among those that keep the numbers (the speed-switch tests' tolerances); the resolved
+config, and so config.json, holds the value that ran. A given `--flag`/`--no-flag` wins.
+- CPU: channels_last on (1.1-1.2x per step for smallcnn on 8x8 digits, 1.2-1.4x for
+  smallcnn-pooled on 32x32, CPU seconds, one thread, docs/performance.md); compile off:
+  no faster per step there (torch 2.14), and 5-55 s to compile. The rule that would turn
+  it on ("auto", `COMPILE_MIN_STEPS`: only runs long enough to win the compilation back,
+  and only with a C++ compiler) is kept for a device where it wins.
+- CUDA: tf32 on (1.9-2.4x faster steps on an H200, measured by `doctor`); channels_last
+  and compile alone made float32 steps slower there, cudnn_benchmark changed nothing:
+  off. bf16/fp16 autocast (2.0-2.7x) changes the numbers a run trains on: opt-in
+  everywhere (docs/performance.md).
+Resuming: `train --resume` takes the run's config.json, so a run continues with the
+switches it ran with, on any device, unless flags say otherwise; from Python,
+`train(config, resume=True)` with switches left unset resolves them for the device it
+resumes on. Either way the numbers stay those of the run: the switches may change on
+resume, and checkpoints hold one layout whatever they were (`train._match_layouts`).
 
 None applies to evaluation: validation during training and the attacks of `eval`,
 `transfer`, `sweep` and the sanity checks run in IEEE float32 on the modules as they are
@@ -30,6 +43,7 @@ examples and overstate robustness.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -37,12 +51,69 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .settings import SpeedSettings
+from .settings import ResolvedConfig, SpeedSettings
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # torch.compile's backend. Tests swap in "aot_eager": the same graph capture and autograd
 # tracing, without generating and building C++/Triton kernels (tens of seconds per graph).
 COMPILE_BACKEND = "inductor"
+
+
+# What an unset switch becomes, per device kind; "auto": on only for runs long enough to
+# win the compilation back (`COMPILE_MIN_STEPS`). Measured with `learn2defend bench`, one
+# thread (docs/performance.md, "Defaults per device").
+DEVICE_DEFAULTS: dict[str, dict[str, bool | str]] = {
+    "cpu": {"channels_last": True, "compile": False, "tf32": True, "cudnn_benchmark": False},
+    "cuda": {"channels_last": False, "compile": False, "tf32": True, "cudnn_benchmark": False},
+}
+# Why a default is what it is, where the header should say more than "cpu default".
+DEFAULT_REASONS = {
+    ("cpu", "compile"): "cpu default: no faster per step on this CPU, 5-55 s to compile a method's networks",
+}
+# compile's "auto": the steps a run needs to win back its compilation, COMPILE_SECONDS
+# (measured on the 2-core CPU for the L2L methods' classifier and attacker: ~55 s) at a
+# saving of a few milliseconds per step.
+COMPILE_SECONDS = {"cpu": 55.0, "cuda": 60.0}
+COMPILE_MIN_STEPS = {"cpu": 20_000, "cuda": 20_000}
+SWITCH_NAMES = ("channels_last", "compile", "tf32", "cudnn_benchmark")
+
+
+def resolve_switches(cfg: ResolvedConfig, device: torch.device, steps: int) -> tuple[ResolvedConfig, str]:
+    """`cfg` with every unset (None) speed switch set to `device`'s default, and a line
+    saying which switches run and why (for train's header). `steps`: the run's training
+    steps in all (epochs x batches per epoch), which decides compile's "auto"."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    defaults = DEVICE_DEFAULTS[kind]
+    chosen: dict[str, bool] = {}
+    why: list[str] = []
+    for name in SWITCH_NAMES:
+        given = getattr(cfg.speed, name)
+        if given is not None:
+            chosen[name] = given
+            reason = "given"
+        elif defaults[name] == "auto":
+            chosen[name], reason = _compile_pays(kind, steps)
+        else:
+            chosen[name] = bool(defaults[name])
+            reason = DEFAULT_REASONS.get((kind, name), f"{kind} default")
+        if name in ("tf32", "cudnn_benchmark") and kind != "cuda":
+            continue  # no effect off CUDA: not worth a word
+        why.append(f"{name} {'on' if chosen[name] else 'off'} ({reason})")
+    if cfg.speed.amp != "off":
+        why.insert(0, f"amp {cfg.speed.amp} (given)")
+    resolved = dataclasses.replace(cfg, speed=dataclasses.replace(cfg.speed, **chosen))
+    return resolved, "speed: " + ", ".join(why)
+
+
+def _compile_pays(kind: str, steps: int) -> tuple[bool, str]:
+    """Whether compile is on by default for a run of `steps` steps, and why."""
+    if kind == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+        return False, "cpu default: no C++ compiler here"
+    need = COMPILE_MIN_STEPS[kind]
+    if steps < need:
+        return False, (f"run of {steps} steps too short to win back ~{COMPILE_SECONDS[kind]:.0f} s of compilation "
+                       f"(needs >= {need})")
+    return True, f"{kind} default for runs of >= {need} steps"
 
 
 def check_switches(cfg: SpeedSettings, device: torch.device, world: int) -> None:
@@ -99,7 +170,7 @@ def wrap_step(step: Callable[[Tensor, Tensor], dict[str, Tensor]], cfg: SpeedSet
     if cfg.amp != "off":
         contexts.append(lambda: torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp]))
     if device.type == "cuda":
-        contexts.append(lambda: cuda_math(tf32=cfg.tf32, benchmark=cfg.cudnn_benchmark))
+        contexts.append(lambda: cuda_math(tf32=bool(cfg.tf32), benchmark=bool(cfg.cudnn_benchmark)))
     if not contexts and not cfg.channels_last:
         return step
 

@@ -181,8 +181,11 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
     if cfg.run.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
                         "leave it out (each process then normalizes with its own batch statistics)")
-    speed.check_switches(cfg.speed, device, world)
     data = _training_data(cfg)
+    # unset speed switches: this device's defaults, decided before anything is built (and
+    # written: config.json records what runs)
+    cfg, switches = speed.resolve_switches(cfg, device, cfg.epochs * _batches_per_epoch(cfg, data, world))
+    speed.check_switches(cfg.speed, device, world)
     loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world))
     if stored is not None:
         loop.restore(stored)
@@ -195,6 +198,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
         else:
             _log(f"{out} has finished its {loop.pos.epoch} epochs; nothing to train")
     _log(_header(cfg, data, device, world))
+    _log(switches)
     if cfg.model == "smallcnn" and min(data.train.images.shape[-2:]) > SMALLCNN_MAX_SIZE:
         _log(SMALLCNN_ADVICE)
     loop.run()
@@ -213,6 +217,12 @@ def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     if differ:  # the values too: a default that changed between versions is set back with its flag
         raise UserError(f"cannot resume '{out}' with other settings: {differ}; give the run's values to continue it")
     return stored
+
+
+def _batches_per_epoch(cfg: ResolvedConfig, data: Dataset, world: int) -> int:
+    """Steps of one epoch, as the training loader counts them (`_train_loader`)."""
+    images = len(data.train) // world
+    return images // cfg.batch_size if images >= cfg.batch_size else 1
 
 
 def _training_data(cfg: ResolvedConfig) -> Dataset:
