@@ -98,6 +98,9 @@ def test_bf16_autocast_trains_every_method_close_to_float32(method):
 # other methods' by < 0.2 %, except TRADES (0.8 %): its attack's first steps, 0.001 from the
 # image, follow gradients at rounding level.
 LAYOUT_CLASSIFIER_RTOL = {"pgd": 0.1, "trades": 0.05}
+# TRADES' first loss: its KL term is measured after that rounding-level attack; 0.19 % apart
+# on an AVX2 CPU (oneDNN's NHWC and NCHW kernels sum in other orders), < 0.1 % on AVX-512.
+LAYOUT_LOSS_RTOL = {"trades": 5e-3}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -107,7 +110,7 @@ def test_channels_last_gives_the_same_step(method):
     conv = next(p for p in nhwc.model.parameters() if p.dim() == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)  # the switch really applied
     assert_same_step(nhwc, exact, before, LAYOUT_CLASSIFIER_RTOL.get(method, 2e-3))
-    assert nhwc_losses[0] == pytest.approx(exact_losses[0], rel=1e-3)
+    assert nhwc_losses[0] == pytest.approx(exact_losses[0], rel=LAYOUT_LOSS_RTOL.get(method, 1e-3))
 
 
 @pytest.mark.parametrize("method, overrides",

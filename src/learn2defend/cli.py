@@ -111,9 +111,9 @@ NONE_DEFAULTS = {
     "attacker_weight_decay": "0 with adam, --weight-decay with sgd",
     "attacker_lr_milestones": "none with adam, --lr-milestones with sgd",
     "channels_last": "per device: on for the CPU, off for CUDA (learn2defend.speed.DEVICE_DEFAULTS)",
-    "compile": "per device: on for CPU runs long enough to win back the compilation, off for CUDA",
-    "tf32": "on",
-    "cudnn_benchmark": "off",
+    "compile": "per device: off on the CPU (no faster there) and on CUDA (docs/performance.md)",
+    "tf32": "on for CUDA",
+    "cudnn_benchmark": "off for CUDA",
 }
 
 
