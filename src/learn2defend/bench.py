@@ -4,9 +4,13 @@ Every method runs the very step function training runs (`learn2defend.methods.ST
 on a `StepContext` built as `learn2defend.train.train` builds it, on one fixed batch.
 All methods live in one process and are timed round-robin (the starting method rotates
 each round), so a noisy neighbour or a thermal dip slows every method alike instead of
-whichever happened to run at that moment. Warm-up rounds (allocator, oneDNN/cuDNN
-kernel choice, lazy init) are run but not recorded; the median of the timed rounds is
-reported.
+whichever happened to run at that moment. Each step's first call is timed apart
+(`first_step_seconds`; under --compile the compilation happens there, and its cost over a
+timed step is `compile_seconds`); then warm-up rounds (allocator, oneDNN/cuDNN kernel
+choice, lazy init) are run but not recorded; the median of the timed rounds is reported.
+
+The roofline: the device's own dense matmul rate in float32 and bf16 (`roofline`, torch.mm),
+and each method's multiply-add rate as a fraction of it (`roofline_fraction`).
 
 Besides the training methods, `attacker-only` times the learned attacker alone
 (forward, backward and optimizer step on the grad-l2l input, image and gradient): the
