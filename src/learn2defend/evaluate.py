@@ -239,13 +239,16 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     resumable = world == 1 and run.path.is_dir() and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
     with _state_discarded_on_failure(state), _interruptible(state):
+        bad: dict[str, Tensor] = {}
         correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
-                                 config.progress and distributed.is_main(), state)
+                                 config.progress and distributed.is_main(), state, nonfinite=bad)
         if world > 1:
-            counts = distributed.sum_counts([int(ok.sum()) for ok in correct.values()])
-            accuracy = {name: c / n for name, c in zip(correct, counts, strict=True)}
+            counts = distributed.sum_counts([int(ok.sum()) for ok in correct.values()] + [int(bad["worst"].sum())])
+            accuracy = {name: c / n for name, c in zip(correct, counts[:-1], strict=True)}
+            nonfinite = counts[-1]
         else:
             accuracy = {name: fraction(ok) for name, ok in correct.items()}
+            nonfinite = int(bad["worst"].sum())
         if not attacks:
             del accuracy["worst"]  # the worst case over no attack is just clean accuracy
         result: dict[str, Any] = {
@@ -259,6 +262,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             "which": config.which if run.path.is_dir() else None,  # an exported file has one set of weights
             "model": run.config.model,
             "method": run.config.method,
+            "nonfinite_logits": nonfinite,
         }
         if config.pgm_step is not None:
             result["pgm_step"] = config.pgm_step
@@ -266,11 +270,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             report = sanity_checks(
                 run.model, images, eps, device=device, batch_size=config.batch_size, seed=config.seed,
                 known=correct, surrogate=surrogate.model if surrogate else None, progress=config.progress,
-                state_dir=state,
+                state_dir=state, nonfinite=bad.get("worst"),
             )
             result["checks"], result["flagged"] = report["checks"], report["flagged"]
             attacks += report["attacks"]
         warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
+        warnings += nonfinite_warning(nonfinite, n)
         if warnings:
             result["warnings"] = warnings
     _discard_state(state)  # finished: the next evaluation starts afresh
@@ -331,18 +336,21 @@ def evaluate_model(
     device = torch.device(device)
     data, result = _images_to_evaluate(images, labels, split, n, data_dir)
     attack_objects = _unique_attacks(attacks, eps, batch_size)
-    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
+    bad: dict[str, Tensor] = {}
+    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress, nonfinite=bad)
     accuracy = {name: fraction(ok) for name, ok in correct.items()}
     if not attack_objects:
         del accuracy["worst"]
-    result = {"accuracy": accuracy, "n": len(data), "eps": eps, "seed": seed} | result
+    nonfinite = int(bad["worst"].sum())
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps, "seed": seed, "nonfinite_logits": nonfinite} | result
     ran = list(attack_objects)
     if checks:
         report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
-                               surrogate=surrogate, progress=progress)
+                               surrogate=surrogate, progress=progress, nonfinite=bad["worst"])
         result["checks"], result["flagged"] = report["checks"], report["flagged"]
         ran += report["attacks"]
     warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
+    warnings += nonfinite_warning(nonfinite, len(data))
     if warnings:
         result["warnings"] = warnings
     return result
@@ -512,8 +520,9 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
         raise UserError("transfer needs at least one attack, e.g. --attacks fgsm,pgd10")
     images = first_n(eval_data(target, config.dataset, config.data_dir), config.split, config.n)
     own: dict[str, Tensor] = {}
+    bad: dict[str, Tensor] = {}
     correct = attack_correct(target.model, images, attacks, config.batch_size, device, config.seed,
-                             config.progress, source=surrogate.model, source_correct=own)
+                             config.progress, source=surrogate.model, source_correct=own, nonfinite=bad)
     n = len(images)
     result: dict[str, Any] = {
         "accuracy": {k: fraction(v) for k, v in correct.items()},
@@ -524,14 +533,25 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
         "eps": eps,
         "seed": config.seed,
         "split": config.split,
+        "nonfinite_logits": int(bad["worst"].sum()),
     }
     warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
+    warnings += nonfinite_warning(result["nonfinite_logits"], n)
     if warnings:
         result["warnings"] = warnings
     return result
 
 
 # ---- helpers -----------------------------------------------------------------------------
+
+
+def nonfinite_warning(count: int, n: int) -> list[str]:
+    """The warning for `count` of `n` images whose logits were not finite (clean or under an
+    attack), as a list of zero or one line."""
+    if not count:
+        return []
+    return [f"{count} of {n} images gave non-finite logits (NaN or inf), clean or under an attack; "
+            "they are counted as wrong (\"nonfinite_logits\" in --json)"]
 
 
 def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) -> Path | None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed, speed
-from .attacks import pgd_delta
+from .attacks import correct_predictions, pgd_delta
 from .config import TrainConfig, load_resolved
 from .data import Dataset, DeviceLoader, ImageData, load_dataset
 from .errors import UserError
@@ -38,9 +38,11 @@ from .runs import (
     METRICS,
     FolderLock,
     Run,
+    architecture,
     build_attacker,
     build_classifier,
     changed_settings,
+    check_architecture,
     check_attacker_layout,
     checked_meta,
     claim_folder,
@@ -49,6 +51,7 @@ from .runs import (
     load_weights,
     prepare_out,
     resolve_device,
+    shown,
 )
 from .settings import OptimizerSettings, ResolvedConfig
 from .version import __version__
@@ -86,7 +89,7 @@ def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> t
 def _clean_correct(model: nn.Module, data: ImageData, device: torch.device, batch: int = 512) -> torch.Tensor:
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
-        correct += (model(x).argmax(1) == y).sum()
+        correct += correct_predictions(model(x), y).sum()
     return correct
 
 
@@ -98,7 +101,7 @@ def _robust_correct(
     for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
         delta = pgd_delta(model, x, y, eps, steps=10, step_size=eps / 4, random_start=True)
         with torch.no_grad():
-            correct += (model(x + delta).argmax(1) == y).sum()
+            correct += correct_predictions(model(x + delta), y).sum()
     return correct
 
 
@@ -268,8 +271,14 @@ def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device,
     attacker = build_attacker(cfg, meta)
     if cfg.init:
         init = load_run(cfg.init, with_attacker=False)
-        if init.meta["classes"] != meta["classes"] or init.config.model != cfg.model:
-            raise UserError(f"--init {cfg.init} is a {init.config.model} for other classes; it cannot start this run")
+        mine, theirs = architecture(cfg, meta, model.state_dict()), architecture(init.config, init.meta,
+                                                                                  init.model.state_dict())
+        differ = [f"{k} {shown(theirs[k])} (this run: {shown(mine[k])})"
+                  for k in ("model", "num_classes", "image_shape", "fingerprint") if theirs[k] != mine[k]]
+        if init.meta["classes"] != meta["classes"] and theirs["num_classes"] == mine["num_classes"]:
+            differ.append(f"classes {shown(init.meta['classes'])} (this run: {shown(meta['classes'])})")
+        if differ:
+            raise UserError(f"--init {cfg.init} cannot start this run: it holds {', '.join(differ)}")
         model.load_state_dict(init.model.state_dict())
     if attacker is not None:
         attacker.to(device)
@@ -381,6 +390,7 @@ class _Loop:
         s = {
             "data": p.meta, "epoch": epoch, "batch": batch, "history": self.pos.history, "best": self.pos.best,
             "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+            "arch": architecture(self.cfg, p.meta, p.model.state_dict()),
             "scheduler": p.scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
             "world_size": self.ranks.world,
             # what made it, for whoever reads a shared run (config.json stores --device as given)
@@ -401,6 +411,7 @@ class _Loop:
         p, cfg, path = self.parts, self.cfg, self.out / LAST
         s = ckpt.load_state(path, device=self.device)
         checked_meta(s, path)
+        check_architecture(s.get("arch"), architecture(stored, p.meta, p.model.state_dict()), f"checkpoint {path}")
         try:
             self._load_networks(s, path)
             pos, saved_world = self._position(s, stored)

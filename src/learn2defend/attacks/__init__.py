@@ -13,6 +13,7 @@ from .base import (
     check_eps,
     check_images,
     check_labels,
+    correct_predictions,
     model_state_kept,
     num_classes,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "check_eps",
     "check_images",
     "check_labels",
+    "correct_predictions",
     "fgsm_delta",
     "kl_pgd_delta",
     "list_attack_names",

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from learn2defend.errors import UserError
 
-from .base import Attack, _check_positive_int, _check_seed, stream_seed
+from .base import Attack, _check_positive_int, _check_seed, correct_predictions, stream_seed
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 FAST_ATTACKS = ("apgd-ce", "apgd-t")
@@ -223,8 +223,9 @@ class AutoAttack(Attack):
         else:
             done = []
             with torch.no_grad():
-                preds = [model(xb).argmax(1) for xb in x.split(self.batch_size)]
-            robust = torch.cat(preds) == y if preds else torch.zeros_like(y, dtype=torch.bool)
+                preds = [correct_predictions(model(xb), yb) for xb, yb in zip(x.split(self.batch_size),
+                                                                                y.split(self.batch_size), strict=True)]
+            robust = torch.cat(preds) if preds else torch.zeros_like(y, dtype=torch.bool)
         lines: list[str] = []
         warned: list[str] = []
         devices = [x.device] if x.device.type == "cuda" else []

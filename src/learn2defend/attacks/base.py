@@ -15,6 +15,13 @@ from learn2defend.errors import UserError, eps_range_error
 from .functional import LOSSES, fgsm_delta, pgd_delta, project
 
 
+def correct_predictions(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per image (bool [B]): the model predicts `labels` [B] from `logits` [B, K]. The one
+    rule every accuracy uses: an image whose logits are not all finite is wrong, whatever
+    its label (argmax of a NaN row is 0, which would score label-0 images as correct)."""
+    return (logits.argmax(1) == labels) & torch.isfinite(logits).all(1)
+
+
 def check_eps(eps: float) -> float:
     """eps is an l-inf radius in pixel units, so it must lie in [0, 1]."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
@@ -329,7 +336,7 @@ class PGD(Attack):
             if self.restarts == 1:
                 return (images + delta).clamp(0, 1)
             with torch.no_grad():
-                wrong = model(images + delta).argmax(1) != labels
+                wrong = ~correct_predictions(model(images + delta), labels)
             keep = ~fooled.view(-1, *[1] * (images.dim() - 1))
             best = delta if best is None else torch.where(keep, delta, best)
             fooled |= wrong

@@ -1,0 +1,162 @@
+"""Issue 29: nothing silently wrong. A checkpoint knows its architecture; non-finite
+logits count as wrong; whatever train writes loads back; every write failure is one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from learn2defend import load_run
+from learn2defend.cli import main
+from learn2defend.errors import UserError
+from learn2defend.export import export, load_exported
+
+SMALL_RUN = ["--dataset", "fake:1x8x8:4", "--val-size", "16", "--train-size", "32", "--batch-size", "16",
+             "--epochs", "1", "--val-robust-n", "0", "--device", "cpu", "--no-progress"]
+
+
+def one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("train ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    """Tiny finished runs of two models whose weights load into each other."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, model in (("small", "smallcnn"), ("pooled", "smallcnn-pooled")):
+        argv = ["train", "--out", str(root / name), "--data-dir", str(root / "data"), *SMALL_RUN, "--model", model]
+        assert main(argv) == 0
+    return root
+
+
+def copy_run(runs: Path, tmp_path: Path, name: str) -> Path:
+    dst = tmp_path / name
+    dst.mkdir()
+    for p in (runs / name).iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+# ---- 1. checkpoints know their architecture ----------------------------------------------
+
+
+def test_weights_of_a_lookalike_model_load_into_each_other(runs):
+    """The premise: without a record, smallcnn weights load silently into smallcnn-pooled."""
+    a, b = load_run(runs / "small"), load_run(runs / "pooled")
+    b.model.load_state_dict(a.model.state_dict())
+
+
+def test_a_checkpoint_of_another_model_is_refused_everywhere(runs, tmp_path, capsys):
+    run = copy_run(runs, tmp_path, "pooled")
+    (run / "last.safetensors").write_bytes((runs / "small" / "last.safetensors").read_bytes())
+    with pytest.raises(UserError, match="model smallcnn .this run: smallcnn-pooled"):
+        load_run(run)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--device", "cpu", "--n", "8"]) == 2
+    assert "does not fit" in one_line(capsys.readouterr().err)
+    assert main(["train", "--out", str(run), "--resume", "--data-dir", str(runs / "data"), *SMALL_RUN,
+                 "--model", "smallcnn-pooled", "--epochs", "2"]) == 2
+    assert "model smallcnn" in one_line(capsys.readouterr().err)
+    assert main(["export", str(run), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "does not fit" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_checkpoint_of_another_method_is_refused(runs, tmp_path):
+    run = copy_run(runs, tmp_path, "small")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "method": "trades"}))
+    with pytest.raises(UserError, match="method plain .this run: trades"):
+        load_run(run)
+
+
+def test_init_from_another_model_says_what_differs(runs, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "x"), "--data-dir", str(runs / "data"), *SMALL_RUN,
+                 "--init", str(runs / "small"), "--model", "smallcnn-pooled"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "model smallcnn (this run: smallcnn-pooled)" in line and "classes" not in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_export_whose_weights_do_not_match_its_fingerprint_is_refused(runs, tmp_path):
+    out = tmp_path / "m.safetensors"
+    meta = export(runs / "small", out)
+    assert len(meta["fingerprint"]) == 16
+    load_exported(out)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    with safe_open(str(out), framework="pt") as f:
+        raw = f.metadata()
+    out.write_bytes(save(load_file(str(out)), metadata={**raw, "fingerprint": "0" * 16}))
+    with pytest.raises(UserError, match="fingerprint"):
+        load_exported(out)
+
+
+# ---- 2. non-finite logits count as wrong ------------------------------------------------------
+
+
+class NaNOnSome(torch.nn.Module):
+    """A perfect classifier of the pattern (label = argmax of the first 4 pixels), whose
+    logits are NaN on the images marked by pixel 5 > 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        logits = flat[:, :4] * self.scale
+        poison = (flat[:, 5] > 0.5).unsqueeze(1)
+        return torch.where(poison, torch.full_like(logits, float("nan")), logits)
+
+
+def nan_data(n: int = 100, poisoned: int = 10):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 4
+    x = torch.rand(n, 1, 3, 3, generator=g) * 0.2
+    x.view(n, -1)[torch.arange(n), labels] = 0.9
+    x.view(n, -1)[:, 5] = 0.1
+    x.view(n, -1)[:poisoned, 5] = 0.9  # the first 10, 3 of them labelled 0
+    return x, labels
+
+
+def test_nonfinite_logits_are_wrong_clean_and_under_every_attack():
+    from learn2defend.evaluate import evaluate_model
+
+    x, y = nan_data()
+    assert int((y[:10] == 0).sum()) == 3
+    result = evaluate_model(NaNOnSome(), x, y, attacks=["fgsm", "pgd10", "cw", "cwpgd10"], eps=0.01)
+    for name, acc in result["accuracy"].items():
+        assert acc <= 0.90, (name, acc)
+    assert result["accuracy"]["clean"] == 0.90
+    assert result["nonfinite_logits"] == 10
+    assert any("non-finite logits" in w for w in result["warnings"])
+
+
+def test_an_all_finite_evaluation_reports_zero():
+    from learn2defend.evaluate import evaluate_model
+
+    x, y = nan_data(poisoned=0)
+    result = evaluate_model(NaNOnSome(), x, y)
+    assert result["accuracy"]["clean"] == 1.0 and result["nonfinite_logits"] == 0 and "warnings" not in result
+
+
+def test_the_sanity_checks_flag_nonfinite_logits():
+    from learn2defend.checks import sanity_checks
+    from learn2defend.data import ImageData
+
+    x, y = nan_data(n=40, poisoned=4)
+    report = sanity_checks(NaNOnSome(), ImageData(x, y), 0.01, batch_size=40)
+    check = report["checks"]["finite_logits"]
+    assert report["flagged"] and check["passed"] is False
+    # the 4 poisoned images, and more that the eps-0.5 attack pushes over the NaN threshold
+    assert check["values"]["count"] >= 4 and f"{check['values']['count']} of 40" in check["detail"]
+    x, y = nan_data(n=40, poisoned=0)
+    report = sanity_checks(NaNOnSome(), ImageData(x, y), 0.01, batch_size=40, nonfinite=torch.arange(40) < 2)
+    assert report["checks"]["finite_logits"]["values"]["count"] >= 2
