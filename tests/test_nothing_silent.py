@@ -160,3 +160,39 @@ def test_the_sanity_checks_flag_nonfinite_logits():
     x, y = nan_data(n=40, poisoned=0)
     report = sanity_checks(NaNOnSome(), ImageData(x, y), 0.01, batch_size=40, nonfinite=torch.arange(40) < 2)
     assert report["checks"]["finite_logits"]["values"]["count"] >= 2
+
+
+# ---- 3. whatever train writes into config.json loads back -----------------------------------------
+
+
+def _all_methods():
+    from learn2defend.methods import METHOD_RECORDS
+
+    return sorted(METHOD_RECORDS)
+
+
+@pytest.mark.parametrize("method", _all_methods())
+@pytest.mark.parametrize("edge", [{"eps": 0.0}, {"eps": 1.0}, {"epochs": 1}, {"batch_size": 1},
+                                  {"eps": 0.0, "epochs": 1, "batch_size": 1}])
+def test_what_train_writes_into_config_json_loads_back(method, edge, tmp_path):
+    """config.json is `ResolvedConfig.to_dict()` (runs.claim_folder); it must resolve again to
+    the same settings, as eval and --resume read it."""
+    from learn2defend import TrainConfig
+    from learn2defend.config import load_resolved
+
+    cfg = TrainConfig(out=str(tmp_path / "r"), dataset="fake:1x8x8:4", method=method, **edge).resolve()
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    assert load_resolved(tmp_path / "config.json") == cfg
+
+
+@pytest.mark.parametrize("method", ["fgsm", "pgd-at"])
+def test_eps_0_trains_evaluates_and_resumes(method, tmp_path, capsys, one_thread):
+    """eps 0 is plain training through the method's own step: the run evaluates and resumes."""
+    out = tmp_path / "r"
+    argv = ["train", "--out", str(out), "--data-dir", str(tmp_path / "data"), *SMALL_RUN, "--method", method,
+            "--eps", "0"]
+    assert main(argv) == 0
+    assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--n", "8", "--attacks", "fgsm", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert load_run(out).epoch == 2

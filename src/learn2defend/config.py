@@ -57,7 +57,11 @@ FALLBACK_EPS = 0.03
 ATTACKER_ADAM_LR = 1e-3
 
 MAX_BETA = 1e3
-MAX_NOISE = 1.0
+# The largest values a method's own default reaches at eps 1 (n-fgsm's noise 2 eps, FGSM-RS's
+# step 1.25 eps): whatever `train` writes into config.json must load back. Images lie in
+# [0, 1], so anything past 1 acts as 1.
+MAX_NOISE = 2.0
+MAX_STEP_SIZE = 2.0
 MAX_ATTACKER_EVERY = 10**6
 
 
@@ -211,6 +215,7 @@ class TrainConfig:
         for name, default in method.defaults.items():  # in order: step_size may use pgd_steps
             if getattr(c, name) is None:
                 setattr(c, name, default.value(c))
+        c.validate()  # the defaults filled in too: what train writes into config.json loads back
         c.pgd_steps = (10 if c.pgd_steps is None else c.pgd_steps) if "pgd_steps" in method.options else None
         c.random_start = c.random_start if "random_start" in method.options else None  # type: ignore[assignment]
         c.clean_weight = 0.0 if c.clean_weight is None else c.clean_weight
@@ -400,8 +405,10 @@ def _validate_counts(c: TrainConfig) -> None:
 
 def _validate_optimizers(c: TrainConfig) -> None:
     """TrainConfig.validate: the optimizers' numbers: learning rates, momenta, weight decays, schedules."""
-    for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", 1.0)):
+    for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", MAX_STEP_SIZE)):
         value = getattr(c, name)
+        if name == "step_size" and value == 0 and c.eps == 0:
+            continue  # eps 0: the attack's step is eps-proportional, so 0 (plain training, same code path)
         if value is not None and not (math.isfinite(value) and 0 < value <= top):
             raise UserError(f"--{name.replace('_', '-')} must be a positive number <= {top:g}, got {value}")
     for name in ("momentum", "attacker_momentum"):
