@@ -196,3 +196,75 @@ def test_eps_0_trains_evaluates_and_resumes(method, tmp_path, capsys, one_thread
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert load_run(out).epoch == 2
+
+
+# ---- 4. every write goes through one path -------------------------------------------------------
+
+
+def test_atomic_write_turns_failures_into_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from learn2defend import checkpoint as ckpt
+
+    target = tmp_path / "f.json"
+    ckpt.atomic_write(target, "old")
+
+    def full(tmp, content):
+        Path(tmp).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_fill", full)
+    with pytest.raises(ckpt.WriteFailed, match="No space left") as e:
+        ckpt.atomic_write(target, "new")
+    assert e.value.existed and target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    monkeypatch.undo()
+
+    def torch_fails(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")
+
+    with pytest.raises(ckpt.WriteFailed, match="enforce fail") as e:
+        ckpt.atomic_write(tmp_path / "g.pt", torch_fails)
+    assert not e.value.existed and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_disk_full_at_the_first_checkpoint_does_not_claim_one_is_intact(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from learn2defend import checkpoint as ckpt
+
+    real = ckpt._fill
+
+    def full(tmp, content):
+        if Path(tmp).name.startswith(".best.safetensors.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, content)
+
+    monkeypatch.setattr(ckpt, "_fill", full)
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "r"), "--data-dir", str(tmp_path / "data"), *SMALL_RUN]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "No space left" in line and "no checkpoint was written there yet" in line and "intact" not in line
+
+
+def test_outputs_are_checked_before_the_work(runs, tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    for argv in (["plot", str(runs / "small"), "--out", str(blocked / "x.png")],
+                 ["show", "--checkpoint", str(runs / "small"), "--out", str(blocked / "x.png"), "--n", "2"],
+                 ["sweep", "--checkpoint", str(runs / "small"), "--over", "eps", "0,0.1", "--out", str(blocked / "s")],
+                 ["reproduce", "table3", "--out", str(blocked / "r")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert "not a folder" in one_line(capsys.readouterr().err), argv
+
+
+def test_an_unwritable_progress_file_lets_autoattack_go_on(tmp_path):
+    from learn2defend.attacks import make_attack
+
+    x, y = nan_data(n=8, poisoned=0)
+    attack = make_attack("autoattack-fast", 0.01)
+    state = tmp_path / "missing-folder" / "state.pt"
+    adv = attack(NaNOnSome(), x, y, state_path=state)
+    assert adv.shape == x.shape and not state.exists()
+    assert sum("goes on without saving its progress" in w for w in attack.warnings) == 1

@@ -67,10 +67,7 @@ def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[st
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
     meta["fingerprint"] = param_fingerprint(weights)  # names and shapes, checked when the file is loaded
     data = save(weights, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    try:
-        ckpt.atomic_write_bytes(out, data)
-    except OSError as e:
-        raise UserError(f"cannot write '{out}': {e.strerror or e}") from None
+    ckpt.atomic_write(out, data, f"'{out}'")
     return meta
 
 

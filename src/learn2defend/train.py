@@ -687,8 +687,9 @@ def _save(path: Path, state: dict[str, Any]) -> None:
                                        "overwritten; resume with --on-nonfinite skip, or start over with a lower --lr")
     try:
         ckpt.save_state(path, state)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e}); the previous checkpoint is intact") from None
+    except ckpt.WriteFailed as e:
+        kept = "the previous checkpoint is intact" if e.existed else "no checkpoint was written there yet"
+        raise UserError(f"{e}; {kept}") from None
 
 
 class _SkipGuard:
