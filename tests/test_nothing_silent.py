@@ -268,3 +268,20 @@ def test_an_unwritable_progress_file_lets_autoattack_go_on(tmp_path):
     adv = attack(NaNOnSome(), x, y, state_path=state)
     assert adv.shape == x.shape and not state.exists()
     assert sum("goes on without saving its progress" in w for w in attack.warnings) == 1
+
+
+# ---- 5. float64, float16 and bfloat16 images -----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_dtypes_are_converted_to_the_models(dtype):
+    from learn2defend.attacks import make_attack
+    from learn2defend.evaluate import evaluate_model
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(9, 4))
+    x, y = nan_data(n=16, poisoned=0)
+    x = x.to(dtype)
+    result = evaluate_model(model, x, y, attacks=["fgsm", "pgd10"], eps=0.03)
+    assert result["n"] == 16
+    adv = make_attack("pgd10", 0.03)(model, x, y)
+    assert adv.dtype == torch.float32 and float((adv - x.float()).abs().max()) <= 0.03 + 1e-2

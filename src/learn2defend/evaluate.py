@@ -32,7 +32,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, list_attack_names, make_attack
+from .attacks import (
+    Attack,
+    AutoAttack,
+    check_eps,
+    check_images,
+    check_labels,
+    in_model_dtype,
+    list_attack_names,
+    make_attack,
+)
 from .checks import sanity_checks
 from .config import DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option, parse_fraction
 from .correctness import attack_correct, fraction
@@ -335,6 +344,8 @@ def evaluate_model(
         device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
     device = torch.device(device)
     data, result = _images_to_evaluate(images, labels, split, n, data_dir)
+    if data.images.is_floating_point():  # float64/16 or bfloat16 images: the model's dtype
+        data = ImageData(in_model_dtype(model, data.images), data.labels)
     attack_objects = _unique_attacks(attacks, eps, batch_size)
     bad: dict[str, Tensor] = {}
     correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress, nonfinite=bad)

@@ -14,6 +14,7 @@ from .base import (
     check_images,
     check_labels,
     correct_predictions,
+    in_model_dtype,
     model_state_kept,
     num_classes,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "check_images",
     "check_labels",
     "correct_predictions",
+    "in_model_dtype",
     "fgsm_delta",
     "kl_pgd_delta",
     "list_attack_names",
