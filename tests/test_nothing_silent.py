@@ -285,3 +285,66 @@ def test_other_float_dtypes_are_converted_to_the_models(dtype):
     assert result["n"] == 16
     adv = make_attack("pgd10", 0.03)(model, x, y)
     assert adv.dtype == torch.float32 and float((adv - x.float()).abs().max()) <= 0.03 + 1e-2
+
+
+# ---- 6. run folders store resolved paths ----------------------------------------------------------
+
+
+def image_folder(root: Path, classes: int = 2, per_class: int = 12) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        (root / "train" / f"c{k}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (rng.random((8, 8, 3)) * 80 + 150 * k).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "train" / f"c{k}" / f"{i}.png")
+    return root
+
+
+def test_a_run_folder_works_from_any_directory(tmp_path, monkeypatch, capsys, one_thread):
+    made, elsewhere = tmp_path / "made", tmp_path / "elsewhere"
+    made.mkdir()
+    elsewhere.mkdir()
+    image_folder(made / "cf")
+    monkeypatch.chdir(made)
+    argv = ["--val-size", "8", "--batch-size", "8", "--epochs", "1", "--val-robust-n", "0", "--device", "cpu",
+            "--no-progress"]
+    assert main(["train", "--out", "runs/x", "--dataset", "folder:cf", "--data-dir", "data", *argv]) == 0
+    stored = json.loads((made / "runs" / "x" / "config.json").read_text())
+    assert stored["dataset"] == f"folder:{made / 'cf'}" and stored["data_dir"] == str(made / "data")
+    monkeypatch.chdir(elsewhere)
+    run = made / "runs" / "x"
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    # the relative spelling, from where the run was made, is the same setting as the absolute one
+    monkeypatch.chdir(made)
+    assert main(["train", "--out", "runs/x", "--resume", "--epochs", "3", "--dataset", "folder:cf",
+                 "--no-progress"]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--dataset", f"folder:{made / 'cf'}",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"] == f"folder:{made / 'cf'}"
+    assert list(elsewhere.iterdir()) == []  # no data/cache here
+    out = tmp_path / "m.safetensors"
+    export(run, out)
+    from learn2defend.export import read_metadata
+
+    assert read_metadata(out)["data"]["dataset"] == stored["dataset"]
+
+
+def test_an_old_run_with_relative_paths_loads_as_before(tmp_path, monkeypatch, capsys, one_thread):
+    made = tmp_path / "made"
+    made.mkdir()
+    image_folder(made / "cf")
+    monkeypatch.chdir(made)
+    argv = ["--val-size", "8", "--batch-size", "8", "--epochs", "1", "--val-robust-n", "0", "--device", "cpu",
+            "--no-progress"]
+    assert main(["train", "--out", "x", "--dataset", "folder:cf", *argv]) == 0
+    config = json.loads((made / "x" / "config.json").read_text())
+    (made / "x" / "config.json").write_text(json.dumps({**config, "dataset": "folder:cf", "data_dir": "data"}))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", "x", "--device", "cpu", "--json"]) == 0
+    assert main(["train", "--out", "x", "--resume", "--epochs", "2", "--no-progress"]) == 0

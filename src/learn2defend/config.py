@@ -212,6 +212,8 @@ class TrainConfig:
         self.validate()
         method = METHOD_RECORDS[self.method]
         c = dataclasses.replace(self, eps=default_eps(self.dataset) if self.eps is None else self.eps)
+        # paths resolved: a run folder works from any directory, and two spellings compare equal
+        c.dataset, c.data_dir = resolved_dataset(c.dataset), str(Path(c.data_dir).expanduser().resolve())
         for name, default in method.defaults.items():  # in order: step_size may use pgd_steps
             if getattr(c, name) is None:
                 setattr(c, name, default.value(c))
@@ -278,6 +280,15 @@ class TrainConfig:
             raise UserError(f"cannot read run config {path}: {e}") from None
         except UserError as e:
             raise UserError(f"run config {path}: {e}") from None
+
+
+def resolved_dataset(spec: str) -> str:
+    """A data set spec with its path made absolute (folder:PATH, resolved as `data.load_dataset`
+    resolves it); other specs unchanged."""
+    kind, _, arg = spec.partition(":")
+    if kind.lower() == "folder" and arg:
+        return f"folder:{Path(arg).expanduser().resolve()}"
+    return spec
 
 
 def load_resolved(path: Path) -> ResolvedConfig:

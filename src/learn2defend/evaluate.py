@@ -77,7 +77,7 @@ class EvalData:
     eps: float | None = option(None, help="attack radius (default: the run's training eps)")
     which: str = option("last", help="last or best checkpoint")
     device: str = option("auto", help=DEVICE_HELP)
-    data_dir: str = option("data", help=DATA_DIR_HELP)
+    data_dir: str | None = option(None, help=DATA_DIR_HELP + " (default: the run's)")
     seed: int = option(0, help=ATTACK_SEED_HELP)
 
 
@@ -151,11 +151,13 @@ def load_evaluated(path: str | Path, which: str, device: torch.device | str, dat
     return Run(path, config, {"dataset": config.data.dataset, **shape}, model, None, 0)
 
 
-def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
-    """The run's own data (same validation split as in training), or another set with the same classes."""
+def eval_data(run: Run, dataset: str | None, data_dir: str | None) -> Dataset:
+    """The run's own data (same validation split as in training), or another set with the same
+    classes; `data_dir` None: the run's own."""
     c = run.config.data
     data = load_dataset(
-        dataset or c.dataset, data_dir, val_size=c.val_size if c.val_size < 1 else int(c.val_size),
+        dataset or c.dataset, c.data_dir if data_dir is None else data_dir,
+        val_size=c.val_size if c.val_size < 1 else int(c.val_size),
         split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image,
     )
     classes = [str(k) for k in run.meta["classes"]]
