@@ -348,3 +348,42 @@ def test_an_old_run_with_relative_paths_loads_as_before(tmp_path, monkeypatch, c
     capsys.readouterr()
     assert main(["eval", "--checkpoint", "x", "--device", "cpu", "--json"]) == 0
     assert main(["train", "--out", "x", "--resume", "--epochs", "2", "--no-progress"]) == 0
+
+
+# ---- 7. training time survives interruptions ------------------------------------------------------
+
+
+def test_an_epochs_seconds_are_kept_across_a_resume(tmp_path, monkeypatch, one_thread):
+    """A clock that advances 10 s per step; 4 steps per epoch, a checkpoint after step 2, a
+    crash after step 4: the resumed epoch records all 4 steps' 40 s, not the 20 s after the resume."""
+    import importlib
+    import time as time_module
+
+    train_module = importlib.import_module("learn2defend.train")
+
+    clock = [1000.0]
+    monkeypatch.setattr(time_module, "perf_counter", lambda: clock[0])
+    real_step = train_module._Loop._step
+
+    def step(self, i, x, y):
+        clock[0] += 10.0
+        return real_step(self, i, x, y)
+
+    monkeypatch.setattr(train_module._Loop, "_step", step)
+    real_end = train_module._Loop._end_epoch
+
+    def crash(self, seconds, board):
+        raise KeyboardInterrupt  # killed after step 4, before the epoch's end was saved
+
+    monkeypatch.setattr(train_module._Loop, "_end_epoch", crash)
+    out = tmp_path / "r"
+    argv = ["train", "--out", str(out), "--data-dir", str(tmp_path / "data"), *SMALL_RUN, "--train-size", "32",
+            "--batch-size", "8", "--checkpoint-every", "2"]
+    assert main(argv) == 130  # main reports the interruption
+    from learn2defend.checkpoint import load_state
+
+    assert load_state(out / "last.safetensors")["epoch_seconds"] == 20.0
+    monkeypatch.setattr(train_module._Loop, "_end_epoch", real_end)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["seconds"] for r in history] == [40.0]

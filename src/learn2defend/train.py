@@ -365,6 +365,7 @@ class _Position:
     sums: dict[str, Any] = field(default_factory=dict)  # metric sums of the current epoch so far
     best: float = -1.0  # best validation score so far (robust accuracy, else clean)
     saved_at: tuple[int, int] | None = None  # (epoch, batch) that LAST holds, for messages
+    seconds: float = 0.0  # training seconds of the current epoch before this process took it up
 
 
 class _Loop:
@@ -393,6 +394,8 @@ class _Loop:
             "arch": architecture(self.cfg, p.meta, p.model.state_dict()),
             "scheduler": p.scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
             "world_size": self.ranks.world,
+            # the epoch's training seconds so far, across resumes (0 at an epoch's end)
+            "epoch_seconds": 0.0 if batch == 0 else self._epoch_seconds(),
             # what made it, for whoever reads a shared run (config.json stores --device as given)
             "made_with": {"learn2defend": __version__, "torch": torch.__version__, "device": str(self.device)},
         }
@@ -454,6 +457,7 @@ class _Loop:
         """Where the checkpoint `s` stands, in this run's global batches, and the number of
         processes that wrote it; ValueError if that is outside this run."""
         pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
+        pos.seconds = float(s.get("epoch_seconds", 0.0))  # checkpoints before it was stored: 0
         saved_world = s.get("world_size", 1)
         if not (isinstance(saved_world, int) and saved_world >= 1):
             raise ValueError(f"world_size {saved_world!r}")
@@ -472,14 +476,18 @@ class _Loop:
         self._train_mode()
         with _StopFlag() as stop, _board(out, cfg.run.tensorboard and self.ranks.is_main) as board:
             while pos.epoch < cfg.epochs:
-                started = time.perf_counter()
+                self.epoch_started, pos.seconds = time.perf_counter() - pos.seconds, 0.0
                 for i, (x, y) in self._batches():
                     self._account(self._guarded_step(i, x, y), len(y))
                     self._maybe_checkpoint(i, stop)
-                self._end_epoch(time.perf_counter() - started, board)
+                self._end_epoch(self._epoch_seconds(), board)
                 if self.ranks.agree_stop(stop.requested) and pos.epoch < cfg.epochs:
                     raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {out}; "
                                               "continue with --resume")
+
+    def _epoch_seconds(self) -> float:
+        """Seconds the current epoch has trained, those before a resume included."""
+        return time.perf_counter() - self.epoch_started
 
     def _train_mode(self) -> None:
         self.parts.model.train()
