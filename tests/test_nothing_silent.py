@@ -387,3 +387,40 @@ def test_an_epochs_seconds_are_kept_across_a_resume(tmp_path, monkeypatch, one_t
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["seconds"] for r in history] == [40.0]
+
+
+# ---- 8. smaller things ---------------------------------------------------------------------------
+
+
+def test_resume_with_another_method_says_the_method_differs(tmp_path, capsys, one_thread):
+    out = tmp_path / "r"
+    assert main(["train", "--out", str(out), "--data-dir", str(tmp_path / "data"), *SMALL_RUN, "--method", "fgsm",
+                 "--random-start"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--method", "pgd-at", "--epochs", "2"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--method (the run: fgsm, given: pgd-at)" in line and "applies to" not in line
+
+
+def test_eval_text_says_what_it_did(runs, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(runs / "small"), "--device", "cpu", "--n-images", "100000"]) == 0
+    captured = capsys.readouterr()
+    assert "--n-images 100000: the val split has 16 images; all 16 were evaluated" in captured.err
+    out = tmp_path / "m.safetensors"
+    export(runs / "small", out)
+    assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--eps", str(8 / 255)]) == 0
+    text = capsys.readouterr().out
+    assert "which:" not in text and "eps: 8/255" in text
+
+
+def test_plot_names_its_panels(runs, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    titles, ylabels, legends = [], [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: titles.append(t))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, t, *a, **k: ylabels.append(t))
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append(1))
+    assert main(["plot", str(runs / "small"), str(runs / "pooled"), "--out", str(tmp_path / "c.png")]) == 0
+    assert "validation clean accuracy" in titles and not any("_" in t for t in titles)
+    assert len(ylabels) == len(titles) == len(legends)

@@ -553,7 +553,11 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(result))
         return
     for key, value in result.items():
-        if isinstance(value, dict):
+        if value is None:  # e.g. "which" of an exported file, which has one set of weights
+            continue
+        if key in ("eps", "pgm_step") and isinstance(value, float):
+            print(f"{key}: {pixels(value)}")
+        elif isinstance(value, dict):
             for k, v in value.items():
                 print(f"{key} {k}: {v:.4f}" if isinstance(v, float) else f"{key} {k}: {v}")
         elif isinstance(value, list):
@@ -561,6 +565,15 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
                 print(f"{key}: {item}")
         else:
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def pixels(value: float) -> str:
+    """A radius in pixel units as it is usually written: 8/255 (= 0.0314) where it is a whole
+    number of 255ths, else the number."""
+    k = round(value * 255)
+    if k and math.isclose(value, k / 255, rel_tol=1e-6):
+        return f"{k}/255 (= {value:.4f})"
+    return f"{value:g}"
 
 
 def given_options(argv: Sequence[str]) -> set[str]:

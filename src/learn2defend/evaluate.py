@@ -287,6 +287,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             attacks += report["attacks"]
         warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
         warnings += nonfinite_warning(nonfinite, n)
+        if config.n is not None and config.n > n:
+            warnings.append(f"--n-images {config.n}: the {config.split} split has {n} images; all {n} were evaluated")
         if warnings:
             result["warnings"] = warnings
     _discard_state(state)  # finished: the next evaluation starts afresh

@@ -298,7 +298,17 @@ def resume_config(out: Path, given: dict[str, Any], may_change: set[str]) -> Tra
                         "leave out --resume to start one")
     stored = TrainConfig.load(out / CONFIG)
     config = dataclasses.replace(stored, **{**given, "out": str(out)})
-    differ = changed_settings(stored.resolve(), config.resolve(), may_change)
+    try:
+        resolved = config.resolve()
+    except UserError:  # e.g. another --method, under which one of the run's options does not apply
+        raw = {k: v for k, v in given.items() if k not in may_change and v != getattr(stored, k)}
+        if not raw:
+            raise
+        differ = ", ".join(f"--{k.replace('_', '-')} (the run: {shown(getattr(stored, k))}, given: {shown(v)})"
+                           for k, v in raw.items())
+        raise UserError(f"cannot resume '{out}' with other settings: {differ}; leave them out to keep "
+                        "the run's") from None
+    differ = changed_settings(stored.resolve(), resolved, may_change)
     if differ:
         allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(may_change - {"out"}))
         raise UserError(f"cannot resume '{out}' with other settings: {differ}; leave them out to keep the run's "
