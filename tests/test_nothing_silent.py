@@ -424,3 +424,56 @@ def test_plot_names_its_panels(runs, tmp_path, monkeypatch):
     assert main(["plot", str(runs / "small"), str(runs / "pooled"), "--out", str(tmp_path / "c.png")]) == 0
     assert "validation clean accuracy" in titles and not any("_" in t for t in titles)
     assert len(ylabels) == len(titles) == len(legends)
+
+
+# ---- 10. a recipe in a file ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["json", "toml", "yaml"])
+def test_train_config_file_with_flags_overriding(kind, tmp_path, capsys, one_thread):
+    recipe = {"dataset": "fake:1x8x8:4", "val_size": 16, "train_size": 32, "batch_size": 16, "epochs": 3,
+              "val_robust_n": 0, "method": "pgd-at", "pgd_steps": 2, "lr": 0.05}
+    path = tmp_path / f"recipe.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(recipe))
+    elif kind == "toml":
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in recipe.items()))
+    else:
+        path.write_text("".join(f"{k.replace('_', '-')}: {json.dumps(v)}\n" for k, v in recipe.items()))
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(path), "--out", str(out), "--epochs", "1", "--data-dir",
+                 str(tmp_path / "data"), "--device", "cpu", "--no-progress"]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["method"] == "pgd-at" and stored["pgd_steps"] == 2 and stored["lr"] == 0.05
+    assert stored["epochs"] == 1  # the flag wins
+    # a run's own config.json is a recipe too
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.json"), "--out", str(again), "--no-progress"]) == 0
+    assert json.loads((again / "config.json").read_text()) == {**stored, "out": str(again)}
+
+
+def test_bad_config_files_are_one_line(tmp_path, capsys):
+    cases = {"a.json": "{not json", "b.toml": "lr = [", "c.txt": "lr: 1", "d.json": "[1, 2]",
+             "e.json": json.dumps({"learning_rate": 0.1}), "f.json": json.dumps({"lr": "fast"})}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        capsys.readouterr()
+        assert main(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")]) == 2, name
+        assert "config" in one_line(capsys.readouterr().err), name
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
+    capsys.readouterr()
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--config FILE start from the options in FILE" in text and "flags given override it" in text
+
+
+def test_yaml_without_pyyaml_says_how(tmp_path, monkeypatch):
+    import sys
+
+    from learn2defend.config import read_recipe
+
+    (tmp_path / "r.yaml").write_text("lr: 0.1\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml now raises ImportError
+    with pytest.raises(UserError, match="needs PyYAML"):
+        read_recipe(tmp_path / "r.yaml")

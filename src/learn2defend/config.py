@@ -267,6 +267,17 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
+    def from_recipe(cls, path: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+        """The config of a recipe file (`read_recipe`) with `overrides` (by field name, such
+        as the flags given with --config) put in; its values are checked as a config.json's."""
+        recipe = read_recipe(path)
+        try:
+            base = cls.from_dict({"tf32": cls.tf32, **recipe})  # a recipe without tf32 gets today's default
+        except UserError as e:
+            raise UserError(f"--config {path}: {e}") from None
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
     def load(cls, path: Path) -> TrainConfig:
         """A config.json of any version; UserError naming the file if it is not one. Every version
         stored the model, the method and the data set: a file without them is damaged."""
@@ -280,6 +291,39 @@ class TrainConfig:
             raise UserError(f"cannot read run config {path}: {e}") from None
         except UserError as e:
             raise UserError(f"run config {path}: {e}") from None
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A training recipe file as TrainConfig fields: JSON (`.json`, a run's own config.json
+    included), TOML (`.toml`, tomllib) or YAML (`.yaml`/`.yml`, needs PyYAML); one table of
+    TrainConfig's field names (`lr`, `pgd_steps`, ...; dashes are accepted as in the flags).
+    UserError naming the file for anything else."""
+    path = Path(path)
+    kind = path.suffix.lower()
+    try:
+        text = path.read_text()
+        if kind == ".toml":
+            import tomllib
+
+            d = tomllib.loads(text)
+        elif kind in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                                "or write the recipe as JSON or TOML") from None
+            d = yaml.safe_load(text)
+        elif kind == ".json":
+            d = json.loads(text)
+        else:
+            raise UserError(f"--config {path}: give a .json, .toml, .yaml or .yml file")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, and each parser's own error class
+        raise UserError(f"cannot read --config {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"--config {path} must hold one table of options, got {type(d).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
 
 
 def resolved_dataset(spec: str) -> str:
