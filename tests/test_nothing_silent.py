@@ -477,3 +477,32 @@ def test_yaml_without_pyyaml_says_how(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml now raises ImportError
     with pytest.raises(UserError, match="needs PyYAML"):
         read_recipe(tmp_path / "r.yaml")
+
+
+# ---- autoattack-rand -------------------------------------------------------------------------------
+
+
+class Noisy(torch.nn.Module):
+    """A randomized defense: Gaussian noise on the input at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(9, 4))
+
+    def forward(self, x):
+        return self.net(x + 0.05 * torch.randn_like(x))
+
+
+def test_autoattack_warns_about_a_randomized_defense_and_names_autoattack_rand():
+    from learn2defend.attacks import make_attack
+
+    x, y = nan_data(n=8, poisoned=0)
+    attack = make_attack("autoattack-fast", 0.03)
+    attack(Noisy(), x, y)
+    assert any("autoattack-rand" in w for w in attack.warnings), attack.warnings
+    rand = make_attack("autoattack-rand", 0.03)
+    assert rand.name == "autoattack-rand" and rand.attacks == ("apgd-ce", "apgd-dlr")
+    adv = rand(Noisy(), x, y)
+    assert adv.shape == x.shape and float((adv - x).abs().max()) <= 0.03 + 1e-6
+    assert not any("randomized defense" in w for w in rand.warnings)
+    assert any(line.startswith("apgd-dlr") for line in rand.log)

@@ -44,7 +44,7 @@ RAND_ATTACKS = ("apgd-ce", "apgd-dlr")
 KNOWN_ATTACKS = (*STANDARD_ATTACKS, "apgd-dlr")
 GRADIENT_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "apgd-dlr")
 # pyautoattack's advice on a model whose outputs vary between calls, and how to follow it here
-_RAND_ADVICE = "version='rand'"
+_RAND_ADVICE = "randomized defense"
 RAND_HINT = "evaluate it with eval --attacks autoattack-rand (pyautoattack's version='rand': EOT over 20 draws)"
 _STATE_FORMAT = "learn2defend-autoattack-1"
 CHUNK = 250  # the default batch_size: pyautoattack's own default
