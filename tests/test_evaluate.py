@@ -157,7 +157,7 @@ def test_checks_are_named_records_run_in_order(runs, images):
 
     names = [c.name for c in SANITY_CHECKS]
     assert names == ["more_steps", "large_eps", "iterative_vs_single_step", "whitebox_vs_transfer",
-                     "autoattack_vs_pgd", "gradients"]
+                     "autoattack_vs_pgd", "gradients", "finite_logits"]
     assert all(c.checks and c.criterion and callable(c.run) for c in SANITY_CHECKS)
 
 
@@ -191,7 +191,8 @@ def test_eval_checks_json_contract(pgd_eval, capsys, runs):
     result = got["result"]
     assert set(result["accuracy"]) == {"clean", "fgsm", "pgd10", "autoattack-fast", "worst"}
     assert set(result["checks"]) == {"more_steps", "large_eps", "iterative_vs_single_step",
-                                     "whitebox_vs_transfer", "autoattack_vs_pgd", "gradients"}
+                                     "whitebox_vs_transfer", "autoattack_vs_pgd", "gradients", "finite_logits"}
+    assert result["nonfinite_logits"] == 0
     for check in result["checks"].values():
         assert check["passed"] in (True, False, None) and isinstance(check["detail"], str)
     assert result["flagged"] is False, result["checks"]  # an honest PGD-trained net

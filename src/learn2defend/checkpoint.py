@@ -6,7 +6,8 @@ counters) goes into the file's JSON metadata through a tiny codec that keeps int
 tuples and int dict keys intact, so `optimizer.load_state_dict` gets back exactly
 what `state_dict()` gave. Nothing is ever unpickled.
 
-Writes go to a temporary file in the same folder, are flushed and fsynced, then
+Every file the program writes goes through `atomic_write` (here, the lowest layer that
+writes). Writes go to a temporary file in the same folder, are flushed and fsynced, then
 renamed over the old file: a reader sees the old checkpoint or the new one, never
 half of one. A process killed mid-write leaves only a hidden `.NAME.tmp-PID` file
 behind, which `is_temp_file` recognizes and `remove_temp_files` clears.
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,31 +90,88 @@ def remove_temp_files(folder: Path) -> int:
     return removed
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` holds either the old or the new content."""
+class WriteFailed(UserError):
+    """A file could not be written (disk full, no permission, ...): one line, exit code 2.
+    `existed` says whether the target held an earlier version, which is then intact."""
+
+    def __init__(self, message: str, existed: bool) -> None:
+        super().__init__(message)
+        self.existed = existed
+
+
+Content = bytes | str | Callable[[Path], None]
+
+
+def _fill(tmp: Path, content: Content) -> None:
+    """Write `content` into the new file `tmp` and fsync it. The one place the program's
+    output reaches the disk (a test that simulates a full disk replaces it)."""
+    if callable(content):
+        content(tmp)  # e.g. matplotlib's savefig or torch.save, writing the file itself
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        return
+    with open(tmp, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | Path, content: Content, what: str = "") -> None:
+    """Write `path` so that it holds either its old content or all of `content`: bytes, text
+    (UTF-8), or a function that writes a file at the path it is given (savefig, torch.save,
+    a CSV writer). Every file the program writes goes through here: checkpoints, config and
+    metrics, JSON, CSV, PNG, progress files. An OSError, or torch's RuntimeError for a
+    failed write, becomes `WriteFailed` (a UserError: one line, exit 2), and no partial file
+    is left behind. `what` names the file in that line (default: its path)."""
     path = Path(path)
+    existed = path.is_file()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        slow = os.environ.get(SLOW_WRITE_ENV)
-        if slow:  # test hook, see the module docstring
-            time.sleep(float(slow))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # make the rename itself durable
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        try:
+            _fill(tmp, content)
+            slow = os.environ.get(SLOW_WRITE_ENV)
+            if slow:  # test hook, see the module docstring
+                time.sleep(float(slow))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise WriteFailed(f"cannot write {what or path}: {e.strerror or e}", existed) from None
+    except RuntimeError as e:  # torch.save's writer: "[enforce fail at inline_container.cc] ... "
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WriteFailed(f"cannot write {what or path}: {detail}", existed) from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` holds either the old or the new content."""
+    atomic_write(path, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    atomic_write(path, text)
+
+
+def check_writable(path: str | Path, flag: str = "--out", folder: bool = False) -> None:
+    """Before any work: UserError unless `path` (a file, or with `folder` a folder) can be
+    created or replaced: its nearest existing ancestor is a writable folder, and a file is
+    not given as an existing folder (nor a folder as an existing file)."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} '{path}' exists and is not a folder")
+    start = path if folder else path.parent
+    parent = next(p for p in (start, *start.absolute().parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"cannot write {flag} '{path}': '{parent}' is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {flag} '{path}': '{parent}' is not writable")
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -120,7 +179,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, tensors, "s")
     data = save(tensors, metadata={"format": FORMAT, "tree": json.dumps(tree)})
-    atomic_write_bytes(Path(path), data)
+    atomic_write(Path(path), data)
 
 
 def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:

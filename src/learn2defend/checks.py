@@ -25,6 +25,8 @@ with p the mean of the two accuracies compared. The checks are the records of
   means PGD's gradients mislead it, which is masking.
 - `gradients`: the input gradient of the loss is finite and not all zero on more than
   95 % of the images.
+- `finite_logits`: the model's logits are finite on every image, clean and under every
+  attack run (an image with NaN logits is counted as wrong, never as class 0).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Evidence:
     acc: dict[str, float]
     autoattack: str  # "autoattack" or "autoattack-fast", whichever was run
     has_surrogate: bool
+    nonfinite: Tensor | None = None  # per image: the logits were not finite, clean or under an attack
 
     @property
     def n(self) -> int:
@@ -172,6 +175,12 @@ def _gradients(e: Evidence) -> dict[str, Any]:
     )
 
 
+def _finite_logits(e: Evidence) -> dict[str, Any]:
+    bad = 0 if e.nonfinite is None else int(e.nonfinite.sum())
+    return _check(bad == 0, f"{bad} of {e.n} images gave non-finite logits (NaN or inf), clean or under an "
+                  "attack (counted as wrong)", count=bad)
+
+
 # The checks, run in this order (their results keep it).
 SANITY_CHECKS: list[SanityCheck] = [
     SanityCheck("more_steps", "PGD-50 is not more accurate than PGD-10, nor PGD-50 with 3 restarts than either, "
@@ -193,6 +202,8 @@ SANITY_CHECKS: list[SanityCheck] = [
     SanityCheck("gradients", f"the input gradient is finite and not all zero on more than "
                 f"{1 - BAD_GRADIENT_LIMIT:.0%} of the images",
                 "gradients are useful: not zero, not NaN or infinite (no obfuscated gradients)", _gradients),
+    SanityCheck("finite_logits", "the model's logits are finite on every image, clean and under every attack",
+                "a prediction that is NaN is no prediction: argmax would read it as class 0", _finite_logits),
 ]
 
 
@@ -228,13 +239,16 @@ def sanity_checks(
     surrogate: nn.Module | None = None,
     progress: bool = False,
     state_dir: Path | None = None,
+    nonfinite: Tensor | None = None,
 ) -> dict[str, Any]:
     """Run the checks (`SANITY_CHECKS`, in order) on `model` (an nn.Module taking [0, 1]
     images) and the given images.
 
     `known`: per-sample correctness the evaluation already computed on the same images
     (attack name -> bool tensor, as `correctness.attack_correct` returns it); attacks found
-    there are not run again. Returns {"checks": {name: {"passed": bool | None,
+    there are not run again. `nonfinite`: per image, whether that evaluation saw non-finite
+    logits (its `nonfinite["worst"]`); the attacks run here add theirs.
+    Returns {"checks": {name: {"passed": bool | None,
     "detail": str, "values": {...}}}, "flagged": bool, "accuracy": {attack: accuracy},
     "attacks": [the Attack objects run, for their warnings]}. The models' modes,
     `requires_grad` flags and `.grad`s are restored; the global torch RNG is not touched
@@ -247,17 +261,22 @@ def sanity_checks(
     large_eps = max(LARGE_EPS, eps)
     aa_name = next((a for a in ("autoattack", "autoattack-fast") if a in correct), "autoattack-fast")
     missing = _wanted_attacks(eps, large_eps, batch_size, aa_name, correct)
+    bad = torch.zeros(len(images), dtype=torch.bool) if nonfinite is None else nonfinite.cpu().clone()
+    seen: dict[str, Tensor] = {}
     if missing:
-        correct.update(attack_correct(model, images, missing, batch_size, device, seed, progress, state_dir))
+        correct.update(attack_correct(model, images, missing, batch_size, device, seed, progress, state_dir,
+                                      nonfinite=seen))
+        bad |= seen["worst"]
     if surrogate is not None:
         transfer = make_attack("pgd10", eps)
         transfer.name = "transfer_pgd10"
         missing.append(transfer)
         correct.update(attack_correct(model, images, [transfer], batch_size, device, seed, progress,
-                                      source=surrogate))
+                                      source=surrogate, nonfinite=seen))
+        bad |= seen["worst"]
     acc = {name: fraction(ok) for name, ok in correct.items() if name != "worst"}
     evidence = Evidence(model, images, eps, large_eps, batch_size, device, correct, acc, aa_name,
-                        surrogate is not None)
+                        surrogate is not None, bad)
     checks = {check.name: check.run(evidence) for check in SANITY_CHECKS}
     flagged = any(c["passed"] is False for c in checks.values())
     return {"checks": checks, "flagged": flagged, "accuracy": acc, "attacks": missing}

@@ -300,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a classifier with one of the methods")
+    p = sub.add_parser("train", help="train a classifier with one of the methods",
+                       description="Train a classifier. Options come from the flags, or from a recipe file "
+                       "(--config FILE: JSON, TOML or YAML, e.g. a run's own config.json) with the flags "
+                       "given overriding it.")
+    p.add_argument("--config", metavar="FILE", help="start from the options in FILE (.json, .toml, .yaml/.yml: one "
+                   "table of option names such as lr, pgd_steps; a run's own config.json works); flags given "
+                   "override it")
     _add_dataclass_options(p, TrainConfig, skip=set())
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
                    "its own config.json: other options may be left out; given, they must agree with the run, "
@@ -392,7 +398,12 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if args.resume and not args.overwrite:  # the run's own config.json, with the options given put in
+    if args.config is not None:
+        if args.resume:
+            raise UserError("--config starts a run; --resume continues one with its own config.json: leave one out")
+        given = {k: v for k, v in vars(args).items() if k in fields and k in args.given_options}
+        config = TrainConfig.from_recipe(args.config, given)
+    elif args.resume and not args.overwrite:  # the run's own config.json, with the options given put in
         from pathlib import Path
 
         from .runs import resume_config
@@ -574,7 +585,11 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(result))
         return
     for key, value in result.items():
-        if isinstance(value, dict):
+        if value is None:  # e.g. "which" of an exported file, which has one set of weights
+            continue
+        if key in ("eps", "pgm_step") and isinstance(value, float):
+            print(f"{key}: {pixels(value)}")
+        elif isinstance(value, dict):
             for k, v in value.items():
                 print(f"{key} {k}: {v:.4f}" if isinstance(v, float) else f"{key} {k}: {v}")
         elif isinstance(value, list):
@@ -582,6 +597,15 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
                 print(f"{key}: {item}")
         else:
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def pixels(value: float) -> str:
+    """A radius in pixel units as it is usually written: 8/255 (= 0.0314) where it is a whole
+    number of 255ths, else the number."""
+    k = round(value * 255)
+    if k and math.isclose(value, k / 255, rel_tol=1e-6):
+        return f"{k}/255 (= {value:.4f})"
+    return f"{value:g}"
 
 
 def given_options(argv: Sequence[str]) -> set[str]:

@@ -57,7 +57,11 @@ FALLBACK_EPS = 0.03
 ATTACKER_ADAM_LR = 1e-3
 
 MAX_BETA = 1e3
-MAX_NOISE = 1.0
+# The largest values a method's own default reaches at eps 1 (n-fgsm's noise 2 eps, FGSM-RS's
+# step 1.25 eps): whatever `train` writes into config.json must load back. Images lie in
+# [0, 1], so anything past 1 acts as 1.
+MAX_NOISE = 2.0
+MAX_STEP_SIZE = 2.0
 MAX_ATTACKER_EVERY = 10**6
 
 
@@ -210,9 +214,12 @@ class TrainConfig:
         self.validate()
         method = METHOD_RECORDS[self.method]
         c = dataclasses.replace(self, eps=default_eps(self.dataset) if self.eps is None else self.eps)
+        # paths resolved: a run folder works from any directory, and two spellings compare equal
+        c.dataset, c.data_dir = resolved_dataset(c.dataset), str(Path(c.data_dir).expanduser().resolve())
         for name, default in method.defaults.items():  # in order: step_size may use pgd_steps
             if getattr(c, name) is None:
                 setattr(c, name, default.value(c))
+        c.validate()  # the defaults filled in too: what train writes into config.json loads back
         c.pgd_steps = (10 if c.pgd_steps is None else c.pgd_steps) if "pgd_steps" in method.options else None
         c.random_start = c.random_start if "random_start" in method.options else None  # type: ignore[assignment]
         c.clean_weight = 0.0 if c.clean_weight is None else c.clean_weight
@@ -263,6 +270,17 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
+    def from_recipe(cls, path: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+        """The config of a recipe file (`read_recipe`) with `overrides` (by field name, such
+        as the flags given with --config) put in; its values are checked as a config.json's."""
+        recipe = read_recipe(path)
+        try:
+            base = cls.from_dict({"tf32": cls.tf32, **recipe})  # a recipe without tf32 gets today's default
+        except UserError as e:
+            raise UserError(f"--config {path}: {e}") from None
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
     def load(cls, path: Path) -> TrainConfig:
         """A config.json of any version; UserError naming the file if it is not one. Every version
         stored the model, the method and the data set: a file without them is damaged."""
@@ -276,6 +294,48 @@ class TrainConfig:
             raise UserError(f"cannot read run config {path}: {e}") from None
         except UserError as e:
             raise UserError(f"run config {path}: {e}") from None
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A training recipe file as TrainConfig fields: JSON (`.json`, a run's own config.json
+    included), TOML (`.toml`, tomllib) or YAML (`.yaml`/`.yml`, needs PyYAML); one table of
+    TrainConfig's field names (`lr`, `pgd_steps`, ...; dashes are accepted as in the flags).
+    UserError naming the file for anything else."""
+    path = Path(path)
+    kind = path.suffix.lower()
+    try:
+        text = path.read_text()
+        if kind == ".toml":
+            import tomllib
+
+            d = tomllib.loads(text)
+        elif kind in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                                "or write the recipe as JSON or TOML") from None
+            d = yaml.safe_load(text)
+        elif kind == ".json":
+            d = json.loads(text)
+        else:
+            raise UserError(f"--config {path}: give a .json, .toml, .yaml or .yml file")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, and each parser's own error class
+        raise UserError(f"cannot read --config {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"--config {path} must hold one table of options, got {type(d).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
+
+
+def resolved_dataset(spec: str) -> str:
+    """A data set spec with its path made absolute (folder:PATH, resolved as `data.load_dataset`
+    resolves it); other specs unchanged."""
+    kind, _, arg = spec.partition(":")
+    if kind.lower() == "folder" and arg:
+        return f"folder:{Path(arg).expanduser().resolve()}"
+    return spec
 
 
 def load_resolved(path: Path) -> ResolvedConfig:
@@ -403,8 +463,10 @@ def _validate_counts(c: TrainConfig) -> None:
 
 def _validate_optimizers(c: TrainConfig) -> None:
     """TrainConfig.validate: the optimizers' numbers: learning rates, momenta, weight decays, schedules."""
-    for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", 1.0)):
+    for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", MAX_STEP_SIZE)):
         value = getattr(c, name)
+        if name == "step_size" and value == 0 and c.eps == 0:
+            continue  # eps 0: the attack's step is eps-proportional, so 0 (plain training, same code path)
         if value is not None and not (math.isfinite(value) and 0 < value <= top):
             raise UserError(f"--{name.replace('_', '-')} must be a positive number <= {top:g}, got {value}")
     for name in ("momentum", "attacker_momentum"):

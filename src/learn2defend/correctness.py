@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, AutoAttack, check_labels, model_state_kept
+from .attacks import Attack, AutoAttack, check_labels, correct_predictions, model_state_kept
 from .data import DeviceLoader, ImageData
 from .speed import float32_math
 
@@ -62,6 +62,7 @@ def attack_correct(
     state_dir: Path | None = None,
     source: nn.Module | None = None,
     source_correct: dict[str, Tensor] | None = None,
+    nonfinite: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-sample correctness (bool, CPU, one entry per image): clean, per attack, and
     `worst` (correct under every attack).
@@ -69,7 +70,9 @@ def attack_correct(
     `source`: the model the attacks are computed on (default: `model` itself, white-box);
     another model makes them transfer attacks, and `model` is only ever queried for
     predictions; `source_correct`, if given, is filled with the source's own correctness
-    on the same adversarial images. `state_dir`: AutoAttack saves each chunk's progress
+    on the same adversarial images. `nonfinite`, if given, is filled with the same keys:
+    per image, whether the model's logits were not all finite (NaN or inf) on that input;
+    such an image counts as wrong (`attacks.correct_predictions`). `state_dir`: AutoAttack saves each chunk's progress
     there and resumes from it.
 
     An image's result depends only on the models, the image, the attack and `seed`:
@@ -88,6 +91,8 @@ def attack_correct(
         none = {name: torch.zeros(0, dtype=torch.bool) for name in names}
         if source_correct is not None:
             source_correct.update(none)
+        if nonfinite is not None:
+            nonfinite.update(none)
         return dict(none)
     run = _Attacking(model, source, images, batch_size, device, seed, state_dir)
     bar = _bar(progress and bool(attacks), sum(len(run.batches(run.chunk_size(a))) for a in attacks))
@@ -110,6 +115,10 @@ def attack_correct(
     correct["worst"], own["worst"] = worst, own_worst
     if source_correct is not None:
         source_correct.update({name: own[name] for name in names})
+    if nonfinite is not None:
+        bad = dict(run.nonfinite)
+        bad["worst"] = torch.stack(list(bad.values())).any(0)
+        nonfinite.update(bad)
     return {name: correct[name] for name in names}
 
 
@@ -127,6 +136,8 @@ class _Attacking:
         self.bar: Any = None
         self.say: Callable[[str], None] | None = None
         self.start = time.monotonic()
+        self.nonfinite: dict[str, Tensor] = {}  # per input name: the model's logits were not finite
+        self._bad: list[Tensor] = []
 
     def batches(self, size: int) -> DeviceLoader | _FloatBatches:
         if size not in self.loaders:
@@ -140,8 +151,10 @@ class _Attacking:
         """Per image: the model's (its `logits` of `x`, if given) and the source's prediction
         of `x` is `y` (CPU, bool)."""
         with torch.no_grad():
-            ok = (self.model(x) if logits is None else logits).argmax(1) == y
-            return ok.cpu(), (self.source(x).argmax(1) == y).cpu() if self.transfer else ok.cpu()
+            logits = self.model(x) if logits is None else logits
+            ok = correct_predictions(logits, y)
+            self._bad.append((~torch.isfinite(logits).all(1)).cpu())
+            return ok.cpu(), correct_predictions(self.source(x), y).cpu() if self.transfer else ok.cpu()
 
     def clean(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The model's and the source's clean correctness, the labels checked on the first batch."""
@@ -154,6 +167,7 @@ class _Attacking:
             ok, own = self._scored(x, y, logits)
             clean.append(ok)
             own_clean.append(own)
+        self.nonfinite["clean"], self._bad = torch.cat(self._bad), []
         return {"clean": torch.cat(clean)}, {"clean": torch.cat(own_clean)}
 
     def attack(self, attack: Attack, position: str) -> tuple[Tensor, Tensor]:
@@ -169,6 +183,7 @@ class _Attacking:
             own_parts.append(own)
             if self.bar is not None:
                 self.bar.update()
+        self.nonfinite[attack.name], self._bad = torch.cat(self._bad), []
         return torch.cat(parts), torch.cat(own_parts)
 
     def _autoattack_options(self, attack: Attack, position: str, i: int, loader: Any) -> dict[str, Any]:

@@ -32,7 +32,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .attacks import Attack, AutoAttack, check_eps, check_images, check_labels, list_attack_names, make_attack
+from .attacks import (
+    Attack,
+    AutoAttack,
+    check_eps,
+    check_images,
+    check_labels,
+    in_model_dtype,
+    list_attack_names,
+    make_attack,
+)
 from .checks import sanity_checks
 from .config import DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option, parse_fraction
 from .correctness import attack_correct, fraction
@@ -68,7 +77,7 @@ class EvalData:
     eps: float | None = option(None, help="attack radius (default: the run's training eps)")
     which: str = option("last", help="last or best checkpoint")
     device: str = option("auto", help=DEVICE_HELP)
-    data_dir: str = option("data", help=DATA_DIR_HELP)
+    data_dir: str | None = option(None, help=DATA_DIR_HELP + " (default: the run's)")
     seed: int = option(0, help=ATTACK_SEED_HELP)
 
 
@@ -142,11 +151,13 @@ def load_evaluated(path: str | Path, which: str, device: torch.device | str, dat
     return Run(path, config, {"dataset": config.data.dataset, **shape}, model, None, 0)
 
 
-def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
-    """The run's own data (same validation split as in training), or another set with the same classes."""
+def eval_data(run: Run, dataset: str | None, data_dir: str | None) -> Dataset:
+    """The run's own data (same validation split as in training), or another set with the same
+    classes; `data_dir` None: the run's own."""
     c = run.config.data
     data = load_dataset(
-        dataset or c.dataset, data_dir, val_size=c.val_size if c.val_size < 1 else int(c.val_size),
+        dataset or c.dataset, c.data_dir if data_dir is None else data_dir,
+        val_size=c.val_size if c.val_size < 1 else int(c.val_size),
         split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image,
     )
     classes = [str(k) for k in run.meta["classes"]]
@@ -239,13 +250,16 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     resumable = world == 1 and run.path.is_dir() and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
     state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
     with _state_discarded_on_failure(state), _interruptible(state):
+        bad: dict[str, Tensor] = {}
         correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
-                                 config.progress and distributed.is_main(), state)
+                                 config.progress and distributed.is_main(), state, nonfinite=bad)
         if world > 1:
-            counts = distributed.sum_counts([int(ok.sum()) for ok in correct.values()])
-            accuracy = {name: c / n for name, c in zip(correct, counts, strict=True)}
+            counts = distributed.sum_counts([int(ok.sum()) for ok in correct.values()] + [int(bad["worst"].sum())])
+            accuracy = {name: c / n for name, c in zip(correct, counts[:-1], strict=True)}
+            nonfinite = counts[-1]
         else:
             accuracy = {name: fraction(ok) for name, ok in correct.items()}
+            nonfinite = int(bad["worst"].sum())
         if not attacks:
             del accuracy["worst"]  # the worst case over no attack is just clean accuracy
         result: dict[str, Any] = {
@@ -259,6 +273,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             "which": config.which if run.path.is_dir() else None,  # an exported file has one set of weights
             "model": run.config.model,
             "method": run.config.method,
+            "nonfinite_logits": nonfinite,
         }
         if config.pgm_step is not None:
             result["pgm_step"] = config.pgm_step
@@ -266,11 +281,14 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             report = sanity_checks(
                 run.model, images, eps, device=device, batch_size=config.batch_size, seed=config.seed,
                 known=correct, surrogate=surrogate.model if surrogate else None, progress=config.progress,
-                state_dir=state,
+                state_dir=state, nonfinite=bad.get("worst"),
             )
             result["checks"], result["flagged"] = report["checks"], report["flagged"]
             attacks += report["attacks"]
         warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
+        warnings += nonfinite_warning(nonfinite, n)
+        if config.n is not None and config.n > n:
+            warnings.append(f"--n-images {config.n}: the {config.split} split has {n} images; all {n} were evaluated")
         if warnings:
             result["warnings"] = warnings
     _discard_state(state)  # finished: the next evaluation starts afresh
@@ -330,19 +348,24 @@ def evaluate_model(
         device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
     device = torch.device(device)
     data, result = _images_to_evaluate(images, labels, split, n, data_dir)
+    if data.images.is_floating_point():  # float64/16 or bfloat16 images: the model's dtype
+        data = ImageData(in_model_dtype(model, data.images), data.labels)
     attack_objects = _unique_attacks(attacks, eps, batch_size)
-    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress)
+    bad: dict[str, Tensor] = {}
+    correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress, nonfinite=bad)
     accuracy = {name: fraction(ok) for name, ok in correct.items()}
     if not attack_objects:
         del accuracy["worst"]
-    result = {"accuracy": accuracy, "n": len(data), "eps": eps, "seed": seed} | result
+    nonfinite = int(bad["worst"].sum())
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps, "seed": seed, "nonfinite_logits": nonfinite} | result
     ran = list(attack_objects)
     if checks:
         report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
-                               surrogate=surrogate, progress=progress)
+                               surrogate=surrogate, progress=progress, nonfinite=bad["worst"])
         result["checks"], result["flagged"] = report["checks"], report["flagged"]
         ran += report["attacks"]
     warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
+    warnings += nonfinite_warning(nonfinite, len(data))
     if warnings:
         result["warnings"] = warnings
     return result
@@ -512,8 +535,9 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
         raise UserError("transfer needs at least one attack, e.g. --attacks fgsm,pgd10")
     images = first_n(eval_data(target, config.dataset, config.data_dir), config.split, config.n)
     own: dict[str, Tensor] = {}
+    bad: dict[str, Tensor] = {}
     correct = attack_correct(target.model, images, attacks, config.batch_size, device, config.seed,
-                             config.progress, source=surrogate.model, source_correct=own)
+                             config.progress, source=surrogate.model, source_correct=own, nonfinite=bad)
     n = len(images)
     result: dict[str, Any] = {
         "accuracy": {k: fraction(v) for k, v in correct.items()},
@@ -524,14 +548,25 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
         "eps": eps,
         "seed": config.seed,
         "split": config.split,
+        "nonfinite_logits": int(bad["worst"].sum()),
     }
     warnings = list(dict.fromkeys(w for a in attacks for w in getattr(a, "warnings", [])))
+    warnings += nonfinite_warning(result["nonfinite_logits"], n)
     if warnings:
         result["warnings"] = warnings
     return result
 
 
 # ---- helpers -----------------------------------------------------------------------------
+
+
+def nonfinite_warning(count: int, n: int) -> list[str]:
+    """The warning for `count` of `n` images whose logits were not finite (clean or under an
+    attack), as a list of zero or one line."""
+    if not count:
+        return []
+    return [f"{count} of {n} images gave non-finite logits (NaN or inf), clean or under an attack; "
+            "they are counted as wrong (\"nonfinite_logits\" in --json)"]
 
 
 def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) -> Path | None:

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .config import option
 from .errors import UserError
 from .models import create_model
-from .runs import load_run, load_weights
+from .runs import check_architecture, load_run, load_weights, param_fingerprint
 from .version import __version__
 
 FORMAT = "learn2defend-model-1"
@@ -65,11 +65,9 @@ def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[st
     }
     # clone: safetensors refuses tensors that share storage
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
+    meta["fingerprint"] = param_fingerprint(weights)  # names and shapes, checked when the file is loaded
     data = save(weights, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    try:
-        ckpt.atomic_write_bytes(out, data)
-    except OSError as e:
-        raise UserError(f"cannot write '{out}': {e.strerror or e}") from None
+    ckpt.atomic_write(out, data, f"'{out}'")
     return meta
 
 
@@ -86,6 +84,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                         "(a run's last.safetensors is loaded through its run folder)")
     try:
         meta = {k: raw[k] if k in ("model", "method", "learn2defend_version") else json.loads(raw[k]) for k in _FIELDS}
+        if "fingerprint" in raw:  # files exported before it was recorded lack it
+            meta["fingerprint"] = raw["fingerprint"]
         if "data" in raw:
             meta["data"] = json.loads(raw["data"])
             if not (isinstance(meta["data"], dict) and set(meta["data"]) <= set(DATA_FIELDS)):
@@ -104,6 +104,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
                              image_size=(int(h), int(w)), mean=meta["mean"], std=meta["std"])
     except (TypeError, ValueError) as e:
         raise UserError(f"{path} has damaged metadata ({e})") from None
+    if "fingerprint" in meta:
+        check_architecture({"fingerprint": meta["fingerprint"]}, {"fingerprint": param_fingerprint(model.state_dict())},
+                           f"exported model {path}", ("fingerprint",))
     load_weights(model, load_file(str(path)), f"exported model {path}")
     return model.to(device).eval()
 

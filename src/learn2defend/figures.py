@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import checkpoint as ckpt
 from .attacks import Attack, make_attack
 from .config import option, parse_fraction
 from .data import DeviceLoader
@@ -120,7 +121,26 @@ def _writable_prefix(out: str) -> Path:
     parent = next((p for p in (prefix.parent.absolute(), *prefix.parent.absolute().parents) if p.exists()), None)
     if parent is None or not parent.is_dir():
         raise UserError(f"cannot write under '{prefix.parent}': '{parent}' is not a folder")
+    ckpt.check_writable(prefix)  # checked before the attacks run, not after
     return prefix
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder '{folder}': {e.strerror or e}") from None
+
+
+def csv_text(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...]) -> str:
+    """`rows` as CSV text with a header line, for `checkpoint.atomic_write`."""
+    import io
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _sweep_attack(kind: str, over: str, value: float, eps: float, steps: int) -> Attack | None:
@@ -169,12 +189,9 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
                 "accuracy": fraction(ok), "n": len(images),
             })
     prefix = _writable_prefix(config.out)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(prefix.parent)
     csv_path, png_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".png")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    ckpt.atomic_write(csv_path, csv_text(rows, CSV_COLUMNS))
     plot_sweep(rows, config.over, kinds, png_path, eps if config.over == "pgd-steps" else None, config.title)
     return {"csv": str(csv_path), "png": str(png_path), "over": config.over, "attacks": kinds,
             "eps": eps if config.over == "pgd-steps" else None, "n": len(images), "rows": rows}
@@ -220,7 +237,7 @@ def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], path: Pa
                    ylabel="accuracy difference (points)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-    fig.savefig(path, format="png", dpi=110)
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 # ---- Figure 5 ----------------------------------------------------------------------------
@@ -266,7 +283,7 @@ def show(config: ShowConfig) -> dict[str, Any]:
         with torch.no_grad():
             preds[attack.name] = model(advs[attack.name]).argmax(1)
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(out.parent)
     _plot_grid(x.cpu(), y.cpu(), clean_pred.cpu(), {k: v.cpu() for k, v in advs.items()},
                {k: v.cpu() for k, v in preds.items()}, classes, eps, config.title or run.path.name, out)
     table = []
@@ -313,4 +330,4 @@ def _plot_grid(x, y, clean_pred, advs, preds, classes, eps, title, path: Path) -
             cell(axes[2 + 2 * j][i], advs[name][i], f"true {true}\npred {classes[int(preds[name][i])]}",
                  "green" if ok else "red", f"{name}\nadversarial" if i == 0 else None)
     _suptitle(fig, f"{title}: eps {eps:g} (perturbations shown as 0.5 + delta / (2 eps))", 1.7 * n + 0.6)
-    fig.savefig(path, format="png", dpi=110)
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

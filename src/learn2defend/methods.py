@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import fgsm_delta, kl_pgd_delta, pgd_delta, project
+from .attacks import correct_predictions, fgsm_delta, kl_pgd_delta, pgd_delta, project
 from .settings import ResolvedConfig
 
 Metrics = dict[str, Tensor]
@@ -125,7 +125,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def batch_metrics(loss: Tensor, logits: Tensor, y: Tensor, adversarial: bool) -> Metrics:
-    correct = (logits.argmax(1) == y).sum()
+    correct = correct_predictions(logits, y).sum()
     metrics = {"loss": loss.detach() * len(y), "correct": correct}
     if adversarial:
         metrics["attack_success"] = len(y) - correct

@@ -18,7 +18,6 @@ data set's default (its plain nets excepted: they do not depend on eps).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -35,6 +34,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, default_eps, option
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
+from .figures import csv_text
 from .methods import attacker_in_channels
 from .runs import FolderLock, RunFolderBusy, build_attacker, load_run, resolve_device
 from .train import train
@@ -524,10 +524,7 @@ def _write_outputs(out: Path, stem: str, title: str, header: list[str], lines: l
     paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
     ckpt.atomic_write_text(paths["md"], "\n".join(md) + "\n")
     columns = list(dict.fromkeys(k for r in raw for k in r))
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(raw)
+    ckpt.atomic_write(paths["csv"], csv_text(raw, columns))
     ckpt.atomic_write_text(paths["json"], json.dumps({**meta, "title": title, "rows": raw}, indent=1) + "\n")
     return {k: str(v) for k, v in paths.items()}
 
@@ -897,7 +894,7 @@ def _plot_frontier(points: list[dict[str, Any]], path: Path, attack: str, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     _suptitle(fig, title, 7)
-    fig.savefig(path, dpi=110)
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
 
 
@@ -923,7 +920,7 @@ def _plot_robust_curves(curves: list[dict[str, Any]], path: Path, title: str) ->
     if curves:
         ax.legend(fontsize=7, loc="best")
     _suptitle(fig, title, 7)
-    fig.savefig(path, dpi=110)
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
 
 
@@ -962,6 +959,7 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
     if datasets is not None:
         for d in datasets:
             TrainConfig(dataset=d).validate()  # cheap checks only; the data set itself loads at training
+    ckpt.check_writable(out, folder=True)  # before any run trains into it
     report: dict[str, Any] = {"preset": preset.name, "preset_title": preset.title, "out": str(out), "experiments": {},
                               "trained": []}
     for name in names:
@@ -1004,6 +1002,7 @@ class PlotConfig:
 def plot_curves(run_dirs: list[str], out: str) -> str:
     """Loss and accuracy per epoch (and attack_success for L2L runs) from metrics.jsonl, one curve per
     run folder (folders with the same name are told apart by their paths)."""
+    ckpt.check_writable(out)  # before reading anything
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1028,16 +1027,30 @@ def plot_curves(run_dirs: list[str], out: str) -> str:
             pts = [(rec.get("epoch", i + 1), rec[key]) for i, rec in enumerate(hist) if key in rec]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-        ax.set_title(key)
+        title, ylabel = CURVE_LABELS.get(key, (key, key))
+        ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return str(target)
+
+
+# The panels of `plot`: metrics.jsonl key -> (title, y axis label).
+CURVE_LABELS = {
+    "train_loss": ("training loss", "loss (mean per image)"),
+    "train_acc": ("training accuracy", "accuracy on the training batches"),
+    "attack_success": ("attack success (training)", "share of training images fooled"),
+    "val_clean_acc": ("validation clean accuracy", "accuracy"),
+    "val_pgd10_acc": ("validation PGD-10 accuracy", "accuracy under PGD-10"),
+}
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ the `l2l:` attack) reads them through this module alone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -118,6 +119,41 @@ def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str)
         raise UserError(f"{what} does not fit this architecture ({detail})") from None
 
 
+# ---- what a checkpoint holds ------------------------------------------------------------------
+
+ARCH_FIELDS = ("model", "num_classes", "image_shape", "method", "fingerprint")
+
+
+def param_fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """16 hex digits of the sha256 of the sorted parameter and buffer names with their shapes:
+    two networks whose weights load into each other have the same fingerprint (so it is
+    recorded with the model's name), two that differ in any name or shape do not."""
+    lines = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(weights.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def architecture(config: ResolvedConfig, meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a checkpoint of `config`'s classifier holds, as stored in it under "arch": model
+    name, number of classes, image shape [C, H, W], method and `param_fingerprint` of `weights`."""
+    return {"model": config.model, "num_classes": len(meta["classes"]), "image_shape": list(meta["image_shape"]),
+            "method": config.method, "fingerprint": param_fingerprint(weights)}
+
+
+def check_architecture(stored: Any, expected: dict[str, Any], what: str,
+                       fields: tuple[str, ...] = ARCH_FIELDS) -> None:
+    """UserError naming every field of `fields` where the architecture recorded in a
+    checkpoint (`stored`; None for checkpoints written before it was recorded: nothing to
+    check) differs from `expected`, the one of the run loading it."""
+    if stored is None:
+        return
+    if not isinstance(stored, dict):
+        raise UserError(f"{what} is damaged: its architecture record is not a dictionary")
+    differ = [f"{k} {shown(stored.get(k))} (this run: {shown(expected[k])})" for k in fields
+              if stored.get(k) != expected[k]]
+    if differ:
+        raise UserError(f"{what} does not fit this run: it holds {', '.join(differ)}")
+
+
 @dataclass
 class Run:
     """A trained run loaded back from its folder."""
@@ -148,6 +184,8 @@ def load_run(path: str | Path, which: str = "last", device: str | torch.device =
     state = ckpt.load_state(path / (LAST if which == "last" else BEST), device=device)
     meta = checked_meta(state, path / (LAST if which == "last" else BEST))
     model = build_classifier(config, meta)
+    check_architecture(state.get("arch"), architecture(config, meta, model.state_dict()),
+                       f"checkpoint {path / (LAST if which == 'last' else BEST)}")
     load_weights(model, classifier_weights(state), f"checkpoint {path}")
     attacker = build_attacker(config, meta) if with_attacker else None
     if attacker is not None:
@@ -260,7 +298,17 @@ def resume_config(out: Path, given: dict[str, Any], may_change: set[str]) -> Tra
                         "leave out --resume to start one")
     stored = TrainConfig.load(out / CONFIG)
     config = dataclasses.replace(stored, **{**given, "out": str(out)})
-    differ = changed_settings(stored.resolve(), config.resolve(), may_change)
+    try:
+        resolved = config.resolve()
+    except UserError:  # e.g. another --method, under which one of the run's options does not apply
+        raw = {k: v for k, v in given.items() if k not in may_change and v != getattr(stored, k)}
+        if not raw:
+            raise
+        differ = ", ".join(f"--{k.replace('_', '-')} (the run: {shown(getattr(stored, k))}, given: {shown(v)})"
+                           for k, v in raw.items())
+        raise UserError(f"cannot resume '{out}' with other settings: {differ}; leave them out to keep "
+                        "the run's") from None
+    differ = changed_settings(stored.resolve(), resolved, may_change)
     if differ:
         allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(may_change - {"out"}))
         raise UserError(f"cannot resume '{out}' with other settings: {differ}; leave them out to keep the run's "
@@ -273,11 +321,11 @@ def changed_settings(stored: ResolvedConfig, config: ResolvedConfig, may_change:
     (both resolved first), as flags: '--lr (the run: 0.1, given: 0.05), ...'; '' when none."""
     before, now = stored.to_dict(), config.to_dict()
     differ = [k for k in dict.fromkeys([*before, *now]) if k not in may_change and now.get(k) != before.get(k)]
-    return ", ".join(f"--{k.replace('_', '-')} (the run: {_shown(before.get(k))}, given: {_shown(now.get(k))})"
+    return ", ".join(f"--{k.replace('_', '-')} (the run: {shown(before.get(k))}, given: {shown(now.get(k))})"
                      for k in differ)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A config value as it is written on the command line."""
     if isinstance(value, bool):
         return "on" if value else "off"

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed, speed
-from .attacks import pgd_delta
+from .attacks import correct_predictions, pgd_delta
 from .config import TrainConfig, load_resolved
 from .data import Dataset, DeviceLoader, ImageData, load_dataset
 from .errors import UserError
@@ -38,9 +38,11 @@ from .runs import (
     METRICS,
     FolderLock,
     Run,
+    architecture,
     build_attacker,
     build_classifier,
     changed_settings,
+    check_architecture,
     check_attacker_layout,
     checked_meta,
     claim_folder,
@@ -49,6 +51,7 @@ from .runs import (
     load_weights,
     prepare_out,
     resolve_device,
+    shown,
 )
 from .settings import OptimizerSettings, ResolvedConfig
 from .version import __version__
@@ -86,7 +89,7 @@ def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> t
 def _clean_correct(model: nn.Module, data: ImageData, device: torch.device, batch: int = 512) -> torch.Tensor:
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
-        correct += (model(x).argmax(1) == y).sum()
+        correct += correct_predictions(model(x), y).sum()
     return correct
 
 
@@ -98,7 +101,7 @@ def _robust_correct(
     for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
         delta = pgd_delta(model, x, y, eps, steps=10, step_size=eps / 4, random_start=True)
         with torch.no_grad():
-            correct += (model(x + delta).argmax(1) == y).sum()
+            correct += correct_predictions(model(x + delta), y).sum()
     return correct
 
 
@@ -278,8 +281,14 @@ def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device,
     attacker = build_attacker(cfg, meta)
     if cfg.init:
         init = load_run(cfg.init, with_attacker=False)
-        if init.meta["classes"] != meta["classes"] or init.config.model != cfg.model:
-            raise UserError(f"--init {cfg.init} is a {init.config.model} for other classes; it cannot start this run")
+        mine, theirs = architecture(cfg, meta, model.state_dict()), architecture(init.config, init.meta,
+                                                                                  init.model.state_dict())
+        differ = [f"{k} {shown(theirs[k])} (this run: {shown(mine[k])})"
+                  for k in ("model", "num_classes", "image_shape", "fingerprint") if theirs[k] != mine[k]]
+        if init.meta["classes"] != meta["classes"] and theirs["num_classes"] == mine["num_classes"]:
+            differ.append(f"classes {shown(init.meta['classes'])} (this run: {shown(meta['classes'])})")
+        if differ:
+            raise UserError(f"--init {cfg.init} cannot start this run: it holds {', '.join(differ)}")
         model.load_state_dict(init.model.state_dict())
     if attacker is not None:
         attacker.to(device)
@@ -366,6 +375,7 @@ class _Position:
     sums: dict[str, Any] = field(default_factory=dict)  # metric sums of the current epoch so far
     best: float = -1.0  # best validation score so far (robust accuracy, else clean)
     saved_at: tuple[int, int] | None = None  # (epoch, batch) that LAST holds, for messages
+    seconds: float = 0.0  # training seconds of the current epoch before this process took it up
 
 
 class _Loop:
@@ -391,8 +401,11 @@ class _Loop:
         s = {
             "data": p.meta, "epoch": epoch, "batch": batch, "history": self.pos.history, "best": self.pos.best,
             "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+            "arch": architecture(self.cfg, p.meta, p.model.state_dict()),
             "scheduler": p.scheduler.state_dict(), "sums": sums, "rng": ckpt.rng_state(),
             "world_size": self.ranks.world,
+            # the epoch's training seconds so far, across resumes (0 at an epoch's end)
+            "epoch_seconds": 0.0 if batch == 0 else self._epoch_seconds(),
             # what made it, for whoever reads a shared run (config.json stores --device as given)
             "made_with": {"learn2defend": __version__, "torch": torch.__version__, "device": str(self.device)},
         }
@@ -411,6 +424,7 @@ class _Loop:
         p, cfg, path = self.parts, self.cfg, self.out / LAST
         s = ckpt.load_state(path, device=self.device)
         checked_meta(s, path)
+        check_architecture(s.get("arch"), architecture(stored, p.meta, p.model.state_dict()), f"checkpoint {path}")
         try:
             self._load_networks(s, path)
             pos, saved_world = self._position(s, stored)
@@ -453,6 +467,7 @@ class _Loop:
         """Where the checkpoint `s` stands, in this run's global batches, and the number of
         processes that wrote it; ValueError if that is outside this run."""
         pos = _Position(s["epoch"], s["batch"], s["history"], s["sums"], s["best"])
+        pos.seconds = float(s.get("epoch_seconds", 0.0))  # checkpoints before it was stored: 0
         saved_world = s.get("world_size", 1)
         if not (isinstance(saved_world, int) and saved_world >= 1):
             raise ValueError(f"world_size {saved_world!r}")
@@ -471,14 +486,18 @@ class _Loop:
         self._train_mode()
         with _StopFlag() as stop, _board(out, cfg.run.tensorboard and self.ranks.is_main) as board:
             while pos.epoch < cfg.epochs:
-                started = time.perf_counter()
+                self.epoch_started, pos.seconds = time.perf_counter() - pos.seconds, 0.0
                 for i, (x, y) in self._batches():
                     self._account(self._guarded_step(i, x, y), len(y))
                     self._maybe_checkpoint(i, stop)
-                self._end_epoch(time.perf_counter() - started, board)
+                self._end_epoch(self._epoch_seconds(), board)
                 if self.ranks.agree_stop(stop.requested) and pos.epoch < cfg.epochs:
                     raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {out}; "
                                               "continue with --resume")
+
+    def _epoch_seconds(self) -> float:
+        """Seconds the current epoch has trained, those before a resume included."""
+        return time.perf_counter() - self.epoch_started
 
     def _train_mode(self) -> None:
         self.parts.model.train()
@@ -686,8 +705,9 @@ def _save(path: Path, state: dict[str, Any]) -> None:
                                        "overwritten; resume with --on-nonfinite skip, or start over with a lower --lr")
     try:
         ckpt.save_state(path, state)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e}); the previous checkpoint is intact") from None
+    except ckpt.WriteFailed as e:
+        kept = "the previous checkpoint is intact" if e.existed else "no checkpoint was written there yet"
+        raise UserError(f"{e}; {kept}") from None
 
 
 class _SkipGuard:

@@ -13,6 +13,8 @@ from .base import (
     check_eps,
     check_images,
     check_labels,
+    correct_predictions,
+    in_model_dtype,
     model_state_kept,
     num_classes,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "check_eps",
     "check_images",
     "check_labels",
+    "correct_predictions",
+    "in_model_dtype",
     "fgsm_delta",
     "kl_pgd_delta",
     "list_attack_names",

@@ -31,13 +31,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from learn2defend import checkpoint as ckpt
 from learn2defend.errors import UserError
 
-from .base import Attack, _check_positive_int, _check_seed, stream_seed
+from .base import Attack, _check_positive_int, _check_seed, correct_predictions, stream_seed
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 FAST_ATTACKS = ("apgd-ce", "apgd-t")
-GRADIENT_ATTACKS = ("apgd-ce", "apgd-t", "fab-t")
+# pyautoattack's version="rand", for randomized defenses: APGD-CE and APGD-DLR, one restart,
+# each step's gradient averaged over 20 draws of the model (expectation over transformation)
+RAND_ATTACKS = ("apgd-ce", "apgd-dlr")
+KNOWN_ATTACKS = (*STANDARD_ATTACKS, "apgd-dlr")
+GRADIENT_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "apgd-dlr")
+# pyautoattack's advice on a model whose outputs vary between calls, and how to follow it here
+_RAND_ADVICE = "randomized defense"
+RAND_HINT = "evaluate it with eval --attacks autoattack-rand (pyautoattack's version='rand': EOT over 20 draws)"
 _STATE_FORMAT = "learn2defend-autoattack-1"
 CHUNK = 250  # the default batch_size: pyautoattack's own default
 
@@ -98,8 +106,10 @@ MIN_CLASSES = {"apgd-t": 4, "apgd-dlr": 3}
 
 
 class AutoAttack(Attack):
-    """AutoAttack, l-inf: "standard" (APGD-CE, APGD-T, FAB-T, Square) or "fast"
-    (APGD-CE + APGD-T with the standard settings: 1 restart, 9 target classes).
+    """AutoAttack, l-inf: "standard" (APGD-CE, APGD-T, FAB-T, Square), "fast"
+    (APGD-CE + APGD-T with the standard settings: 1 restart, 9 target classes) or "rand"
+    (pyautoattack's version for randomized defenses: APGD-CE + APGD-DLR, 1 restart, each
+    gradient an expectation over 20 draws of the model).
 
     Each call seeds pyautoattack from `seed` (the call's, else `self.seed`; the global RNG
     is restored afterwards). pyautoattack draws its random starts (APGD) and squares
@@ -126,16 +136,16 @@ class AutoAttack(Attack):
         name: str | None = None,
     ) -> None:
         super().__init__(eps)
-        versions = {"standard": STANDARD_ATTACKS, "fast": FAST_ATTACKS}
+        versions = {"standard": STANDARD_ATTACKS, "fast": FAST_ATTACKS, "rand": RAND_ATTACKS}
         if attacks is None:
             if version not in versions:
-                raise UserError(f"unknown AutoAttack version {version!r}; use standard or fast")
+                raise UserError(f"unknown AutoAttack version {version!r}; use standard, fast or rand")
             attacks = versions[version]
         else:
             version = "custom"
-        bad = [a for a in attacks if a not in STANDARD_ATTACKS]
+        bad = [a for a in attacks if a not in KNOWN_ATTACKS]
         if bad or not attacks:
-            raise UserError(f"AutoAttack attacks must be among {', '.join(STANDARD_ATTACKS)}")
+            raise UserError(f"AutoAttack attacks must be among {', '.join(KNOWN_ATTACKS)}")
         self.version, self.attacks, self.seed = version, tuple(attacks), _check_seed(seed)
         self.batch_size = _check_positive_int("batch_size", CHUNK if batch_size is None else batch_size)
         self.name = name or ("autoattack" if version == "standard" else f"autoattack-{version}")
@@ -144,6 +154,7 @@ class AutoAttack(Attack):
         self.robust: Tensor | None = None
         self._state_path: Path | None = None
         self._progress: Callable[[str], None] | None = None
+        self._unwritable = False  # a progress file could not be written: no more tries
 
     def __call__(
         self,
@@ -207,9 +218,14 @@ class AutoAttack(Attack):
             "changed": changed.cpu(),
             "adv": adv[changed].cpu(),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous state
+        if self._unwritable:
+            return
+        try:  # atomic: a kill mid-save leaves the previous state
+            ckpt.atomic_write(path, lambda tmp: torch.save(state, tmp), f"AutoAttack progress file {path}")
+        except ckpt.WriteFailed as e:  # the evaluation goes on without it, and says so once
+            self._unwritable = True
+            message = f"{e}; the evaluation goes on without saving its progress (an interrupted run starts over)"
+            self.warnings.append(message)
 
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         import pyautoattack  # heavy import, only needed here
@@ -223,8 +239,9 @@ class AutoAttack(Attack):
         else:
             done = []
             with torch.no_grad():
-                preds = [model(xb).argmax(1) for xb in x.split(self.batch_size)]
-            robust = torch.cat(preds) == y if preds else torch.zeros_like(y, dtype=torch.bool)
+                preds = [correct_predictions(model(xb), yb) for xb, yb in zip(x.split(self.batch_size),
+                                                                                y.split(self.batch_size), strict=True)]
+            robust = torch.cat(preds) if preds else torch.zeros_like(y, dtype=torch.bool)
         lines: list[str] = []
         warned: list[str] = []
         devices = [x.device] if x.device.type == "cuda" else []
@@ -234,7 +251,7 @@ class AutoAttack(Attack):
                     model,
                     norm="Linf",
                     eps=self.eps,
-                    version="standard",
+                    version="rand" if self.version == "rand" else "standard",
                     device=x.device,
                     seed=self.pyautoattack_seed,
                 )
@@ -285,7 +302,8 @@ class AutoAttack(Attack):
                         self._save(path, x, y, adv, robust, done)
         finally:
             self.log.extend(lines)
-            self.warnings.extend(w for w in dict.fromkeys(warned) if w not in self.warnings)
+            named = [f"{w}: {RAND_HINT}" if _RAND_ADVICE in w and self.version != "rand" else w for w in warned]
+            self.warnings.extend(w for w in dict.fromkeys(named) if w not in self.warnings)
         self.robust = robust.cpu()
         # AutoAttack's images are within eps up to float error; make the contract exact.
         return (x + (adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)

@@ -15,6 +15,24 @@ from learn2defend.errors import UserError, eps_range_error
 from .functional import LOSSES, fgsm_delta, pgd_delta, project
 
 
+def correct_predictions(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per image (bool [B]): the model predicts `labels` [B] from `logits` [B, K]. The one
+    rule every accuracy uses: an image whose logits are not all finite is wrong, whatever
+    its label (argmax of a NaN row is 0, which would score label-0 images as correct)."""
+    return (logits.argmax(1) == labels) & torch.isfinite(logits).all(1)
+
+
+def in_model_dtype(model: nn.Module, images: Tensor) -> Tensor:
+    """`images` in the floating dtype of `model`'s first floating parameter or buffer (float64,
+    float16 or bfloat16 images given to a float32 model are converted at the boundary, where
+    torch would otherwise stop with "expected scalar type"); unchanged when they already
+    match or the model holds no floating tensors."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return images if images.dtype == t.dtype else images.to(t.dtype)
+    return images
+
+
 def check_eps(eps: float) -> float:
     """eps is an l-inf radius in pixel units, so it must lie in [0, 1]."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
@@ -229,7 +247,7 @@ class Attack:
     def __call__(
         self, model: nn.Module, images: Tensor, labels: Tensor, *, seed: int | None = None
     ) -> Tensor:
-        images = check_images(images)
+        images = in_model_dtype(model, check_images(images))  # returned in the model's dtype too
         labels = check_labels(labels, len(images))
         self._call_seed = self.seed if seed is None else _check_seed(seed)
         seen = [torch.zeros((), dtype=torch.bool, device=images.device)]
@@ -329,7 +347,7 @@ class PGD(Attack):
             if self.restarts == 1:
                 return (images + delta).clamp(0, 1)
             with torch.no_grad():
-                wrong = model(images + delta).argmax(1) != labels
+                wrong = ~correct_predictions(model(images + delta), labels)
             keep = ~fooled.view(-1, *[1] * (images.dim() - 1))
             best = delta if best is None else torch.where(keep, delta, best)
             fooled |= wrong

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Attack, _check_positive_int, _check_step_size
+from .base import Attack, _check_positive_int, _check_step_size, correct_predictions
 from .functional import margin_loss, project
 
 
@@ -66,7 +66,7 @@ class CWLinf(Attack):
                     c = torch.where(active, c * self.c_factor, c)
                 delta.requires_grad_(True)
                 logits = model(x + delta)
-                active = active & (logits.argmax(1) == y)  # freeze samples already fooled
+                active = active & correct_predictions(logits, y)  # freeze samples already fooled
                 if not bool(active.any()):
                     break
                 norm = delta.flatten(1).abs().amax(1)

@@ -22,6 +22,8 @@ ATTACK_FORMS: dict[str, str] = {
     "cw": "the paper's CW-linf (least-norm, c auto-tuned, at most 100 iterations)",
     "autoattack": "standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)",
     "autoattack-fast": "APGD-CE + APGD-T only",
+    "autoattack-rand": "AutoAttack for randomized defenses (pyautoattack version='rand': APGD-CE + APGD-DLR, "
+                       "gradients averaged over 20 draws)",
     "l2l:DIR": "the learned attacker saved in run folder DIR",
 }
 
@@ -80,9 +82,9 @@ def make_attack(name: str, eps: float, **options: Any) -> Attack:
         return FGSM(eps, **_options(key, options, ("step_size", "random_start")))
     if key == "cw":
         return CWLinf(eps, **_options(key, options, ("steps", "step_size")))
-    if key in ("autoattack", "autoattack-fast"):
+    if key in ("autoattack", "autoattack-fast", "autoattack-rand"):
         opts = _options(key, options, ("seed", "batch_size"))
-        return AutoAttack(eps, "standard" if key == "autoattack" else "fast", **opts)
+        return AutoAttack(eps, "standard" if key == "autoattack" else key.removeprefix("autoattack-"), **opts)
     m = re.fullmatch(r"(cwpgd|pgd|pgm)([0-9]+)", key)
     if m and int(m[2]) >= 1:
         kind, steps = m[1], int(m[2])
