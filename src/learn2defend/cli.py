@@ -36,7 +36,10 @@ HELP = {
     "crop_padding": "random crops from the image zero-padded by this many pixels (0: no crops)",
     "model": "classifier name (see `learn2defend models`)",
     "method": "; ".join(f"{name}: {m.help}" for name, m in METHOD_RECORDS.items()),
-    "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255",
+    "eps": "radius in pixel units under --norm: l-inf e.g. 0.03 or 8/255; l2 (the perturbation's Euclidean "
+           "length) e.g. 0.5",
+    "norm": "threat model: linf | l2 (learn2defend.attacks.threat; RobustBench's CIFAR-10 boards: linf 8/255, "
+            "l2 0.5)",
     "init": "run folder whose classifier starts this run (the paper starts from a plain net)",
     "optimizer": "sgd | adam",
     "betas": "Adam betas",
@@ -98,7 +101,8 @@ def _per_method(name: str) -> str:
 NONE_DEFAULTS = {
     "image_size": "the images' own size",
     "train_size": "every training image",
-    "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03",
+    "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03; under --norm l2: digits 1.0, "
+           "mnist 2.0, others 0.5",
     "init": "none, random initial weights",
     "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
     "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",

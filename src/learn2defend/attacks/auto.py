@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from learn2defend.errors import UserError
 
 from .base import Attack, _check_positive_int, _check_seed, stream_seed
+from .threat import LINF, ThreatModel
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 FAST_ATTACKS = ("apgd-ce", "apgd-t")
@@ -98,8 +99,9 @@ MIN_CLASSES = {"apgd-t": 4, "apgd-dlr": 3}
 
 
 class AutoAttack(Attack):
-    """AutoAttack, l-inf: "standard" (APGD-CE, APGD-T, FAB-T, Square) or "fast"
-    (APGD-CE + APGD-T with the standard settings: 1 restart, 9 target classes).
+    """AutoAttack: "standard" (APGD-CE, APGD-T, FAB-T, Square) or "fast"
+    (APGD-CE + APGD-T with the standard settings: 1 restart, 9 target classes), under
+    l-inf (default) or l2 (`norm`; pyautoattack's norm="L2": its L2 APGD, FAB-T and Square).
 
     Each call seeds pyautoattack from `seed` (the call's, else `self.seed`; the global RNG
     is restored afterwards). pyautoattack draws its random starts (APGD) and squares
@@ -124,8 +126,9 @@ class AutoAttack(Attack):
         seed: int = 0,
         batch_size: int | None = None,
         name: str | None = None,
+        norm: str | ThreatModel | None = None,
     ) -> None:
-        super().__init__(eps)
+        super().__init__(eps, norm)
         versions = {"standard": STANDARD_ATTACKS, "fast": FAST_ATTACKS}
         if attacks is None:
             if version not in versions:
@@ -175,6 +178,7 @@ class AutoAttack(Attack):
         return {
             "format": _STATE_FORMAT,
             "eps": self.eps,
+            "norm": self.threat.name,
             "attacks": list(self.attacks),
             "seed": self.pyautoattack_seed,
             "shape": list(x.shape),
@@ -187,12 +191,13 @@ class AutoAttack(Attack):
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            state.setdefault("norm", LINF.name)  # states written before --norm were l-inf
             same = all(_same(k, state[k], v) for k, v in self._fingerprint(x, y).items())
         except Exception as e:  # unreadable or foreign file
             raise UserError(f"cannot read AutoAttack state {path}: {e}; delete it") from e
         if not same:
             raise UserError(
-                f"AutoAttack state {path} belongs to another run (other images, labels, eps, "
+                f"AutoAttack state {path} belongs to another run (other images, labels, eps, norm, "
                 "attacks or seed); delete it or use another state_path"
             )
         return state
@@ -232,7 +237,7 @@ class AutoAttack(Attack):
             with _captured(lines, warned), torch.random.fork_rng(devices=devices):
                 aa = pyautoattack.AutoAttack(
                     model,
-                    norm="Linf",
+                    norm=self.threat.pyautoattack_norm,
                     eps=self.eps,
                     version="standard",
                     device=x.device,
@@ -288,4 +293,4 @@ class AutoAttack(Attack):
             self.warnings.extend(w for w in dict.fromkeys(warned) if w not in self.warnings)
         self.robust = robust.cpu()
         # AutoAttack's images are within eps up to float error; make the contract exact.
-        return (x + (adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)
+        return (x + self.threat.ball(adv - x, self.eps)).clamp(0, 1)
