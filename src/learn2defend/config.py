@@ -225,10 +225,10 @@ class TrainConfig:
                                         c.attacker_steps, c.grad_norm, c.l2l_update, _attacker_optimizer(c))
         return ResolvedConfig(
             model=c.model, method=c.method, eps=c.eps, epochs=c.epochs, batch_size=c.batch_size, init=c.init,
-            norm=c.norm, ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
+            ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
             optimizer=OptimizerSettings(c.optimizer, c.lr, c.momentum, c.weight_decay, tuple(c.betas),
                                         tuple(c.lr_milestones), c.lr_gamma),
-            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c))
+            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c), norm=c.norm)
 
     def validate(self) -> None:
         """Raise UserError on the first bad value, before anything is written."""

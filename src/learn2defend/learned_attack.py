@@ -63,8 +63,8 @@ class LearnedAttack(Attack):
         trained = threat_model(run.config.norm)
         super().__init__(eps, trained if norm is None else norm)
         if self.threat is not trained:
-            raise UserError(f"l2l:{run_dir} was trained under {trained.label}; its attacker maps into that ball, "
-                            f"so it attacks under {trained.label} only (--norm {trained.name}), not {self.threat.label}")
+            raise UserError(f"l2l:{run_dir} was trained under {trained.label}; its attacker maps into that ball, so "
+                            f"it attacks under {trained.label} only (--norm {trained.name}), not {self.threat.label}")
         self.attacker: nn.Module = run.attacker.eval()
         for p in self.attacker.parameters():  # only input gradients are ever needed
             p.requires_grad_(False)
