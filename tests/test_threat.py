@@ -324,3 +324,34 @@ def test_gray_eps_under_l2_reaches_the_gray_image():
     gray = torch.full_like(x, 0.5)
     assert ((gray - x).flatten(1).norm(dim=1) <= L2.gray_eps(x[0].numel())).all()
     assert L2.gray_eps(48) == pytest.approx(0.5 * math.sqrt(48))
+
+
+def test_frontier_under_l2_has_its_own_folders_and_leaves_out_methods_without_an_l2_form(tmp_path):
+    from dataclasses import replace
+
+    from learn2defend.reproduce import FRONTIER_PRESETS, Reproduction, frontier_specs, reproduce
+
+    preset = replace(FRONTIER_PRESETS["cpu"], norm="l2")
+    specs = frontier_specs(preset)
+    keys = {s.key for s in specs}
+    assert "n-fgsm" not in keys and "pgd-at" in keys and "n-fgsm" in {s.key for s in frontier_specs(
+        FRONTIER_PRESETS["cpu"])}
+    r = Reproduction(preset.for_dataset("digits"), tmp_path)
+    spec = next(s for s in specs if s.method == "pgd-at")
+    config = r.config("digits", "frontier", spec)
+    assert config.norm == "l2" and config.resolve().eps == 1.0
+    assert r.eps_suffix("digits") == "-l2" and "-l2" in str(r.run_dir("digits", "frontier", spec))
+    plain = next(s for s in specs if s.is_init) if any(s.is_init for s in specs) else None
+    if plain is not None:
+        assert r.config("digits", "frontier", plain).norm == "linf"  # the shared plain nets
+    with pytest.raises(UserError, match="frontier only"):
+        reproduce("table2", "cpu", tmp_path, norm="l2")
+
+
+def test_compare_names_the_norm():
+    from learn2defend.compare import report
+
+    rows = [{"method": "pgd-at", "clean": 0.9, "pgd10": 0.5, "eps": 1.0, "norm": "l2", "n": 10, "epochs": 1,
+             "seconds_per_epoch": 1.0}]
+    text = report(TrainConfig(norm="l2"), rows)
+    assert "l2 eps 1" in text and "| norm" not in text

@@ -530,7 +530,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         return meta
     print(f"wrote {config.out}: {meta['model']}, {meta['num_classes']} classes, {meta['method']} at eps "
-          f"{meta['eps']:g}")
+          f"{meta['eps']:g}" + ("" if meta["norm"] == "linf" else f" ({meta['norm']})"))
     return {}
 
 

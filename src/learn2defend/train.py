@@ -801,7 +801,8 @@ def _header(cfg: ResolvedConfig, data: Dataset, device: torch.device, world: int
         augment.append(f"crop {data.crop_padding} px")
     if cfg.data.augment and data.flip:
         augment.append("flip")
-    return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}, {cfg.epochs} epochs, "
+    norm = "" if cfg.norm == "linf" else f" ({cfg.norm})"  # l-inf runs keep the header they always had
+    return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}{norm}, {cfg.epochs} epochs, "
             f"augmentation {' + '.join(augment) or 'none'}, device {where}")
 
 
