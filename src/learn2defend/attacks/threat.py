@@ -19,7 +19,8 @@ Per-data-set defaults (`ThreatModel.default_eps`):
   set, 2.0 on MNIST (the usual MNIST l2 radius), and 1.0 on the 8x8 digits, measured as the
   l-inf 0.2 was chosen (10 epochs, seed 0, PGD-10 on the 180 validation images): at l2 0.5 a
   plain net keeps 48 % and PGD-AT 79 % (the plain net is half robust already), at 1.0 plain
-  keeps 0 % and PGD-AT 47 %, as at l-inf 0.2 (plain 7 %, PGD-AT 58 %).
+  keeps 0 % and PGD-AT 47 %, as at l-inf 0.2 (plain 0 %, PGD-AT 58 % under PGD-10:
+  docs/results.md).
 """
 
 from __future__ import annotations
