@@ -88,26 +88,26 @@ class Sqrt(nn.Module):
         return logits + self.scale * s * w
 
 
-def _learned(method: str, eps: float) -> LearnedAttack:
+def _learned(method: str, eps: float, norm: str = "linf") -> LearnedAttack:
     """An l2l:DIR attack without a run folder: a random slim attacker."""
     attack = LearnedAttack.__new__(LearnedAttack)
-    Attack.__init__(attack, eps)
+    Attack.__init__(attack, eps, norm)
     torch.manual_seed(0)
     attack.attacker = create_attacker("slim", in_channels=1 if method == "naive-l2l" else 2, out_channels=1,
                                       width=0.25).eval()
-    attack.config = TrainConfig(method=method, eps=eps).resolve()
+    attack.config = TrainConfig(method=method, eps=eps, norm=norm).resolve()
     attack.image_shape, attack.method, attack.name = (1, 8, 8), method, f"l2l:{method}"
     return attack
 
 
-def _attack(name: str, eps: float = EPS) -> Attack:
+def _attack(name: str, eps: float = EPS, norm: str = "linf") -> Attack:
     if name.startswith("l2l:"):
-        return _learned(name[4:], eps)
+        return _learned(name[4:], eps, norm)
     if name == "fgsm-rs":
-        return FGSM(eps, step_size=1.25 * eps, random_start=True)
+        return FGSM(eps, step_size=1.25 * eps, random_start=True, norm=norm)
     if name == "cw":
         return CWLinf(eps, steps=30)
-    return make_attack(name, eps)
+    return make_attack(name, eps, norm)
 
 
 ALL = ["fgsm", "fgsm-rs", "pgd5", "pgm5", "cwpgd5", "cw", "autoattack-fast", "l2l:naive-l2l", "l2l:grad-l2l",
@@ -167,6 +167,54 @@ def test_the_base_call_repairs_any_perturb(mlp, digits):
     _assert_valid(adv, x, EPS)
     assert torch.equal(adv[:, :, 0], x[:, :, 0])  # NaN pixels -> the clean pixel
     assert torch.equal(adv[:, :, 3:], torch.minimum(x[:, :, 3:] + EPS, torch.ones(1)))
+
+
+# ---- 1b. the same under the l2 threat model ----------------------------------------------------
+
+EPS_L2 = 1.0
+ALL_L2 = [n for n in ALL if n != "cw"] + ["l2l:fgsm-sdi"]  # cw is the paper's CW-linf: refused under l2
+
+
+def _assert_valid_l2(adv: torch.Tensor, x: torch.Tensor, eps: float) -> None:
+    assert adv.shape == x.shape and adv.dtype == x.dtype
+    assert torch.isfinite(adv).all()
+    assert (adv - x).flatten(1).norm(dim=1).max() <= eps * (1 + 1e-5)
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+def _sdi(eps: float) -> LearnedAttack:
+    attack = LearnedAttack.__new__(LearnedAttack)
+    Attack.__init__(attack, eps, "l2")
+    torch.manual_seed(0)
+    attack.attacker = create_attacker("sdi", in_channels=2, out_channels=1, width=0.25).eval()
+    attack.config = TrainConfig(method="fgsm-sdi", eps=eps, norm="l2").resolve()
+    attack.image_shape, attack.method, attack.name = (1, 8, 8), "fgsm-sdi", "l2l:fgsm-sdi"
+    return attack
+
+
+@pytest.mark.parametrize("kind", ["finite", "nan", "inf"])
+@pytest.mark.parametrize("name", ALL_L2)
+def test_attacks_stay_in_the_l2_ball_and_box(mlp, digits, name, kind):
+    x, y = digits[0][1400:1440], digits[1][1400:1440]
+    if name.startswith("autoattack"):
+        x, y = x[:12], y[:12]
+    model = mlp if kind == "finite" else Sqrt(mlp, 0.0 if kind == "nan" else 1e-3).eval()
+    attack = _sdi(EPS_L2) if name == "l2l:fgsm-sdi" else _attack(name, EPS_L2, "l2")
+    assert attack.threat.name == "l2"
+    adv = attack(model, x, y)
+    _assert_valid_l2(adv, x, EPS_L2)
+    assert (adv != x).any()
+    if kind == "finite" and name not in ("l2l:naive-l2l", "l2l:grad-l2l", "l2l:2step-l2l"):
+        # the perturbation is a real l2 one: far beyond the l-inf radius at some pixel
+        with torch.no_grad():
+            fooled = (model(adv).argmax(1) != y).float().mean()
+        assert fooled > 0.1
+
+
+def test_cw_is_refused_under_l2():
+    with pytest.raises(UserError, match="l-inf only") as e:
+        make_attack("cw", 0.5, norm="l2")
+    assert "\n" not in str(e.value)
 
 
 # ---- 2. results depend only on the model, the images, the attack and the seed ------------------

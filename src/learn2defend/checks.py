@@ -4,7 +4,8 @@ Adversarial Robustness", section 5; Croce & Hein 2020 for the AutoAttack compari
 A defense that masks gradients looks robust to gradient attacks without being robust.
 None of these checks proves robustness; each one that fails proves the reported numbers
 overestimate it. All run on the same images (the evaluation's first n), with the
-evaluation's eps. "Noise" is the binomial sampling error of an accuracy measured on n
+evaluation's eps and norm (the threat model: learn2defend.attacks.threat).
+"Noise" is the binomial sampling error of an accuracy measured on n
 images: 2 standard errors plus one sample, `noise(p, n) = 2 sqrt(p (1 - p) / n) + 1/n`,
 with p the mean of the two accuracies compared. The checks are the records of
 `SANITY_CHECKS`, run in this order:
@@ -12,8 +13,9 @@ with p the mean of the two accuracies compared. The checks are the records of
 - `more_steps`: PGD-50 is not more accurate than PGD-10, nor PGD-50 with 3 restarts
   than PGD-50 or PGD-10, beyond noise (more iterations and restarts can only help an
   attack that follows useful gradients).
-- `large_eps`: at eps 0.5 (or the evaluation eps, if larger) every image can be turned
-  into the same all-gray image, so no model can beat its majority-class share there;
+- `large_eps`: at eps 0.5 under l-inf, 0.5 sqrt(C H W) under l2 (the threat model's
+  `gray_eps`; or the evaluation eps, if larger) every image can be turned into the same
+  all-gray image, so no model can beat its majority-class share there;
   PGD-20 must leave at most max(10 %, the majority-class share) + noise.
 - `iterative_vs_single_step`: PGD-10 is not more accurate than FGSM beyond noise.
 - `whitebox_vs_transfer`: white-box PGD-10 is not more accurate than PGD-10 transferred
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import PGD, Attack, make_attack, model_state_kept
+from .attacks import PGD, Attack, ThreatModel, make_attack, model_state_kept, threat_model
 from .correctness import attack_correct, batches_in_order, fraction
 from .data import ImageData
 from .errors import UserError
@@ -208,17 +210,18 @@ SANITY_CHECKS: list[SanityCheck] = [
 
 
 def _wanted_attacks(eps: float, large_eps: float, batch_size: int, aa_name: str,
-                    correct: dict[str, Tensor]) -> list[Attack]:
+                    correct: dict[str, Tensor], threat: ThreatModel | None = None) -> list[Attack]:
     """The attacks the checks read that `correct` lacks, each named as the checks read it."""
+    threat = threat_model(threat)
     wanted: dict[str, Attack] = {
-        "fgsm": make_attack("fgsm", eps),
-        "pgd10": make_attack("pgd10", eps),
-        "pgd50": make_attack("pgd50", eps),
-        "pgd50x3": make_attack("pgd50", eps, restarts=3),
-        "large_eps_pgd20": PGD(large_eps, steps=20),
+        "fgsm": make_attack("fgsm", eps, threat),
+        "pgd10": make_attack("pgd10", eps, threat),
+        "pgd50": make_attack("pgd50", eps, threat),
+        "pgd50x3": make_attack("pgd50", eps, threat, restarts=3),
+        "large_eps_pgd20": PGD(large_eps, steps=20, norm=threat),
     }
     if aa_name not in correct:
-        wanted[aa_name] = make_attack(aa_name, eps, batch_size=batch_size)
+        wanted[aa_name] = make_attack(aa_name, eps, threat, batch_size=batch_size)
     missing = []
     for name, attack in wanted.items():
         attack.name = name  # e.g. the restarted PGD-50 is "pgd50x3", not "pgd50"
@@ -240,9 +243,10 @@ def sanity_checks(
     progress: bool = False,
     state_dir: Path | None = None,
     nonfinite: Tensor | None = None,
+    norm: str | ThreatModel | None = None,
 ) -> dict[str, Any]:
     """Run the checks (`SANITY_CHECKS`, in order) on `model` (an nn.Module taking [0, 1]
-    images) and the given images.
+    images) and the given images, under the threat model `norm` (l-inf by default).
 
     `known`: per-sample correctness the evaluation already computed on the same images
     (attack name -> bool tensor, as `correctness.attack_correct` returns it); attacks found
@@ -258,9 +262,10 @@ def sanity_checks(
         raise UserError("the sanity checks attack the model, so they need eps > 0")
     device = torch.device(device)
     correct = dict(known or {})
-    large_eps = max(LARGE_EPS, eps)
+    threat = threat_model(norm)
+    large_eps = max(threat.gray_eps(images.images[0].numel()) if len(images.images) else LARGE_EPS, eps)
     aa_name = next((a for a in ("autoattack", "autoattack-fast") if a in correct), "autoattack-fast")
-    missing = _wanted_attacks(eps, large_eps, batch_size, aa_name, correct)
+    missing = _wanted_attacks(eps, large_eps, batch_size, aa_name, correct, threat)
     bad = torch.zeros(len(images), dtype=torch.bool) if nonfinite is None else nonfinite.cpu().clone()
     seen: dict[str, Tensor] = {}
     if missing:
@@ -268,7 +273,7 @@ def sanity_checks(
                                       nonfinite=seen))
         bad |= seen["worst"]
     if surrogate is not None:
-        transfer = make_attack("pgd10", eps)
+        transfer = make_attack("pgd10", eps, threat)
         transfer.name = "transfer_pgd10"
         missing.append(transfer)
         correct.update(attack_correct(model, images, [transfer], batch_size, device, seed, progress,

@@ -36,7 +36,10 @@ HELP = {
     "crop_padding": "random crops from the image zero-padded by this many pixels (0: no crops)",
     "model": "classifier name (see `learn2defend models`)",
     "method": "; ".join(f"{name}: {m.help}" for name, m in METHOD_RECORDS.items()),
-    "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255",
+    "eps": "radius in pixel units under --norm: l-inf e.g. 0.03 or 8/255; l2 (the perturbation's Euclidean "
+           "length) e.g. 0.5",
+    "norm": "threat model: linf | l2 (learn2defend.attacks.threat; RobustBench's CIFAR-10 boards: linf 8/255, "
+            "l2 0.5)",
     "init": "run folder whose classifier starts this run (the paper starts from a plain net)",
     "optimizer": "sgd | adam",
     "betas": "Adam betas",
@@ -98,7 +101,8 @@ def _per_method(name: str) -> str:
 NONE_DEFAULTS = {
     "image_size": "the images' own size",
     "train_size": "every training image",
-    "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03",
+    "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03; under --norm l2: digits 1.0, "
+           "mnist 2.0, others 0.5",
     "init": "none, random initial weights",
     "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
     "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",
@@ -535,6 +539,9 @@ def _add_reproduce_commands(sub) -> None:
                    "gpu (frontier only: PreAct-ResNet-18 from scratch, about 8 minutes on one H200)")
     p.add_argument("--eps", type=_number, help="frontier only: train and evaluate every method at this radius, "
                    "e.g. 16/255 (default: the data set's); results beside those at the default")
+    p.add_argument("--norm", choices=("linf", "l2"), help="frontier only: the threat model every run trains and "
+                   "is evaluated under (default: linf); l2 runs and tables go beside the l-inf ones, eps 0.5 on "
+                   "CIFAR-10 unless --eps, methods without an l2 form (N-FGSM) left out")
     p.add_argument("--out", required=True, help="folder for runs, cached evaluations, tables and figures")
     p.add_argument("--dataset", type=_names,
                    help="data set(s) instead of the paper's, e.g. digits or folder:PATH (default: the paper's)")
@@ -555,7 +562,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         return meta
     print(f"wrote {config.out}: {meta['model']}, {meta['num_classes']} classes, {meta['method']} at eps "
-          f"{meta['eps']:g}")
+          f"{meta['eps']:g}" + ("" if meta["norm"] == "linf" else f" ({meta['norm']})"))
     return {}
 
 
@@ -564,7 +571,7 @@ def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
 
     report = reproduce(args.experiment, args.preset, args.out, datasets=args.dataset, device=args.device,
                        data_dir=args.data_dir, download=args.download,
-                       log=lambda s: print(s, file=sys.stderr, flush=True), eps=args.eps)
+                       log=lambda s: print(s, file=sys.stderr, flush=True), eps=args.eps, norm=args.norm)
     if args.json:
         return report
     print(summary(report))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from .attacks import threat_model
 from .config import METHODS, TrainConfig, load_resolved, option
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, evaluate
@@ -77,7 +78,7 @@ def plan(
             configs[method] = dataclasses.replace(base, method=method, out=str(out / method), init=str(out / "plain"))
     for config in configs.values():
         config.validate()
-    build_attacks(list(attacks), base.resolve().eps, 1)  # unknown attack names fail here
+    build_attacks(list(attacks), base.resolve().eps, 1, norm=base.norm)  # unknown attack names fail here
     for method, config in configs.items():
         _check_existing(Path(config.out), config, "--plain-epochs" if method == "plain" and plain_epochs else
                         "--epochs", extend)
@@ -126,7 +127,8 @@ def compare(
         result = evaluate(EvalConfig(checkpoint=str(run.path), attacks=list(attacks), n=n, device=base.device,
                                      data_dir=base.data_dir, progress=False))
         seconds = [r["seconds"] for r in run.history]
-        rows.append({"method": method, **result["accuracy"], "eps": result["eps"], "n": result["n"],
+        rows.append({"method": method, **result["accuracy"], "eps": result["eps"], "norm": result["norm"],
+                     "n": result["n"],
                      "epochs": run.epoch, "seconds_per_epoch": sum(seconds) / max(len(seconds), 1)})
     try:
         ckpt.atomic_write_text(out / TABLE, report(base, rows) + "\n")
@@ -138,13 +140,14 @@ def compare(
 
 def report(base: TrainConfig, rows: list[dict[str, Any]]) -> str:
     """The table with a line saying what it measured."""
-    head = (f"{base.dataset}, {base.model}, eps {rows[0]['eps']:g}, validation split (n={rows[0]['n']}), "
+    label = threat_model(rows[0].get("norm")).label
+    head = (f"{base.dataset}, {base.model}, {label} eps {rows[0]['eps']:g}, validation split (n={rows[0]['n']}), "
             "accuracy in %:")
     return head + "\n" + markdown_table(rows)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    metrics = [k for k in rows[0] if k not in ("method", "eps", "n", "epochs", "seconds_per_epoch")]
+    metrics = [k for k in rows[0] if k not in ("method", "eps", "norm", "n", "epochs", "seconds_per_epoch")]
     lines = ["| method | " + " | ".join(metrics) + " | s/epoch |", "|---" * (len(metrics) + 2) + "|"]
     for r in rows:
         cells = [f"{100 * r[m]:.1f}" for m in metrics]

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, eps_range_error
+from .attacks.threat import LINF, NORMS, threat_model
+from .errors import UserError
 from .methods import METHOD_RECORDS
 from .settings import (
     AttackerSettings,
@@ -47,13 +48,14 @@ MAX_IMAGE_SIZE = 4096
 # Per-data-set default radius: the paper's 0.03 for CIFAR and 0.05 for SVHN; 0.2 on the
 # 8x8 digits, where a plain CNN keeps ~60 % under PGD-10 at 0.1 but ~7 % at 0.2, so 0.2
 # is where adversarial training makes a visible difference; 0.3 is the MNIST standard.
-DEFAULT_EPS = {"digits": 0.2, "mnist": 0.3, "svhn": 0.05}
+# (The l-inf threat model's record holds them: learn2defend.attacks.threat.LINF.)
+DEFAULT_EPS = dict(LINF.defaults)
 
 # The attacker's default optimizer: Adam at 1e-3, fixed, no weight decay (the paper's SVHN
 # recipe for the attacker, and the yardstick's). The paper's CIFAR recipe (SGD with the
 # classifier's schedule, --attacker-optimizer sgd) left Grad L2L on digits at 0.26 under
 # autoattack-fast against 0.30 with Adam (3 seeds each; docs/results.md, "Grad L2L ablation").
-FALLBACK_EPS = 0.03
+FALLBACK_EPS = LINF.fallback
 ATTACKER_ADAM_LR = 1e-3
 
 MAX_BETA = 1e3
@@ -114,8 +116,10 @@ def parse_fraction(text: str | float) -> float:
         raise UserError(f"cannot read '{text}' as a number (write e.g. 0.03 or 8/255)") from None
 
 
-def default_eps(dataset: str) -> float:
-    return DEFAULT_EPS.get(dataset.split(":", 1)[0], FALLBACK_EPS)
+def default_eps(dataset: str, norm: str | None = None) -> float:
+    """The default radius for a data set under `norm` (l-inf: DEFAULT_EPS; the threat
+    model's record otherwise: learn2defend.attacks.threat)."""
+    return threat_model(norm).default_eps(dataset)
 
 
 @dataclass
@@ -138,7 +142,8 @@ class TrainConfig:
     # model and method
     model: str = "smallcnn"
     method: str = "plain"
-    eps: float | None = None  # None: the data set's default (see DEFAULT_EPS)
+    eps: float | None = None  # None: the data set's default (see DEFAULT_EPS; under l2 the threat model's)
+    norm: str = "linf"  # the threat model: linf | l2 (learn2defend.attacks.threat); runs before it were linf
     init: str | None = None  # run folder of a trained classifier to start from (the paper always does)
     # classifier optimisation
     epochs: int = 10
@@ -213,7 +218,7 @@ class TrainConfig:
         UserError on the first bad value (`validate`)."""
         self.validate()
         method = METHOD_RECORDS[self.method]
-        c = dataclasses.replace(self, eps=default_eps(self.dataset) if self.eps is None else self.eps)
+        c = dataclasses.replace(self, eps=default_eps(self.dataset, self.norm) if self.eps is None else self.eps)
         # paths resolved: a run folder works from any directory, and two spellings compare equal
         c.dataset, c.data_dir = resolved_dataset(c.dataset), str(Path(c.data_dir).expanduser().resolve())
         for name, default in method.defaults.items():  # in order: step_size may use pgd_steps
@@ -232,7 +237,7 @@ class TrainConfig:
             ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
             optimizer=OptimizerSettings(c.optimizer, c.lr, c.momentum, c.weight_decay, tuple(c.betas),
                                         tuple(c.lr_milestones), c.lr_gamma),
-            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c))
+            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c), norm=c.norm)
 
     def validate(self) -> None:
         """Raise UserError on the first bad value, before anything is written."""
@@ -428,6 +433,7 @@ def _non_negative_int(name: str, value: int) -> None:
 def _validate_choices(c: TrainConfig) -> None:
     """TrainConfig.validate: the choices: methods, optimizers, modes."""
     _choice("method", c.method, METHODS)
+    _choice("norm", c.norm, NORMS)
     _choice("optimizer", c.optimizer, OPTIMIZERS)
     _choice("grad-norm", c.grad_norm, GRAD_NORMS)
     _choice("l2l-update", c.l2l_update, L2L_UPDATES)
@@ -444,8 +450,8 @@ def _validate_choices(c: TrainConfig) -> None:
 
 def _validate_counts(c: TrainConfig) -> None:
     """TrainConfig.validate: eps, and the counts and seeds."""
-    if c.eps is not None and not (0.0 <= c.eps <= 1.0):
-        raise eps_range_error("--eps", c.eps)
+    if c.eps is not None:
+        threat_model(c.norm).check_eps(c.eps, "--eps")
     _positive_int("epochs", c.epochs)
     _positive_int("batch-size", c.batch_size)
     if c.pgd_steps is not None:
@@ -463,7 +469,8 @@ def _validate_counts(c: TrainConfig) -> None:
 
 def _validate_optimizers(c: TrainConfig) -> None:
     """TrainConfig.validate: the optimizers' numbers: learning rates, momenta, weight decays, schedules."""
-    for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", MAX_STEP_SIZE)):
+    step_top = max(MAX_STEP_SIZE, threat_model(c.norm).eps_max)  # an l2 step may exceed one pixel's range
+    for name, top in (("lr", MAX_LR), ("attacker_lr", MAX_LR), ("step_size", step_top)):
         value = getattr(c, name)
         if name == "step_size" and value == 0 and c.eps == 0:
             continue  # eps 0: the attack's step is eps-proportional, so 0 (plain training, same code path)
@@ -510,7 +517,10 @@ def _validate_data(c: TrainConfig) -> None:
 
 
 def _validate_method(c: TrainConfig) -> None:
-    """TrainConfig.validate: the method's own options."""
+    """TrainConfig.validate: the method's own options, and whether it has a form under --norm."""
+    reason = METHOD_RECORDS[c.method].unsupported_norms.get(c.norm)
+    if reason is not None:
+        raise UserError(f"--method {c.method} has no {threat_model(c.norm).label} form: {reason}")
     _method_options(c)
     if c.noise is not None and not (math.isfinite(c.noise) and 0 <= c.noise <= MAX_NOISE):
         raise UserError(f"--noise must lie in [0, {MAX_NOISE:g}] (pixel units), got {c.noise}")

@@ -35,12 +35,14 @@ from torch import Tensor, nn
 from .attacks import (
     Attack,
     AutoAttack,
+    ThreatModel,
     check_eps,
     check_images,
     check_labels,
     in_model_dtype,
     list_attack_names,
     make_attack,
+    threat_model,
 )
 from .checks import sanity_checks
 from .config import DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option, parse_fraction
@@ -74,7 +76,10 @@ class EvalData:
     split: str = option("val", help="val or test")
     n: int | None = option(None, flag="--n-images", aliases=("--n",), metavar="N",
                            help="use the first N images of the split (default: all)")
-    eps: float | None = option(None, help="attack radius (default: the run's training eps)")
+    eps: float | None = option(None, help="attack radius (default: the run's training eps; with another --norm "
+                               "than the run's, that norm's default for the data set)")
+    norm: str | None = option(None, help="threat model of the attacks: linf | l2 (default: the run's own; runs "
+                              "trained before --norm are linf)")
     which: str = option("last", help="last or best checkpoint")
     device: str = option("auto", help=DEVICE_HELP)
     data_dir: str | None = option(None, help=DATA_DIR_HELP + " (default: the run's)")
@@ -110,8 +115,12 @@ class EvalConfig(BatchedEvalData):
     pgm_step: float | None = option(None, help="step of the pgmK attacks (default eps/3; the paper: 0.01)")
 
     def validate(self) -> None:
-        if self.eps is not None and not (0 <= self.eps <= 1):
-            raise eps_range_error("--eps", self.eps)
+        if self.norm is not None:
+            threat = threat_model(self.norm)
+            if self.eps is not None:
+                threat.check_eps(self.eps, "--eps")
+        elif self.eps is not None and not (isinstance(self.eps, (int, float)) and 0 <= self.eps):
+            raise eps_range_error("--eps", self.eps)  # the run's norm decides the upper bound (`norm_and_eps`)
         if self.n is not None and self.n < 1:
             raise UserError(f"--n-images must be a positive integer, got {self.n}")
         if self.batch_size < 1:
@@ -143,7 +152,8 @@ def load_evaluated(path: str | Path, which: str, device: torch.device | str, dat
         raise UserError(f"{path} does not record its data set (exported by an older learn2defend); "
                         "name it with --dataset")
     try:
-        config = TrainConfig(model=meta["model"], method=meta["method"], eps=float(meta["eps"]), **data).resolve()
+        config = TrainConfig(model=meta["model"], method=meta["method"], eps=float(meta["eps"]),
+                             norm=meta.get("norm", "linf"), **data).resolve()
     except (TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} has damaged metadata ({e})") from None
     model = load_exported(path, device)
@@ -188,9 +198,21 @@ def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
     return images
 
 
-def build_attacks(names: list[str], eps: float, batch_size: int, pgm_step: float | None = None) -> list[Attack]:
-    """Attack objects, duplicates dropped (they would count twice); bad names fail here,
-    before any work. `pgm_step` replaces the pgmK attacks' default step of eps/3.
+def norm_and_eps(run: Run, norm: str | None, eps: float | None) -> tuple[ThreatModel, float]:
+    """The threat model and radius an evaluation of `run` uses: the given ones, else the
+    run's own (runs trained before --norm are l-inf); with a norm other than the run's and
+    no eps, that norm's default eps for the run's data set. UserError for an eps out of range."""
+    threat = threat_model(run.config.norm if norm is None else norm)
+    if eps is None:
+        eps = run.config.eps if threat.name == run.config.norm else threat.default_eps(run.config.data.dataset)
+    return threat, threat.check_eps(eps, "--eps")
+
+
+def build_attacks(names: list[str], eps: float, batch_size: int, pgm_step: float | None = None,
+                  norm: str | ThreatModel | None = None) -> list[Attack]:
+    """Attack objects under the threat model `norm` (l-inf by default), duplicates dropped
+    (they would count twice); bad names fail here, before any work. `pgm_step` replaces the
+    pgmK attacks' default step of eps/3.
 
     `batch_size` is accepted for compatibility and changes nothing: results must not
     depend on it, so AutoAttack keeps its own chunk of 250 images (see `attack_correct`)."""
@@ -198,7 +220,8 @@ def build_attacks(names: list[str], eps: float, batch_size: int, pgm_step: float
     attacks = []
     for name in dict.fromkeys(names):
         is_pgm = re.fullmatch(r"pgm[0-9]+", name.strip().lower()) is not None
-        attacks.append(make_attack(name, eps, **({"step_size": pgm_step} if is_pgm and pgm_step is not None else {})))
+        options = {"step_size": pgm_step} if is_pgm and pgm_step is not None else {}
+        attacks.append(make_attack(name, eps, norm, **options))
     return attacks
 
 
@@ -233,10 +256,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         raise UserError("--checks do not run under torchrun; run eval --checks as one process")
     device = distributed.local_device(resolve_device(config.device))
     run = load_evaluated(config.checkpoint, config.which, device, config.dataset)
-    eps = run.config.eps if config.eps is None else config.eps
+    threat, eps = norm_and_eps(run, config.norm, config.eps)
     if config.checks and not eps > 0:
         raise UserError("--checks attack the model, so they need eps > 0")
-    attacks = build_attacks(config.attacks, eps, config.batch_size, config.pgm_step)
+    attacks = build_attacks(config.attacks, eps, config.batch_size, config.pgm_step, threat)
     surrogate = load_evaluated(config.surrogate, "last", device, config.dataset) if config.surrogate else None
     if surrogate is not None:
         check_same_task(run, surrogate, "--surrogate")
@@ -248,7 +271,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         images = shard(images, distributed.rank(), world, block)
     # Only AutoAttack keeps state (the checks may run autoattack-fast); not per rank.
     resumable = world == 1 and run.path.is_dir() and (config.checks or any(isinstance(a, AutoAttack) for a in attacks))
-    state = _state_dir(run, config, data, eps, len(images)) if config.attack_state and resumable else None
+    state = _state_dir(run, config, data, eps, len(images), threat.name) if config.attack_state and resumable else None
     with _state_discarded_on_failure(state), _interruptible(state):
         bad: dict[str, Tensor] = {}
         correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed,
@@ -268,6 +291,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             "dataset": data.name,
             "split": config.split,
             "eps": eps,
+            "norm": threat.name,
             "seed": config.seed,  # of the attacks' random starts
             "checkpoint": str(run.path),
             "which": config.which if run.path.is_dir() else None,  # an exported file has one set of weights
@@ -281,7 +305,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             report = sanity_checks(
                 run.model, images, eps, device=device, batch_size=config.batch_size, seed=config.seed,
                 known=correct, surrogate=surrogate.model if surrogate else None, progress=config.progress,
-                state_dir=state, nonfinite=bad.get("worst"),
+                state_dir=state, nonfinite=bad.get("worst"), norm=threat,
             )
             result["checks"], result["flagged"] = report["checks"], report["flagged"]
             attacks += report["attacks"]
@@ -302,6 +326,7 @@ def evaluate_model(
     *,
     attacks: Sequence[str | Attack] = (),
     eps: float | None = None,
+    norm: str | None = None,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     seed: int = 0,
@@ -323,7 +348,10 @@ def evaluate_model(
         `split` ("val", "test" or "train") are used, read from `data_dir` (no download).
     attacks: attack names as in `eval --attacks` ("fgsm", "pgd10", "autoattack", ...) or
         Attack objects; duplicate names count once. Default: none (clean accuracy only).
-    eps: the l-inf radius in pixel units (e.g. 8/255); required with attacks or checks.
+    eps: the radius in pixel units (e.g. 8/255 under l-inf, 0.5 under l2); required with
+        attacks or checks.
+    norm: the threat model of the named attacks and the checks: "linf" (default) or "l2"
+        (learn2defend.attacks.threat); Attack objects keep their own.
     batch_size: images per attack batch (memory only: the numbers do not depend on it).
     device: where to attack; default the device of the model's first parameter (CPU for a
         model without parameters). The model is not moved: it must already be there.
@@ -334,7 +362,7 @@ def evaluate_model(
 
     Returns {"accuracy": {"clean": float, <attack name>: float, ..., "worst": float (the
     share of images that survive every attack; only with attacks)}, "n": int, "eps":
-    float | None, and with a data set name "dataset" and "split"; with checks "checks" and
+    float | None, "norm": "linf" | "l2", and with a data set name "dataset" and "split"; with checks "checks" and
     "flagged"; "warnings" (list of str) when an attack had any}. Accuracies are fractions
     in [0, 1]. The model's (and surrogate's) train/eval modes, `requires_grad` flags and
     `.grad`s are restored.
@@ -342,7 +370,8 @@ def evaluate_model(
     Raises UserError for bad images, labels (dtype, shape, range against the model's
     number of classes), eps, attack names or options.
     """
-    eps = _checked_eps(batch_size, eps, bool(attacks), checks)
+    threat = threat_model(norm)
+    eps = _checked_eps(batch_size, eps, bool(attacks), checks, threat)
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else (images.device if isinstance(images, Tensor) else "cpu")
@@ -350,18 +379,19 @@ def evaluate_model(
     data, result = _images_to_evaluate(images, labels, split, n, data_dir)
     if data.images.is_floating_point():  # float64/16 or bfloat16 images: the model's dtype
         data = ImageData(in_model_dtype(model, data.images), data.labels)
-    attack_objects = _unique_attacks(attacks, eps, batch_size)
+    attack_objects = _unique_attacks(attacks, eps, batch_size, threat)
     bad: dict[str, Tensor] = {}
     correct = attack_correct(model, data, attack_objects, batch_size, device, seed, progress, nonfinite=bad)
     accuracy = {name: fraction(ok) for name, ok in correct.items()}
     if not attack_objects:
         del accuracy["worst"]
     nonfinite = int(bad["worst"].sum())
-    result = {"accuracy": accuracy, "n": len(data), "eps": eps, "seed": seed, "nonfinite_logits": nonfinite} | result
+    result = {"accuracy": accuracy, "n": len(data), "eps": eps, "norm": threat.name, "seed": seed,
+              "nonfinite_logits": nonfinite} | result
     ran = list(attack_objects)
     if checks:
         report = sanity_checks(model, data, eps, device=device, batch_size=batch_size, seed=seed, known=correct,
-                               surrogate=surrogate, progress=progress, nonfinite=bad["worst"])
+                               surrogate=surrogate, progress=progress, nonfinite=bad["worst"], norm=threat)
         result["checks"], result["flagged"] = report["checks"], report["flagged"]
         ran += report["attacks"]
     warnings = list(dict.fromkeys(w for a in ran for w in getattr(a, "warnings", [])))
@@ -371,14 +401,15 @@ def evaluate_model(
     return result
 
 
-def _checked_eps(batch_size: int, eps: float | None, attacks: bool, checks: bool) -> float | None:
+def _checked_eps(batch_size: int, eps: float | None, attacks: bool, checks: bool,
+                 threat: ThreatModel | None = None) -> float | None:
     """evaluate_model's batch size and eps checked; eps as `check_eps` returns it."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if (attacks or checks) and eps is None:
         raise UserError("eps is required with attacks or checks (pixel units, e.g. 8/255)")
     if eps is not None:
-        eps = check_eps(eps)
+        eps = check_eps(eps, threat)
     if checks and not eps > 0:
         raise UserError("the sanity checks attack the model, so they need eps > 0")
     return eps
@@ -411,11 +442,12 @@ def _images_to_evaluate(images: Tensor | str, labels: Tensor | None, split: str,
     return data, result
 
 
-def _unique_attacks(attacks: Sequence[str | Attack], eps: float | None, batch_size: int) -> list[Attack]:
-    """Attack names built, Attack objects as they are, each name once."""
+def _unique_attacks(attacks: Sequence[str | Attack], eps: float | None, batch_size: int,
+                    threat: ThreatModel | None = None) -> list[Attack]:
+    """Attack names built (under `threat`), Attack objects as they are, each name once."""
     attack_objects: list[Attack] = []
     for a in attacks:
-        attack = build_attacks([a], eps, batch_size)[0] if isinstance(a, str) else a
+        attack = build_attacks([a], eps, batch_size, norm=threat)[0] if isinstance(a, str) else a
         if not isinstance(attack, Attack):
             raise UserError(f"attacks must be attack names or learn2defend Attack objects, got {a!r}")
         if attack.name not in {b.name for b in attack_objects}:  # a duplicate would count twice
@@ -508,7 +540,8 @@ def transfer_accuracy(
 
 @dataclass(kw_only=True)
 class TransferConfig(BatchedEvalData):
-    FLAG_HELP: ClassVar[dict[str, str]] = {"eps": "attack radius (default: the target's training eps)"}
+    FLAG_HELP: ClassVar[dict[str, str]] = {"eps": "attack radius (default: the target's training eps)",
+                                           "norm": "threat model of the attacks: linf | l2 (default: the target's)"}
 
     surrogate: str = option(help="run folder the attacks are computed on")
     target: str = option(help="run folder that is measured")  # its data set and eps unless given
@@ -524,13 +557,13 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
     accuracy on the same examples, which tells a weak transfer from a weak attack.
     """
     EvalConfig(checkpoint=config.target, split=config.split, n=config.n, batch_size=config.batch_size,
-               eps=config.eps, which=config.which).validate()
+               eps=config.eps, norm=config.norm, which=config.which).validate()
     device = resolve_device(config.device)
     target = load_run(config.target, config.which, device, with_attacker=False)
     surrogate = load_run(config.surrogate, config.which, device, with_attacker=False)
     check_same_task(surrogate, target, "transfer")
-    eps = target.config.eps if config.eps is None else config.eps
-    attacks = build_attacks(config.attacks, eps, config.batch_size)
+    threat, eps = norm_and_eps(target, config.norm, config.eps)
+    attacks = build_attacks(config.attacks, eps, config.batch_size, norm=threat)
     if not attacks:
         raise UserError("transfer needs at least one attack, e.g. --attacks fgsm,pgd10")
     images = first_n(eval_data(target, config.dataset, config.data_dir), config.split, config.n)
@@ -546,6 +579,7 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
         "target": str(target.path),
         "n": n,
         "eps": eps,
+        "norm": threat.name,
         "seed": config.seed,
         "split": config.split,
         "nonfinite_logits": int(bad["worst"].sum()),
@@ -569,14 +603,14 @@ def nonfinite_warning(count: int, n: int) -> list[str]:
             "they are counted as wrong (\"nonfinite_logits\" in --json)"]
 
 
-def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int) -> Path | None:
+def _state_dir(run: Run, config: EvalConfig, data: Dataset, eps: float, n: int, norm: str = "linf") -> Path | None:
     """<run>/eval-state/<key>: the key changes whenever the result could (another
-    checkpoint file, data, eps, seed or chunking), so stale state is never reused.
+    checkpoint file, data, eps, norm, seed or chunking), so stale state is never reused.
     None when the run folder is read-only: the evaluation then simply is not resumable."""
     ckpt = run.path / (LAST if config.which == "last" else BEST)
     stat = ckpt.stat()
     key = json.dumps([str(ckpt.resolve()), stat.st_size, stat.st_mtime_ns, data.name, config.split, n,
-                      config.batch_size, eps, config.seed])
+                      config.batch_size, eps, config.seed, norm])
     path = run.path / STATE_DIR / hashlib.sha256(key.encode()).hexdigest()[:16]
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -592,5 +626,5 @@ __all__ = [
     "attack_accuracy",
     "attack_correct",
     "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
-    "load_evaluated",
+    "load_evaluated", "norm_and_eps",
 ]

@@ -3,7 +3,8 @@
 The file holds exactly `learn2defend.load(RUN).state_dict()` (no prefixes, no optimizer,
 no attacker) and, in its metadata, what it takes to rebuild the network and to use it
 correctly: model name, classes, image shape, the normalization inside the model, and the
-eps and method it was trained with. `learn2defend.load(FILE)` rebuilds it; any safetensors
+eps, norm (threat model) and method it was trained with; files written before the norm was
+stored were l-inf and read as such. `learn2defend.load(FILE)` rebuilds it; any safetensors
 reader gets the weights (README, "Sharing a model").
 """
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from . import checkpoint as ckpt
+from .attacks.threat import THREAT_MODELS
 from .config import option
 from .errors import UserError
 from .models import create_model
@@ -58,6 +60,7 @@ def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[st
         "mean": run.meta["mean"],
         "std": run.meta["std"],
         "eps": run.config.eps,
+        "norm": run.config.norm,
         "method": run.config.method,
         "learn2defend_version": __version__,
         # what `eval --checkpoint FILE` needs to rebuild the run's data set and validation split
@@ -86,6 +89,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = {k: raw[k] if k in ("model", "method", "learn2defend_version") else json.loads(raw[k]) for k in _FIELDS}
         if "fingerprint" in raw:  # files exported before it was recorded lack it
             meta["fingerprint"] = raw["fingerprint"]
+        meta["norm"] = raw.get("norm", "linf")  # files exported before the norm was stored were l-inf
+        if meta["norm"] not in THREAT_MODELS:
+            raise ValueError(f"norm {meta['norm']!r}")
         if "data" in raw:
             meta["data"] = json.loads(raw["data"])
             if not (isinstance(meta["data"], dict) and set(meta["data"]) <= set(DATA_FIELDS)):

@@ -29,10 +29,11 @@ from typing import Any, ClassVar
 import torch
 
 from . import checkpoint as ckpt
-from .attacks import Attack, make_attack
+from .attacks import Attack, ThreatModel, make_attack, threat_model
+from .attacks.threat import LINF
 from .config import option, parse_fraction
 from .data import DeviceLoader
-from .errors import UserError, eps_range_error
+from .errors import UserError
 from .evaluate import (
     BatchedEvalData,
     EvalConfig,
@@ -43,6 +44,7 @@ from .evaluate import (
     eval_data,
     first_n,
     fraction,
+    norm_and_eps,
 )
 from .runs import Run, load_run, resolve_device
 
@@ -92,16 +94,17 @@ class SweepConfig(BatchedEvalData):
 
     def validate(self) -> None:
         EvalConfig(checkpoint="", split=self.split, n=self.n, batch_size=self.batch_size, eps=self.eps,
-                   which=self.which).validate()
+                   norm=self.norm, which=self.which).validate()
         if not self.checkpoints:
             raise UserError("sweep needs at least one --checkpoint run folder")
         if self.over not in SWEEP_OVER:
             raise UserError(f"--over must be one of {', '.join(SWEEP_OVER)}, got '{self.over}'")
         if not self.values:
             raise UserError(f"--over {self.over} needs values, e.g. 1,2,5,10 (steps) or 0,0.05,0.1 (eps)")
+        top = threat_model(self.norm).eps_max  # without --norm, l-inf's 1 (an l2 sweep past 1 needs --norm l2)
         for v in self.values:
-            if self.over == "eps" and not (math.isfinite(v) and 0 <= v <= 1):
-                raise eps_range_error("sweep eps values", v)
+            if self.over == "eps" and not (math.isfinite(v) and 0 <= v <= top):
+                raise threat_model(self.norm).eps_error("sweep eps values", v)
             if self.over == "pgd-steps" and not (v == int(v) and 0 <= v <= MAX_SWEEP_STEPS):
                 raise UserError(f"sweep step counts must be integers in [0, {MAX_SWEEP_STEPS}], got {v:g}")
         for a in self.resolved_attacks():
@@ -143,12 +146,14 @@ def csv_text(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...]) -
     return buffer.getvalue()
 
 
-def _sweep_attack(kind: str, over: str, value: float, eps: float, steps: int) -> Attack | None:
-    """The attack of one sweep point; None where it is the identity (eps 0 or 0 steps)."""
+def _sweep_attack(kind: str, over: str, value: float, eps: float, steps: int,
+                  norm: ThreatModel | None = None) -> Attack | None:
+    """The attack of one sweep point under `norm` (l-inf by default); None where it is the
+    identity (eps 0 or 0 steps)."""
     e, k = (value, steps) if over == "eps" else (eps, int(value))
     if e == 0 or k == 0:
         return None
-    attack = make_attack("fgsm" if kind == "fgsm" else f"{kind}{k}", e)
+    attack = make_attack("fgsm" if kind == "fgsm" else f"{kind}{k}", e, norm)
     attack.name = f"{kind}@{value:g}"
     return attack
 
@@ -169,7 +174,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     runs = [load_run(c, config.which, device, with_attacker=False) for c in config.checkpoints]
     for other in runs[1:]:
         check_same_task(runs[0], other, "sweep")
-    eps = runs[0].config.eps if config.eps is None else config.eps
+    threat, eps = norm_and_eps(runs[0], config.norm, config.eps)
     if config.over == "pgd-steps" and eps == 0:
         raise UserError("a pgd-steps sweep at eps 0 is just clean accuracy; give --eps > 0")
     images = first_n(eval_data(runs[0], config.dataset, config.data_dir), config.split, config.n)
@@ -177,7 +182,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     labels = run_labels(runs)
     rows: list[dict[str, Any]] = []
     for run, label in zip(runs, labels, strict=True):
-        points = {(k, v): _sweep_attack(k, config.over, v, eps, config.steps) for k in kinds for v in config.values}
+        points = {(k, v): _sweep_attack(k, config.over, v, eps, config.steps, threat)
+                  for k in kinds for v in config.values}
         attacks = [a for a in points.values() if a is not None]
         correct = attack_correct(run.model, images, attacks, config.batch_size, device, config.seed, config.progress)
         for (kind, value), attack in points.items():
@@ -192,9 +198,10 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     _make_folder(prefix.parent)
     csv_path, png_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".png")
     ckpt.atomic_write(csv_path, csv_text(rows, CSV_COLUMNS))
-    plot_sweep(rows, config.over, kinds, png_path, eps if config.over == "pgd-steps" else None, config.title)
+    title = config.title if config.title is not None or threat is LINF else f"{threat.label} threat model"
+    plot_sweep(rows, config.over, kinds, png_path, eps if config.over == "pgd-steps" else None, title)
     return {"csv": str(csv_path), "png": str(png_path), "over": config.over, "attacks": kinds,
-            "eps": eps if config.over == "pgd-steps" else None, "n": len(images), "rows": rows}
+            "eps": eps if config.over == "pgd-steps" else None, "norm": threat.name, "n": len(images), "rows": rows}
 
 
 def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], path: Path, eps: float | None = None,
@@ -254,7 +261,8 @@ class ShowConfig(EvalData):
     title: str | None = None  # above the grid; None: the run folder's name
 
     def validate(self) -> None:
-        EvalConfig(checkpoint=self.checkpoint, split=self.split, n=self.n, eps=self.eps, which=self.which).validate()
+        EvalConfig(checkpoint=self.checkpoint, split=self.split, n=self.n, eps=self.eps, norm=self.norm,
+                   which=self.which).validate()
         if self.n > 64:
             raise UserError(f"--n-images {self.n} is too many images for one picture; use at most 64")
         if not self.attacks:
@@ -269,8 +277,8 @@ def show(config: ShowConfig) -> dict[str, Any]:
     config.validate()
     device = resolve_device(config.device)
     run = load_run(config.checkpoint, config.which, device, with_attacker=False)
-    eps = run.config.eps if config.eps is None else config.eps
-    attacks = build_attacks(config.attacks, eps, config.n)
+    threat, eps = norm_and_eps(run, config.norm, config.eps)
+    attacks = build_attacks(config.attacks, eps, config.n, norm=threat)
     images = first_n(eval_data(run, config.dataset, config.data_dir), config.split, config.n)
     classes = [str(c) for c in run.meta["classes"]]
     x, y = next(iter(DeviceLoader(images, len(images), device, shuffle=False, drop_last=False)))
@@ -285,13 +293,13 @@ def show(config: ShowConfig) -> dict[str, Any]:
     out = Path(config.out)
     _make_folder(out.parent)
     _plot_grid(x.cpu(), y.cpu(), clean_pred.cpu(), {k: v.cpu() for k, v in advs.items()},
-               {k: v.cpu() for k, v in preds.items()}, classes, eps, config.title or run.path.name, out)
+               {k: v.cpu() for k, v in preds.items()}, classes, eps, config.title or run.path.name, out, threat)
     table = []
     for i in range(len(y)):
         entry = {"index": i, "label": classes[int(y[i])], "clean": classes[int(clean_pred[i])]}
         entry.update({name: classes[int(p[i])] for name, p in preds.items()})
         table.append(entry)
-    return {"out": str(out), "checkpoint": str(run.path), "eps": eps, "n": len(y),
+    return {"out": str(out), "checkpoint": str(run.path), "eps": eps, "norm": threat.name, "n": len(y),
             "attacks": [a.name for a in attacks], "images": table}
 
 
@@ -299,7 +307,7 @@ def _as_image(t: torch.Tensor):
     return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
 
 
-def _plot_grid(x, y, clean_pred, advs, preds, classes, eps, title, path: Path) -> None:
+def _plot_grid(x, y, clean_pred, advs, preds, classes, eps, title, path: Path, threat: ThreatModel = LINF) -> None:
     from matplotlib.figure import Figure
 
     n, names = len(y), list(advs)
@@ -324,10 +332,12 @@ def _plot_grid(x, y, clean_pred, advs, preds, classes, eps, title, path: Path) -
         for j, name in enumerate(names):
             delta = advs[name][i] - x[i]
             shown = 0.5 + delta / (2 * eps) if eps > 0 else torch.full_like(delta, 0.5)
-            cell(axes[1 + 2 * j][i], shown, f"max |delta| {float(delta.abs().max()):.3f}", "black",
+            size = float(threat.norms(delta[None])[0])
+            cell(axes[1 + 2 * j][i], shown, f"{threat.label} |delta| {size:.3f}", "black",
                  f"{name}\nperturbation" if i == 0 else None)
             ok = bool(preds[name][i] == y[i])
             cell(axes[2 + 2 * j][i], advs[name][i], f"true {true}\npred {classes[int(preds[name][i])]}",
                  "green" if ok else "red", f"{name}\nadversarial" if i == 0 else None)
-    _suptitle(fig, f"{title}: eps {eps:g} (perturbations shown as 0.5 + delta / (2 eps))", 1.7 * n + 0.6)
+    _suptitle(fig, f"{title}: {threat.label} eps {eps:g} (perturbations shown as 0.5 + delta / (2 eps))",
+              1.7 * n + 0.6)
     ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import Attack
+from .attacks import Attack, ThreatModel, threat_model
 from .config import L2L_METHODS
 from .errors import UserError
 from .methods import METHOD_RECORDS, Method, StepContext
@@ -34,14 +34,17 @@ from .runs import load_run
 class LearnedAttack(Attack):
     """delta = g(A(x)) from the attacker saved in an L2L run folder, scaled to this eps.
 
-    The attacker's last layer is tanh, scaled by eps; the evaluation eps replaces the
-    training eps there, so |delta| <= eps holds for any eps. Its batch norms use their
+    The attacker's raw output goes into the ball of the run's threat model (its `squash`:
+    eps * tanh per pixel under l-inf, a radial tanh under l2), with the evaluation eps in
+    place of the training eps, so ||delta|| <= eps holds for any eps. The attack's norm is
+    the run's: `norm`, when given, must be it (an attacker trained for one ball says
+    nothing about another). Its batch norms use their
     running statistics (eval mode): the perturbation of an image must not depend on the
     other images of its batch.
     """
 
-    def __init__(self, eps: float, run_dir: str | Path, which: str = "last") -> None:
-        super().__init__(eps)
+    def __init__(self, eps: float, run_dir: str | Path, which: str = "last",
+                 norm: str | ThreatModel | None = None) -> None:
         if not str(run_dir).strip():
             raise UserError("l2l attacks need a run folder: write l2l:DIR, e.g. l2l:runs/grad-l2l")
         path = Path(run_dir).expanduser()
@@ -57,6 +60,11 @@ class LearnedAttack(Attack):
                 f"l2l:{run_dir}: that run was trained with --method {run.config.method} and holds "
                 f"no attacker network; use a run of {', '.join(L2L_METHODS)}"
             )
+        trained = threat_model(run.config.norm)
+        super().__init__(eps, trained if norm is None else norm)
+        if self.threat is not trained:
+            raise UserError(f"l2l:{run_dir} was trained under {trained.label}; its attacker maps into that ball, so "
+                            f"it attacks under {trained.label} only (--norm {trained.name}), not {self.threat.label}")
         self.attacker: nn.Module = run.attacker.eval()
         for p in self.attacker.parameters():  # only input gradients are ever needed
             p.requires_grad_(False)
@@ -92,13 +100,13 @@ class LearnedAttack(Attack):
         return (images + delta.detach()).clamp(0, 1)
 
     def __repr__(self) -> str:
-        return f"LearnedAttack(name={self.name!r}, eps={self.eps:g}, method={self.method!r})"
+        return f"LearnedAttack(name={self.name!r}, eps={self.eps:g}, method={self.method!r}{self._norm_repr()})"
 
 
-def attack_factory(rest: str, eps: float, **options) -> Attack:
+def attack_factory(rest: str, eps: float, norm: str | ThreatModel | None = None, **options) -> Attack:
     """`make_attack`'s builder of "l2l:DIR" names (registered in attacks.registry by name)."""
     bad = sorted(set(options) - {"which"})
     if bad:
         raise UserError(f"l2l attacks do not take option(s) {', '.join(bad)}; they take: which")
-    return LearnedAttack(eps, rest.strip(), **options)
+    return LearnedAttack(eps, rest.strip(), norm=norm, **options)
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import correct_predictions, fgsm_delta, kl_pgd_delta, pgd_delta, project
+from .attacks import correct_predictions, fgsm_delta, kl_pgd_delta, pgd_delta
+from .attacks.threat import ThreatModel, threat_model
 from .settings import ResolvedConfig
 
 Metrics = dict[str, Tensor]
@@ -45,6 +46,11 @@ class StepContext:
     attacker_optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None  # --amp fp16 (learn2defend.speed)
     step_index: int = 0  # global batches trained before this one (the loop sets it): --attacker-every
+
+    @property
+    def threat(self) -> ThreatModel:
+        """The run's threat model (--norm): its projection, step direction and attacker head."""
+        return threat_model(self.config.norm)
 
     @property
     def attacker_due(self) -> bool:
@@ -179,11 +185,11 @@ def fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     eps, a = ctx.config.eps, ctx.config.attack
     clean_grads = None
     if a.random_start:  # FGSM-RS (Wong et al. 2020): the gradient is taken at a random point
-        delta = fgsm_delta(ctx.model, x, y, eps, step_size=a.step_size, random_start=True)
+        delta = fgsm_delta(ctx.model, x, y, eps, step_size=a.step_size, random_start=True, norm=ctx.threat)
         logits_clean = ctx.model(x) if ctx.config.loss.clean_weight else None
     else:  # the gradient at x comes from the clean forward we train on anyway
         logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
-        delta = (a.step_size * grad.sign()).clamp(-eps, eps)
+        delta = ctx.threat.ball(a.step_size * ctx.threat.direction(grad), eps)
     logits = ctx.model((x + delta).clamp(0, 1))
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss, clean_grads)
@@ -195,7 +201,8 @@ def pgd_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     The attack sees the classifier in train mode (batch statistics), as it always has here."""
     a = ctx.config.attack
     delta = pgd_delta(
-        ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=a.random_start
+        ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=a.random_start,
+        norm=ctx.threat,
     )
     return _train_on(ctx, x, y, delta)
 
@@ -211,7 +218,8 @@ def pgd_at_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     """
     a = ctx.config.attack
     with eval_mode(ctx.model):
-        delta = pgd_delta(ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=True)
+        delta = pgd_delta(ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, random_start=True,
+                          norm=ctx.threat)
     return _train_on(ctx, x, y, delta)
 
 
@@ -263,7 +271,8 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     in TRADES' reference code; then one update on trades_loss in train mode."""
     a = ctx.config.attack
     with eval_mode(ctx.model):
-        delta = kl_pgd_delta(ctx.model, x, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, start_std=0.001)
+        delta = kl_pgd_delta(ctx.model, x, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, start_std=0.001,
+                             norm=ctx.threat)
     return _kl_update(ctx, x, y, delta, trades_loss)
 
 
@@ -272,7 +281,8 @@ def mart_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     MART's reference code; then one update on mart_loss in train mode."""
     a = ctx.config.attack
     with eval_mode(ctx.model):
-        delta = pgd_delta(ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, start_std=0.001)
+        delta = pgd_delta(ctx.model, x, y, ctx.config.eps, steps=a.pgd_steps, step_size=a.step_size, start_std=0.001,
+                          norm=ctx.threat)
     return _kl_update(ctx, x, y, delta, mart_loss)
 
 
@@ -336,15 +346,17 @@ def learned_perturbation(
 
     The gradients fed to the attacker are constants (detached): the attacker learns
     from how its output changes the classifier's loss, not through the gradient query.
+    The attacker's raw output goes into the run's ball through the threat model's `squash`
+    (l-inf: eps * tanh per pixel; l2: eps * tanh(||h||) h / ||h|| per image).
     """
-    c, g = ctx.config, ctx.attacker
-    delta = g(attacker_input(ctx, x, grad_at_x), c.eps)
+    c, g, threat = ctx.config, ctx.attacker, ctx.threat
+    delta = g(attacker_input(ctx, x, grad_at_x), c.eps, threat.squash)
     if c.method == "2step-l2l":  # the recurrence of length two (paper, section 3.1)
         x1 = (x + delta).clamp(0, 1)
         x1_query = x1.detach().requires_grad_(True)
         loss1 = F.cross_entropy(ctx.model(x1_query), y, reduction="sum")
         (grad1,) = torch.autograd.grad(loss1, x1_query)
-        delta = (delta + g(attacker_input(ctx, x1, grad1), c.eps)).clamp(-c.eps, c.eps)
+        delta = threat.ball(delta + g(attacker_input(ctx, x1, grad1), c.eps, threat.squash), c.eps)
     return delta
 
 
@@ -440,16 +452,19 @@ def fgsm_sdi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
 def sdi_perturbation(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor) -> Tensor:
     """FGSM-SDI's point: the learned start g([x, sign grad]) in the eps-ball, then --pgd-steps
     signed-gradient steps of --step-size from it, each projected to the ball and to [0, 1].
-    Returns delta [B, C, H, W] (x + delta in [0, 1], |delta| <= eps), with the attacker's graph
-    through the start; the steps' directions are constants. `grad`: the clean input gradient."""
-    eps, a = ctx.config.eps, ctx.config.attack
-    start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), eps)
-    delta = project(start, x, eps)  # into [0, 1] too: the first query must see a real image
+    Returns delta [B, C, H, W] (x + delta in [0, 1], ||delta|| <= eps), with the attacker's graph
+    through the start; the steps' directions are constants. `grad`: the clean input gradient.
+    Under l2 the start is the attacker's output mapped into the l2 ball (the threat model's
+    `squash`), the steps go along g / ||g||; the attacker still sees sign(grad), its input
+    feature in the authors' code, under both norms."""
+    eps, a, threat = ctx.config.eps, ctx.config.attack, ctx.threat
+    start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), eps, threat.squash)
+    delta = threat.project(start, x, eps)  # into [0, 1] too: the first query must see a real image
     for _ in range(a.pgd_steps):
         query = delta.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(x + query), y, reduction="sum"), query)
-        delta = project(delta + a.step_size * g.sign(), x, eps)
+        delta = threat.project(delta + a.step_size * threat.direction(g), x, eps)
     return delta
 
 
@@ -502,6 +517,9 @@ class Method:
     perturbation: Callable[[StepContext, Tensor, Tensor, Tensor | None], Tensor] | None = None
     defaults: dict[str, Default] = field(default_factory=dict)
     options: frozenset[str] = frozenset()
+    # Threat models (learn2defend.attacks.threat names) the method has no form for, each with
+    # the reason; training under one of them is refused before anything is written.
+    unsupported_norms: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_attacker(self) -> bool:
@@ -567,7 +585,9 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
     Method("n-fgsm", n_fgsm_step, "N-FGSM (de Jorge et al. 2022): noise of 2 eps, an FGSM step of eps, no projection",
            lambda c: (5.0 + 3 * _w(c), 0.0),
            defaults={"step_size": _eps_times(1.0, "eps"), "noise": _eps_times(2.0, "2 eps")},
-           options=frozenset({"noise"})),
+           options=frozenset({"noise"}),
+           unsupported_norms={"l2": "de Jorge et al. define N-FGSM for l-inf only (per-pixel noise of 2 eps, a "
+                                    "signed step, no projection); use fgsm-sdi or pgd-at under l2"}),
     Method("pgd", pgd_step, "the paper's PGM net: PGD-10 from zero, step eps/3, clean weight 0.5",
            lambda c: (2.0 * c.attack.pgd_steps + 3 + 3 * _w(c), 0.0),
            defaults={"clean_weight": Default(lambda c: 0.5, "0.5"), "step_size": _eps_times(1 / 3, "eps/3")},

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .attacks import threat_model
 from .config import TrainConfig, default_eps, option
 from .errors import UserError
 from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
 from .figures import csv_text
-from .methods import attacker_in_channels
+from .methods import METHOD_RECORDS, attacker_in_channels
 from .runs import FolderLock, RunFolderBusy, build_attacker, load_run, resolve_device
 from .train import train
 
@@ -106,6 +107,10 @@ class Preset:
     # (None: the data set's default); runs at another radius than the default get their own
     # folders and tables. frontier_methods: the row keys (RunSpec.key) to run (empty: all).
     eps: float | None = None
+    # The frontier only: the threat model every adversarial run trains and is evaluated under
+    # (learn2defend.attacks.threat); runs under another norm than l-inf get their own folders
+    # and tables, and methods without a form under it are left out.
+    norm: str = "linf"
     frontier_methods: tuple[str, ...] = ()
     from_scratch: bool = False  # adversarial runs start from random weights, not from a plain net
     weight_decay: float | None = None  # None: TrainConfig's default
@@ -295,10 +300,15 @@ class Reproduction:
         return self.out / "runs" / f"{_dataset_tag(dataset)}-{recipe}{self.eps_suffix(dataset, spec)}" / spec.name
 
     def eps_suffix(self, dataset: str, spec: RunSpec | None = None) -> str:
-        eps = self.preset.eps
-        if eps is None or eps == default_eps(dataset) or (spec is not None and spec.is_init):
+        """"" at the data set's default l-inf eps and for the plain nets (they depend on neither);
+        else "-eps<eps>", led by "-<norm>" under another norm than l-inf."""
+        eps, norm = self.preset.eps, self.preset.norm
+        if spec is not None and spec.is_init:
             return ""
-        return f"-eps{eps:.6g}"
+        lead = "" if norm == "linf" else f"-{norm}"
+        if eps is None or eps == default_eps(dataset, norm):
+            return lead
+        return f"{lead}-eps{eps:.6g}"
 
     def config(self, dataset: str, recipe: str, spec: RunSpec) -> TrainConfig:
         p = self.preset
@@ -318,6 +328,8 @@ class Reproduction:
             common.update(amp=p.amp, channels_last=p.channels_last)
             if not spec.is_init and p.eps is not None:
                 common.update(eps=p.eps)
+            if not spec.is_init:
+                common.update(norm=p.norm)
         if spec.is_init:  # the same plain schedule for every recipe: it only starts the others
             return TrainConfig(**common, method="plain", epochs=p.plain_epochs, lr=p.plain_lr,
                                lr_milestones=_scaled(p.plain_milestones, p.plain_epochs))
@@ -711,7 +723,8 @@ def frontier_specs(preset: Preset) -> list[RunSpec]:
                   RunSpec("mart", seed)]
         specs += [RunSpec(m, seed, a) for a in preset.frontier_attackers for m in ("grad-l2l", "2step-l2l")]
         specs += [RunSpec("fgsm-sdi", seed, "sdi"), RunSpec("fgsm-sdi", seed, "sdi", "2step")]
-    return [s for s in specs if not preset.frontier_methods or s.key in preset.frontier_methods]
+    return [s for s in specs if (not preset.frontier_methods or s.key in preset.frontier_methods)
+            and preset.norm not in METHOD_RECORDS[s.method].unsupported_norms]
 
 
 def _label(key: str) -> str:
@@ -781,7 +794,8 @@ def _frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, Any]:
     lines, raw, points, curves = _frontier_rows(r, experiment, dataset, specs, measured, init_seconds)
     l2l = [row for row in raw if row["attacker_macs"]]
     ratios = sorted({f"{row['attacker']} {row['attacker_macs'] / row['classifier_macs']:.2f}x" for row in l2l})
-    title = (f"frontier: accuracy (%) against training cost on {dataset}, eps {raw[0]['eps']:g}, {p.title}, "
+    title = (f"frontier: accuracy (%) against training cost on {dataset}, {threat_model(p.norm).label} eps "
+             f"{raw[0]['eps']:g}, {p.title}, "
              f"n={raw[0]['n']} validation images, mean ± std over {p.seeds} seed(s)")
     notes = _frontier_notes(p, r.config(dataset, "frontier", specs[0]).batch_size, init_seconds, ratios)
     out = r.out / experiment
@@ -933,12 +947,16 @@ RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
 
 def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, datasets: list[str] | None = None,
               device: str = "auto", data_dir: str = "data", download: bool = False,
-              log: Callable[[str], None] | None = None, eps: float | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, eps: float | None = None,
+              norm: str | None = None) -> dict[str, Any]:
     """Run one experiment (or "all") of the paper; returns what was written, per data set.
 
     `eps` (the frontier only): the l-inf radius in pixel units, in [0, 1], every frontier run
     trains and is evaluated at (default: the data set's); at another radius than the default,
-    runs and tables go to their own folders and file names, beside those of the default."""
+    runs and tables go to their own folders and file names, beside those of the default.
+    `norm` (the frontier only): "linf" (default) or "l2"; under l2 eps is an l2 radius
+    (default: the data set's l2 default, 0.5 on CIFAR-10), runs go to their own folders, and
+    methods without an l2 form (N-FGSM) are left out."""
     names = list(EXPERIMENTS) if experiment == "all" else [experiment]
     if experiment != "all" and experiment not in (*EXPERIMENTS, *EXTRA_EXPERIMENTS):
         raise UserError(f"unknown experiment '{experiment}'; choose one of: "
@@ -950,11 +968,16 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
             only = " (gpu: the frontier only)" if preset in FRONTIER_PRESETS else ""
             raise UserError(f"unknown preset '{preset}' for {experiment}{only}; choose one of: {', '.join(public)}")
         preset = table[preset]
+    if norm is not None:
+        if experiment != "frontier":
+            raise UserError(f"--norm applies to the frontier only, not to {experiment} (the paper's is l-inf)")
+        preset = replace(preset, norm=threat_model(norm).name)
     if eps is not None:
         if experiment != "frontier":
             raise UserError(f"--eps applies to the frontier only, not to {experiment} (the paper's eps is fixed)")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps <= 1):
-            raise UserError(f"--eps must lie in [0, 1] (pixel units), got {eps}")
+        threat = threat_model(preset.norm)
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps <= threat.eps_max):
+            raise UserError(f"--eps must lie in [0, {threat.eps_max:g}] (pixel units, {threat.label}), got {eps}")
         preset = replace(preset, eps=float(eps))
     if datasets is not None:
         for d in datasets:

@@ -121,7 +121,7 @@ class ResolvedConfig:
 
     model: str
     method: str
-    eps: float  # L-inf radius in pixel units ([0, 1] images)
+    eps: float  # radius in pixel units ([0, 1] images) under `norm`
     epochs: int
     batch_size: int  # per process under torchrun
     init: str | None  # run folder whose classifier the run starts from
@@ -133,6 +133,8 @@ class ResolvedConfig:
     attacker: AttackerSettings | None  # None: the method trains no attacker
     speed: SpeedSettings
     run: RunSettings
+    # The threat model ("linf" | "l2"; learn2defend.attacks.threat): the norm of the eps-ball.
+    norm: str = "linf"
 
     def to_dict(self) -> dict[str, Any]:
         """config.json's object: the flat fields of learn2defend.config.TrainConfig, by which the
@@ -140,7 +142,7 @@ class ResolvedConfig:
         the method does without is left out: the settings of an attacker it lacks, and attack
         settings or a KL weight it has none of (each field then takes its default)."""
         d: dict[str, Any] = {
-            "model": self.model, "method": self.method, "eps": self.eps, "epochs": self.epochs,
+            "model": self.model, "method": self.method, "eps": self.eps, "norm": self.norm, "epochs": self.epochs,
             "batch_size": self.batch_size, "init": self.init, "ema": self.ema,
             **_fields(self.data), **_given(self.attack), **_given(self.loss), **_fields(self.speed),
             **_fields(self.run), **_optimizer_fields(self.optimizer, ""),

@@ -94,12 +94,13 @@ def _clean_correct(model: nn.Module, data: ImageData, device: torch.device, batc
 
 
 def _robust_correct(
-    model: nn.Module, data: ImageData, eps: float, device: torch.device, batch: int = 256
+    model: nn.Module, data: ImageData, eps: float, device: torch.device, batch: int = 256, norm: str | None = None
 ) -> torch.Tensor:
-    """PGD-10 (random start, step eps/4) on the given images; the model must be in eval mode."""
+    """PGD-10 (random start, step eps/4) under `norm` (l-inf by default) on the given images;
+    the model must be in eval mode."""
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
-        delta = pgd_delta(model, x, y, eps, steps=10, step_size=eps / 4, random_start=True)
+        delta = pgd_delta(model, x, y, eps, steps=10, step_size=eps / 4, random_start=True, norm=norm)
         with torch.no_grad():
             correct += correct_predictions(model(x + delta), y).sum()
     return correct
@@ -116,7 +117,8 @@ def validate(model: nn.Module, data: Dataset, config: ResolvedConfig, device: to
             n = min(config.run.val_robust_n, len(val))
             if n and config.eps > 0:
                 subset = ImageData(val.images[:n], val.labels[:n])
-                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
+                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device,
+                                                          norm=config.norm).item() / n
             return result
     finally:
         model.train()
@@ -829,7 +831,8 @@ def _header(cfg: ResolvedConfig, data: Dataset, device: torch.device, world: int
         augment.append(f"crop {data.crop_padding} px")
     if cfg.data.augment and data.flip:
         augment.append("flip")
-    return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}, {cfg.epochs} epochs, "
+    norm = "" if cfg.norm == "linf" else f" ({cfg.norm})"  # l-inf runs keep the header they always had
+    return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}{norm}, {cfg.epochs} epochs, "
             f"augmentation {' + '.join(augment) or 'none'}, device {where}")
 
 

@@ -35,6 +35,7 @@ from learn2defend import checkpoint as ckpt
 from learn2defend.errors import UserError
 
 from .base import Attack, _check_positive_int, _check_seed, correct_predictions, stream_seed
+from .threat import LINF, ThreatModel
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 FAST_ATTACKS = ("apgd-ce", "apgd-t")
@@ -106,10 +107,11 @@ MIN_CLASSES = {"apgd-t": 4, "apgd-dlr": 3}
 
 
 class AutoAttack(Attack):
-    """AutoAttack, l-inf: "standard" (APGD-CE, APGD-T, FAB-T, Square), "fast"
-    (APGD-CE + APGD-T with the standard settings: 1 restart, 9 target classes) or "rand"
-    (pyautoattack's version for randomized defenses: APGD-CE + APGD-DLR, 1 restart, each
-    gradient an expectation over 20 draws of the model).
+    """AutoAttack: "standard" (APGD-CE, APGD-T, FAB-T, Square), "fast" (APGD-CE + APGD-T
+    with the standard settings: 1 restart, 9 target classes) or "rand" (pyautoattack's
+    version for randomized defenses: APGD-CE + APGD-DLR, 1 restart, each gradient an
+    expectation over 20 draws of the model), under l-inf (default) or l2 (`norm`;
+    pyautoattack's norm="L2": its L2 APGD, FAB-T and Square).
 
     Each call seeds pyautoattack from `seed` (the call's, else `self.seed`; the global RNG
     is restored afterwards). pyautoattack draws its random starts (APGD) and squares
@@ -134,8 +136,9 @@ class AutoAttack(Attack):
         seed: int = 0,
         batch_size: int | None = None,
         name: str | None = None,
+        norm: str | ThreatModel | None = None,
     ) -> None:
-        super().__init__(eps)
+        super().__init__(eps, norm)
         versions = {"standard": STANDARD_ATTACKS, "fast": FAST_ATTACKS, "rand": RAND_ATTACKS}
         if attacks is None:
             if version not in versions:
@@ -186,6 +189,7 @@ class AutoAttack(Attack):
         return {
             "format": _STATE_FORMAT,
             "eps": self.eps,
+            "norm": self.threat.name,
             "attacks": list(self.attacks),
             "seed": self.pyautoattack_seed,
             "shape": list(x.shape),
@@ -198,12 +202,13 @@ class AutoAttack(Attack):
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            state.setdefault("norm", LINF.name)  # states written before --norm were l-inf
             same = all(_same(k, state[k], v) for k, v in self._fingerprint(x, y).items())
         except Exception as e:  # unreadable or foreign file
             raise UserError(f"cannot read AutoAttack state {path}: {e}; delete it") from e
         if not same:
             raise UserError(
-                f"AutoAttack state {path} belongs to another run (other images, labels, eps, "
+                f"AutoAttack state {path} belongs to another run (other images, labels, eps, norm, "
                 "attacks or seed); delete it or use another state_path"
             )
         return state
@@ -249,7 +254,7 @@ class AutoAttack(Attack):
             with _captured(lines, warned), torch.random.fork_rng(devices=devices):
                 aa = pyautoattack.AutoAttack(
                     model,
-                    norm="Linf",
+                    norm=self.threat.pyautoattack_norm,
                     eps=self.eps,
                     version="rand" if self.version == "rand" else "standard",
                     device=x.device,
@@ -306,4 +311,4 @@ class AutoAttack(Attack):
             self.warnings.extend(w for w in dict.fromkeys(named) if w not in self.warnings)
         self.robust = robust.cpu()
         # AutoAttack's images are within eps up to float error; make the contract exact.
-        return (x + (adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)
+        return (x + self.threat.ball(adv - x, self.eps)).clamp(0, 1)

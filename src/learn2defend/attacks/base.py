@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from learn2defend.errors import UserError, eps_range_error
+from learn2defend.errors import UserError
 
-from .functional import LOSSES, fgsm_delta, pgd_delta, project
+from .functional import LOSSES, fgsm_delta, pgd_delta
+from .threat import ThreatModel, threat_model
 
 
 def correct_predictions(logits: Tensor, labels: Tensor) -> Tensor:
@@ -33,11 +34,10 @@ def in_model_dtype(model: nn.Module, images: Tensor) -> Tensor:
     return images
 
 
-def check_eps(eps: float) -> float:
-    """eps is an l-inf radius in pixel units, so it must lie in [0, 1]."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-        raise eps_range_error("eps", eps)
-    return float(eps)
+def check_eps(eps: float, norm: str | ThreatModel | None = None) -> float:
+    """eps is a radius in pixel units: under l-inf (the default) it must lie in [0, 1];
+    under l2 in [0, the threat model's eps_max] (learn2defend.attacks.threat)."""
+    return threat_model(norm).check_eps(eps)
 
 
 def check_images(images: object) -> Tensor:
@@ -206,7 +206,8 @@ class Attack:
     `attack(model, images, labels, seed=None)` takes images [N, C, H, W], floating point
     in [0, 1], and integer labels [N] (any integer dtype) in [0, number of classes), and
     returns adversarial images of the same shape and dtype, detached, finite, within eps
-    (l-inf, pixel units) of the images and in [0, 1]. Bad images or labels raise UserError.
+    of the images under the attack's norm (`self.threat`, l-inf unless `norm` says
+    otherwise; pixel units) and in [0, 1]. Bad images or labels raise UserError.
 
     It runs the attack with the model in eval mode (BatchNorm/dropout must not react to
     adversarial batches), then restores every module's mode and every parameter's
@@ -225,9 +226,15 @@ class Attack:
     """
 
     name = "attack"
+    # The norms the attack is defined for (names of learn2defend.attacks.threat.THREAT_MODELS).
+    norms: tuple[str, ...] = ("linf", "l2")
 
-    def __init__(self, eps: float) -> None:
-        self.eps = check_eps(eps)
+    def __init__(self, eps: float, norm: str | ThreatModel | None = None) -> None:
+        self.threat = threat_model(norm)
+        if self.threat.name not in self.norms:
+            raise UserError(f"{type(self).__name__} is defined for {', '.join(self.norms)} only, not "
+                            f"{self.threat.label}")
+        self.eps = self.threat.check_eps(eps)
         self.seed = 0
         self.warnings: list[str] = []  # accumulated over calls, unique
         self._call_seed = 0
@@ -266,39 +273,49 @@ class Attack:
         return self._in_ball(adv.detach(), images.detach())
 
     def _in_ball(self, adv: Tensor, images: Tensor) -> Tensor:
-        """Non-finite pixels -> the clean pixel; then into the eps-ball and [0, 1] (a no-op,
-        bit for bit, on pixels already there)."""
+        """Non-finite pixels -> the clean pixel; then into the eps-ball and [0, 1] (under
+        l-inf a no-op, bit for bit, on pixels already there)."""
         adv = torch.where(torch.isfinite(adv), adv, images).to(images.dtype)
-        adv = torch.minimum(torch.maximum(adv, images - self.eps), images + self.eps)
-        return adv.clamp(0, 1)
+        return self.threat.within(adv, images, self.eps)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, eps={self.eps:g})"
+        return f"{type(self).__name__}(name={self.name!r}, eps={self.eps:g}{self._norm_repr()})"
+
+    def _norm_repr(self) -> str:
+        """", norm='l2'" for attacks under another norm than l-inf (older reprs unchanged)."""
+        return "" if self.threat.name == "linf" else f", norm={self.threat.name!r}"
 
 
 class FGSM(Attack):
     """Fast gradient sign method (Goodfellow et al.): one signed step of size eps
-    (`step_size` overrides it); `random_start` adds a uniform start in the ball (FGSM-RS)."""
+    (`step_size` overrides it); `random_start` adds a uniform start in the ball (FGSM-RS).
+    Under l2 it is FGM (Miyato et al.): one step of eps along g / ||g||_2."""
 
     def __init__(
-        self, eps: float, *, step_size: float | None = None, random_start: bool = False
+        self, eps: float, *, step_size: float | None = None, random_start: bool = False,
+        norm: str | ThreatModel | None = None,
     ) -> None:
-        super().__init__(eps)
+        super().__init__(eps, norm)
         self.step_size = None if step_size is None else _check_step_size(step_size)
         self.random_start = bool(random_start)
         self.name = "fgsm"
 
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         init = self._start(images, 0) if self.random_start else None
-        delta = fgsm_delta(model, images, labels, self.eps, step_size=self.step_size, init=init)
+        delta = fgsm_delta(model, images, labels, self.eps, step_size=self.step_size, init=init, norm=self.threat)
         return (images + delta).clamp(0, 1)
 
     def _start(self, images: Tensor, restart: int) -> Tensor:
-        return project(self.eps * self.random_uniform(images, "start", restart), images, self.eps)
+        """A start uniform in the ball (the threat model's `start`), from this call's keyed noise."""
+        noise = lambda *tag: self.random_uniform(images, "start", restart, *tag)  # noqa: E731
+        return self.threat.project(self.threat.start(images, self.eps, noise), images, self.eps)
 
 
 class PGD(Attack):
-    """l-inf PGD (Madry et al.) with the CE or the CW margin loss, optionally restarted.
+    """PGD (Madry et al.) with the CE or the CW margin loss, optionally restarted; l-inf
+    (signed steps) or l2 (normalized-gradient steps, projection as MadryLab's robustness and
+    torchattacks' PGDL2), by `norm`; the default step 2.5 * eps / steps under both, as
+    robustness uses.
 
     With restarts > 1 each sample keeps the first restart that fools the model (or the
     last one if none does), so a success is never overwritten by a later failure.
@@ -313,8 +330,9 @@ class PGD(Attack):
         restarts: int = 1,
         loss: str = "ce",
         name: str | None = None,
+        norm: str | ThreatModel | None = None,
     ) -> None:
-        super().__init__(eps)
+        super().__init__(eps, norm)
         self.steps = _check_positive_int("steps", steps)
         self.restarts = _check_positive_int("restarts", restarts)
         if loss not in LOSSES:
@@ -343,6 +361,7 @@ class PGD(Attack):
                 step_size=self.step_size,
                 init=self._start(images, restart) if self.random_start else None,
                 loss=self.loss,
+                norm=self.threat,
             )
             if self.restarts == 1:
                 return (images + delta).clamp(0, 1)
@@ -359,5 +378,5 @@ class PGD(Attack):
         return (
             f"PGD(name={self.name!r}, eps={self.eps:g}, steps={self.steps}, "
             f"step_size={self.step_size:g}, random_start={self.random_start}, "
-            f"restarts={self.restarts}, loss={self.loss!r})"
+            f"restarts={self.restarts}, loss={self.loss!r}{self._norm_repr()})"
         )

@@ -31,7 +31,11 @@ class CWLinf(Attack):
     stops there), so c never needs to come down again.
 
     Each sample stops once misclassified; at most `steps` (100) iterations in total.
+
+    l-inf only (`norms`): its objective is the l-inf norm; under l2 `make_attack` refuses it.
     """
+
+    norms = ("linf",)
 
     def __init__(
         self,

@@ -22,11 +22,15 @@ into different computation.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from learn2defend.errors import UserError
+
+# A threat model's map of the attacker's raw output into its ball: to_ball(h, eps) -> delta.
+ToBall = Callable[[torch.Tensor, "float | torch.Tensor"], torch.Tensor]
 
 ATTACKER_LAYOUT = 2
 _ATTACKERS: dict[str, type] = {}
@@ -90,10 +94,12 @@ class _Attacker(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(5.0)) if learnable_scale else None
 
-    def squash(self, h: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    def squash(self, h: torch.Tensor, eps: float | torch.Tensor, to_ball: ToBall | None = None) -> torch.Tensor:
+        """eps * tanh(s * h) per pixel (the l-inf ball), or `to_ball(s * h, eps)`: a threat
+        model's map of the raw output into its ball (learn2defend.attacks.threat, `squash`)."""
         if self.scale is not None:
             h = self.scale * h
-        return eps * torch.tanh(h)
+        return eps * torch.tanh(h) if to_ball is None else to_ball(h, eps)
 
 
 @register_attacker("slim")
@@ -115,14 +121,14 @@ class SlimAttacker(_Attacker):
         self.up = nn.ConvTranspose2d(c128, 16, 4, stride=2, padding=1)
         self.head = nn.Conv2d(in_channels + 16, out_channels, 3, padding=1)
 
-    def forward(self, a: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, eps: float | torch.Tensor, to_ball: ToBall | None = None) -> torch.Tensor:
         if a.shape[-2] % 2 or a.shape[-1] % 2:
             raise UserError(
                 f"the slim attacker halves and then doubles the image size, so it needs even "
                 f"height and width, got {a.shape[-2]}x{a.shape[-1]}; use the wide attacker"
             )
         h = self.up(self.bn(self.block(self.down(self.stem(a)))))
-        return self.squash(self.head(torch.cat([a, h], dim=1)), eps)
+        return self.squash(self.head(torch.cat([a, h], dim=1)), eps, to_ball)
 
 
 @register_attacker("wide")
@@ -140,8 +146,8 @@ class WideAttacker(_Attacker):
         self.bn = nn.BatchNorm2d(c64)
         self.head = nn.Conv2d(c64, out_channels, 3, padding=1)
 
-    def forward(self, a: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
-        return self.squash(self.head(self.bn(self.blocks(self.stem(a)))), eps)
+    def forward(self, a: torch.Tensor, eps: float | torch.Tensor, to_ball: ToBall | None = None) -> torch.Tensor:
+        return self.squash(self.head(self.bn(self.blocks(self.stem(a)))), eps, to_ball)
 
 
 @register_attacker("sdi")
@@ -163,9 +169,9 @@ class SdiAttacker(_Attacker):
         self.bn = nn.BatchNorm2d(c64, affine=False)
         self.head = nn.Conv2d(c64, out_channels, 3, padding=1)
 
-    def forward(self, a: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, eps: float | torch.Tensor, to_ball: ToBall | None = None) -> torch.Tensor:
         h = self.stem(a)
-        return self.squash(self.head(self.bn(h + self.residual(h))), eps)
+        return self.squash(self.head(self.bn(h + self.residual(h))), eps, to_ball)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -183,7 +189,9 @@ def create_attacker(
     """Build the paper's "slim" or "wide" attacker, or FGSM-SDI's "sdi"; `width` scales its channel counts.
 
     The returned module is called as `attacker(a, eps)` with a of shape [B, in_channels, H, W]
-    and returns a perturbation of shape [B, out_channels, H, W] with values in [-eps, eps].
+    and returns a perturbation of shape [B, out_channels, H, W] with values in [-eps, eps];
+    `attacker(a, eps, to_ball)` maps its raw output into another ball instead (a threat model's
+    `squash`, e.g. the l2 ball: learn2defend.attacks.threat).
     """
     if kind not in _ATTACKERS:
         raise UserError(f"unknown attacker {kind!r}; choose one of: {', '.join(_ATTACKERS)}")
