@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import distributed, speed
 from .attacks import pgd_delta
 from .config import TrainConfig, load_resolved
-from .data import Dataset, DeviceLoader, ImageData, load_dataset
+from .data import Dataset, DeviceLoader, FileData, ImageData, StreamLoader, check_streamed, load_dataset, make_loader
 from .errors import UserError
 from .methods import STEPS, Metrics, StepContext, attacker_in_channels
 from .models.attackers import ATTACKER_LAYOUT
@@ -83,19 +83,21 @@ def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> t
 
 
 @torch.no_grad()
-def _clean_correct(model: nn.Module, data: ImageData, device: torch.device, batch: int = 512) -> torch.Tensor:
+def _clean_correct(model: nn.Module, data: ImageData | FileData, device: torch.device, batch: int = 512,
+                   workers: int | None = None) -> torch.Tensor:
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
+    for x, y in make_loader(data, batch, device, workers=workers, shuffle=False, drop_last=False):
         correct += (model(x).argmax(1) == y).sum()
     return correct
 
 
 def _robust_correct(
-    model: nn.Module, data: ImageData, eps: float, device: torch.device, batch: int = 256
+    model: nn.Module, data: ImageData | FileData, eps: float, device: torch.device, batch: int = 256,
+    workers: int | None = None,
 ) -> torch.Tensor:
     """PGD-10 (random start, step eps/4) on the given images; the model must be in eval mode."""
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
+    for x, y in make_loader(data, batch, device, workers=workers, shuffle=False, drop_last=False):
         delta = pgd_delta(model, x, y, eps, steps=10, step_size=eps / 4, random_start=True)
         with torch.no_grad():
             correct += (model(x + delta).argmax(1) == y).sum()
@@ -108,12 +110,12 @@ def validate(model: nn.Module, data: Dataset, config: ResolvedConfig, device: to
     model.eval()
     try:
         with speed.float32_math(device):
-            val = data.val
-            result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
+            val, workers = data.val, config.data.workers  # a streamed val split: the eval transform
+            result = {"val_clean_acc": _clean_correct(model, val, device, workers=workers).item() / len(val)}
             n = min(config.run.val_robust_n, len(val))
             if n and config.eps > 0:
-                subset = ImageData(val.images[:n], val.labels[:n])
-                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device).item() / n
+                subset = val.head(n)
+                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device, workers=workers).item() / n
             return result
     finally:
         model.train()
@@ -123,7 +125,7 @@ def validate(model: nn.Module, data: Dataset, config: ResolvedConfig, device: to
 
 
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite",
-                     "tensorboard", "channels_last", "compile", "tf32", "cudnn_benchmark"}
+                     "workers", "tensorboard", "channels_last", "compile", "tf32", "cudnn_benchmark"}
 
 
 def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: ResolvedConfig, meta: dict[str, Any],
@@ -182,7 +184,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
         raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
                         "leave it out (each process then normalizes with its own batch statistics)")
     speed.check_switches(cfg.speed, device, world)
-    data = _training_data(cfg)
+    data = _training_data(cfg, device)
     loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world))
     if stored is not None:
         loop.restore(stored)
@@ -195,7 +197,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
         else:
             _log(f"{out} has finished its {loop.pos.epoch} epochs; nothing to train")
     _log(_header(cfg, data, device, world))
-    if cfg.model == "smallcnn" and min(data.train.images.shape[-2:]) > SMALLCNN_MAX_SIZE:
+    if cfg.model == "smallcnn" and min(data.image_shape[1:]) > SMALLCNN_MAX_SIZE:
         _log(SMALLCNN_ADVICE)
     loop.run()
     if world > 1:
@@ -215,17 +217,24 @@ def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     return stored
 
 
-def _training_data(cfg: ResolvedConfig) -> Dataset:
-    """The data set, with the run's subset and augmentation overrides applied."""
+def _training_data(cfg: ResolvedConfig, device: torch.device) -> Dataset:
+    """The data set, in memory or streamed as --loader says (data.load_dataset decides), with
+    the run's subset and augmentation overrides applied; a streamed set's unreadable files
+    are left out (or refused) here, before anything is written."""
     d = cfg.data
     data = load_dataset(
         d.dataset, d.data_dir, val_size=d.val_size if d.val_size < 1 else int(d.val_size),
         split_seed=d.split_seed, download=d.download, image_size=d.image_size, on_bad_image=d.on_bad_image,
+        loader=d.loader, device=device,
     )
     if d.train_size is not None:
-        data.train = ImageData(data.train.images[: d.train_size], data.train.labels[: d.train_size])
+        data.train = data.train.head(d.train_size)
+    data = check_streamed(data, d.on_bad_image)
     if d.flip is not None:  # the data set's augmentation, where the run overrides it
         data.flip = d.flip
+    if d.crop_padding is not None and data.streamed:
+        raise UserError(f"{data.name} streams from its files and crops with RandomResizedCrop; --crop-padding "
+                        "applies to data sets in memory (leave it out, or use --loader memory if it fits)")
     if d.crop_padding is not None:
         if d.crop_padding > min(data.image_shape[1:]):  # a crop would then see padding only
             raise UserError(f"--crop-padding {d.crop_padding} is larger than the {data.image_shape[1]}x"
@@ -329,11 +338,13 @@ class WeightAverage(nn.Module):
             a.copy_(m)
 
 
-def _train_loader(cfg: ResolvedConfig, data: Dataset, device: torch.device, ranks: distributed.Ranks) -> DeviceLoader:
+def _train_loader(cfg: ResolvedConfig, data: Dataset, device: torch.device,
+                  ranks: distributed.Ranks) -> DeviceLoader | StreamLoader:
     # Under torchrun --batch-size is per process; rank r takes every world-th image of the
     # epoch's permutation, so global batch i is the same images for any world size.
-    loader = DeviceLoader(
-        data.train, cfg.batch_size, device, shuffle=True,
+    loader = make_loader(
+        data.train, cfg.batch_size, device, workers=cfg.data.workers, on_bad_image=cfg.data.on_bad_image,
+        shuffle=True,
         drop_last=len(data.train) // ranks.world >= cfg.batch_size,
         augment=cfg.data.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.run.seed,
         rank=ranks.rank, world_size=ranks.world,
@@ -795,12 +806,15 @@ def _header(cfg: ResolvedConfig, data: Dataset, device: torch.device, world: int
     if world > 1:
         where += f" x {world} processes"
     augment = []
+    if cfg.data.augment and data.streamed:
+        augment.append(f"random-resized crop {data.image_shape[1]} px")
     if cfg.data.augment and data.crop_padding:
         augment.append(f"crop {data.crop_padding} px")
     if cfg.data.augment and data.flip:
         augment.append("flip")
     return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}, {cfg.epochs} epochs, "
-            f"augmentation {' + '.join(augment) or 'none'}, device {where}")
+            f"augmentation {' + '.join(augment) or 'none'}, device {where}, "
+            f"loader {data.loader}{f' ({data.loader_reason})' if data.loader_reason else ''}")
 
 
 def _duration(seconds: float) -> str:
