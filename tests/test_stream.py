@@ -233,3 +233,57 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case):
     assert {"corrupt": "cannot read image", "empty_class": "has no image files",
             "memory_too_small": "--loader stream", "flat_val": "valprep.sh"}[case] in lines[0]
     assert not out.exists()
+
+
+GLOO_WORKER = """
+import json, sys
+from learn2defend import TrainConfig, distributed, train
+from learn2defend.data import stream
+
+seen = []
+real = stream._Samples.__getitem__
+
+def recording(self, key):
+    if self.augment:  # the training split's samples, not validation's
+        seen.append([key[1], self.data.paths[key[0]]])
+    return real(self, key)
+
+stream._Samples.__getitem__ = recording
+tree, out = sys.argv[1], sys.argv[2]
+distributed.init_from_env("cpu")
+train(TrainConfig(out=out, dataset="imagenet:" + tree, image_size=32, model="smallcnn-pooled", method="plain",
+                  epochs=2, batch_size=4, val_size=6, val_robust_n=0, loader="stream", workers=0, device="cpu",
+                  progress=False))
+with open(f"{out}-rank{distributed.rank()}.json", "w") as f:
+    json.dump(seen, f)
+"""
+
+
+def test_two_gloo_ranks_read_disjoint_shards_that_cover_each_epoch(tree, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(GLOO_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=SRC)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                           f"--rdzv-endpoint=localhost:{port}", str(script), str(tree), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}-rank{r}.json").read_text()) for r in (0, 1)]
+    ds = load_dataset(f"imagenet:{tree}", image_size=32, loader="stream", val_size=6)
+    from learn2defend.data import check_streamed
+
+    train = check_streamed(ds, "skip").train
+    single = StreamLoader(train, 8, "cpu", seed=0, workers=0)  # one process, the same global batch
+    for epoch in (0, 1):
+        a, b = ([p for e, p in seen if e == epoch] for seen in ranks)
+        assert len(a) == len(b) == len(train) // 8 * 4  # 4 images per rank and batch, whole batches
+        single.set_epoch(epoch)
+        epoch_files = {train.paths[i] for i in single.order()[: len(single) * 8].tolist()}
+        assert not set(a) & set(b) and set(a) | set(b) == epoch_files
+    assert [p for e, p in ranks[0] if e == 0] != [p for e, p in ranks[0] if e == 1]  # reshuffled each epoch
