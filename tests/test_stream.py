@@ -287,3 +287,45 @@ def test_two_gloo_ranks_read_disjoint_shards_that_cover_each_epoch(tree, tmp_pat
         epoch_files = {train.paths[i] for i in single.order()[: len(single) * 8].tolist()}
         assert not set(a) & set(b) and set(a) | set(b) == epoch_files
     assert [p for e, p in ranks[0] if e == 0] != [p for e, p in ranks[0] if e == 1]  # reshuffled each epoch
+
+
+def _tensors(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    images = (torch.rand(n, 3, 8, 8, generator=gen) * 0.5 + labels[:, None, None, None] * 0.25).clamp(0, 1)
+    return images, labels
+
+
+def test_train_on_python_tensors_and_dataset_resume_asks_for_the_data(tmp_path):
+    from learn2defend import TrainConfig, UserError, train
+    from learn2defend.checkpoint import load_state
+
+    images, labels = _tensors()
+
+    def config(name: str, epochs: int) -> TrainConfig:
+        return TrainConfig(out=str(tmp_path / name), model="smallcnn", epochs=epochs, batch_size=8, val_size=8,
+                           val_robust_n=0, device="cpu", progress=False)
+
+    run = train(config("t", 1), data=(images, labels))
+    assert run.config.data.dataset == "python" and len(run.history) == 1
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["dataset"] == "python"
+    with pytest.raises(UserError, match="trained on data given from Python"):
+        train(config("t", 2), resume=True)
+    other = (images.flip(0), labels.flip(0))
+    with pytest.raises(UserError, match="other data given from Python"):
+        train(config("t", 2), resume=True, data=other)
+    assert train(config("t", 2), resume=True, data=(images, labels)).epoch == 2
+
+    class Items(torch.utils.data.Dataset):  # map-style, uint8 images
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return (images[i] * 255).round().to(torch.uint8), int(labels[i])
+
+    from_dataset = train(config("d", 2), data=Items())
+    a, b = (load_state(tmp_path / name / "last.safetensors")["model"] for name in ("t", "d"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same images as uint8: the same run
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        train(config("bad", 1), data=(images * 2, labels))
+    assert not (tmp_path / "bad").exists() and from_dataset.epoch == 2

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,19 @@ from . import checkpoint as ckpt
 from . import distributed, speed
 from .attacks import pgd_delta
 from .config import TrainConfig, load_resolved
-from .data import Dataset, DeviceLoader, FileData, ImageData, StreamLoader, check_streamed, load_dataset, make_loader
+from .data import (
+    NEEDS_DATA,
+    PYTHON_SPEC,
+    Dataset,
+    DeviceLoader,
+    FileData,
+    ImageData,
+    StreamLoader,
+    check_streamed,
+    load_dataset,
+    make_loader,
+    python_dataset,
+)
 from .errors import UserError
 from .methods import STEPS, Metrics, StepContext, attacker_in_channels
 from .models.attackers import ATTACKER_LAYOUT
@@ -152,25 +164,36 @@ def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: ResolvedConfig
             attacker.train()
 
 
-def train(config: TrainConfig | ResolvedConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+def train(config: TrainConfig | ResolvedConfig, *, resume: bool = False, overwrite: bool = False,
+          data: object | None = None) -> Run:
     """Train a classifier with `config.method`; return the loaded run. A `ResolvedConfig` (e.g. a
     `dataclasses.replace` of a run's) is checked again through its flat form first.
 
     With `resume`, a run folder holding a checkpoint is continued from it (an empty or
     missing folder simply starts); with `overwrite`, an existing folder is replaced.
     Everything is validated before anything is written.
+
+    `data`: train on what a Python user holds instead of `config.dataset`: `(images, labels)`
+    (float [N, C, H, W] in [0, 1] or uint8; integer labels [N]) or a map-style dataset of
+    (image [C, H, W], int label), held in memory as uint8 (see `data.python_dataset`). The run
+    records dataset "python" and the data's fingerprint: resuming it needs the same data again.
     """
     flat = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config.to_dict())
+    if data is not None:
+        if flat.dataset not in (TrainConfig.dataset, PYTHON_SPEC):
+            raise UserError(f"train(config, data=...) trains on the data given; leave config.dataset "
+                            f"({flat.dataset!r}) out, the run records it as '{PYTHON_SPEC}'")
+        flat = replace(flat, dataset=PYTHON_SPEC)
     cfg = flat.resolve()
     lock = FolderLock(Path(cfg.run.out))
     lock.acquire()  # before reading the folder, if there is one
     try:
-        return _train(cfg, resume, overwrite, lock)
+        return _train(cfg, resume, overwrite, lock, data)
     finally:
         lock.release()
 
 
-def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock) -> Run:
+def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock, given: object | None = None) -> Run:
     """Check everything, build the run, take the folder, train; in that order, so that bad
     input fails before anything is written."""
     out = Path(cfg.run.out)
@@ -184,7 +207,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
         raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
                         "leave it out (each process then normalizes with its own batch statistics)")
     speed.check_switches(cfg.speed, device, world)
-    data = _training_data(cfg, device)
+    data = _training_data(cfg, device, given, continuing)
     loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world))
     if stored is not None:
         loop.restore(stored)
@@ -211,22 +234,33 @@ def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     """The stored config of the run being continued; UserError if `cfg` changes what it computes."""
     # resolved again: a field added since the run was written gets the value the run had
     stored = load_resolved(out / CONFIG)
+    if stored.data.dataset == PYTHON_SPEC and cfg.data.dataset != PYTHON_SPEC:
+        raise UserError(f"'{out}' {NEEDS_DATA}")
     differ = changed_settings(stored, cfg, RESUMABLE_CHANGES | {"batch_size"})
     if differ:  # the values too: a default that changed between versions is set back with its flag
         raise UserError(f"cannot resume '{out}' with other settings: {differ}; give the run's values to continue it")
     return stored
 
 
-def _training_data(cfg: ResolvedConfig, device: torch.device) -> Dataset:
-    """The data set, in memory or streamed as --loader says (data.load_dataset decides), with
-    the run's subset and augmentation overrides applied; a streamed set's unreadable files
-    are left out (or refused) here, before anything is written."""
+def _training_data(cfg: ResolvedConfig, device: torch.device, given: object | None = None,
+                   continuing: bool = False) -> Dataset:
+    """The data set, in memory or streamed as --loader says (data.load_dataset decides), or
+    the data `given` from Python, with the run's subset and augmentation overrides applied; a
+    streamed set's unreadable files are left out (or refused) here, before anything is written."""
     d = cfg.data
-    data = load_dataset(
-        d.dataset, d.data_dir, val_size=d.val_size if d.val_size < 1 else int(d.val_size),
-        split_seed=d.split_seed, download=d.download, image_size=d.image_size, on_bad_image=d.on_bad_image,
-        loader=d.loader, device=device,
-    )
+    val_size = d.val_size if d.val_size < 1 else int(d.val_size)
+    if d.dataset == PYTHON_SPEC:
+        if given is None and continuing:
+            raise UserError(f"'{cfg.run.out}' {NEEDS_DATA}")
+        if given is None:
+            raise UserError(f"dataset '{PYTHON_SPEC}' is data given from Python: pass it as "
+                            "train(config, data=(images, labels)) or data=dataset")
+        data = python_dataset(given, val_size=val_size, split_seed=d.split_seed)
+    else:
+        data = load_dataset(
+            d.dataset, d.data_dir, val_size=val_size, split_seed=d.split_seed, download=d.download,
+            image_size=d.image_size, on_bad_image=d.on_bad_image, loader=d.loader, device=device,
+        )
     if d.train_size is not None:
         data.train = data.train.head(d.train_size)
     data = check_streamed(data, d.on_bad_image)
@@ -421,6 +455,9 @@ class _Loop:
                             "start over with --overwrite") from None
         if s["data"]["classes"] != p.meta["classes"] or s["data"]["image_shape"] != p.meta["image_shape"]:
             raise UserError(f"checkpoint {path} was trained on other data than {cfg.data.dataset}")
+        if cfg.data.dataset == PYTHON_SPEC and s["data"].get("dataset") != p.meta["dataset"]:
+            raise UserError(f"checkpoint {path} was trained on other data given from Python (fingerprint "
+                            f"{s['data'].get('dataset')}, given {p.meta['dataset']}); pass the same data to resume")
         # --batch-size is per process: it may change on resume only so that the global batch stays
         if cfg.batch_size != stored.batch_size and cfg.batch_size * self.ranks.world != stored.batch_size * saved_world:
             raise UserError(f"cannot resume '{self.out}' with a different --batch-size: it was trained with "

@@ -50,6 +50,7 @@ from learn2defend.data.stream import (
     estimated_stats,
     list_imagenet,
 )
+from learn2defend.data.tensors import NEEDS_DATA, PYTHON_SPEC, fingerprint, from_python  # noqa: F401 (re-exported)
 from learn2defend.errors import UserError
 
 VALID_SPECS = ("digits, mnist, cifar10, cifar100, svhn, folder:PATH, imagenet:PATH, "
@@ -167,6 +168,8 @@ def load_dataset(spec: str, data_dir: str | Path = "data", *, val_size: float | 
         if streamed is not None:
             return streamed
         source = _load_folder(root, data_dir, image_size, on_bad_image)
+    elif kind == PYTHON_SPEC and not arg:
+        raise UserError(f"data set '{spec}': a run that {NEEDS_DATA}")
     else:
         if loader == "stream":
             raise UserError(f"--loader stream reads image files: folder:PATH and imagenet:PATH; '{spec}' "
@@ -189,6 +192,19 @@ def load_dataset(spec: str, data_dir: str | Path = "data", *, val_size: float | 
     return Dataset(name=name, train=train, val=val, test=source.test, classes=source.classes,
                    mean=mean, std=std, flip=source.flip, crop_padding=source.crop_padding,
                    loader_reason="built-in data set: in memory" if kind != "folder" else "")
+
+
+def python_dataset(data: object, *, val_size: float | int = 0.1, split_seed: int = 0) -> Dataset:
+    """A Dataset of what a Python user holds (`tensors.from_python`: (images, labels) or a
+    map-style dataset), split like any other. Named "python:<fingerprint>"; classes "0".."K-1";
+    no augmentation unless the run asks for it (--flip, --crop-padding): nothing says what keeps
+    the label of unknown images."""
+    images, labels = from_python(data)
+    train, val = _split_off_val(ImageData(images, labels), val_size, split_seed)
+    mean, std = _channel_stats(train.images)
+    return Dataset(name=f"{PYTHON_SPEC}:{fingerprint(images, labels)}", train=train, val=val, test=None,
+                   classes=[str(k) for k in range(int(labels.max()) + 1)], mean=mean, std=std, flip=False,
+                   crop_padding=0, loader_reason="data given from Python: in memory")
 
 
 def _split_off_val(data: ImageData, val_size: float | int,
