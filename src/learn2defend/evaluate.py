@@ -145,9 +145,11 @@ def load_evaluated(path: str | Path, which: str, device: torch.device | str, dat
 def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
     """The run's own data (same validation split as in training), or another set with the same classes."""
     c = run.config.data
+    spec = dataset or c.dataset
     data = load_dataset(
-        dataset or c.dataset, data_dir, val_size=c.val_size if c.val_size < 1 else int(c.val_size),
-        split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image, loader=c.loader,
+        spec, data_dir, val_size=c.val_size if c.val_size < 1 else int(c.val_size),
+        split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image,
+        loader=_eval_loader(spec, c.loader),
     )
     classes = [str(k) for k in run.meta["classes"]]
     if len(data.classes) != len(classes):
@@ -168,6 +170,12 @@ def eval_data(run: Run, dataset: str | None, data_dir: str) -> Dataset:
                else "use a data set of that size, e.g. a folder:PATH of resized images")
         raise UserError(f"{data.name} has {h}x{w} images but the model takes {mh}x{mw}; {how}")
     return data
+
+
+def _eval_loader(spec: str, loader: str) -> str:
+    """imagenet:PATH always streams for evaluation: only the N images evaluated are decoded, with
+    the eval transform its in-memory form uses too, so the images are the same either way."""
+    return "stream" if spec.lower().startswith("imagenet:") else loader
 
 
 def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
@@ -378,7 +386,7 @@ def _images_to_evaluate(images: Tensor | str, labels: Tensor | None, split: str,
             raise UserError(f"split must be val, test or train, got {split!r}")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise UserError(f"n must be a positive integer, got {n!r}")
-        data = first_n(load_dataset(images, data_dir, loader="auto"), split, n)
+        data = first_n(load_dataset(images, data_dir, loader=_eval_loader(images, "auto")), split, n)
         result.update(dataset=images, split=split)
     else:
         check_images(images)
