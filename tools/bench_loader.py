@@ -40,9 +40,9 @@ def device_loader(device: str, n: int = 50_000, batch: int = 512, repeats: int =
 
     def epoch() -> int:
         count = 0
-        for x, _ in loader:
+        for _ in loader:
             count += 1
-        if x.is_cuda:
+        if loader.device.type == "cuda":
             torch.cuda.synchronize()
         return count
 
@@ -72,7 +72,7 @@ def stream_loader(device: str, workers_list: tuple[int, ...] = (0, 1, 2), batch:
         for workers in workers_list:
             loader = StreamLoader(data, batch, device, augment=True, flip=True, workers=workers)
 
-            def epoch() -> int:
+            def epoch(loader: StreamLoader = loader) -> int:
                 return sum(len(y) for _, y in loader)
 
             rate = _best_rate(epoch, 2)
