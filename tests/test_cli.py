@@ -236,7 +236,7 @@ def test_train_says_what_runs_where(tmp_path, capsys):
                  "--out", str(out)]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == (f"train {out}: fgsm, smallcnn on fake:3x16x16:4, eps 0.03, 2 epochs, "
-                        "augmentation none, device cpu")
+                        "augmentation none, device cpu, loader memory (built-in data set: in memory)")
     epochs = [line for line in lines if "epoch " in line]
     assert [line.split(" | ")[0] for line in epochs] == ["[hdr] epoch 1/2", "[hdr] epoch 2/2"]
     assert epochs[0].endswith("left") and epochs[1].endswith("| 0s left")

@@ -24,10 +24,10 @@ from .version import __version__
 
 HELP = {
     "out": "run folder to create (or continue with --resume)",
-    "dataset": "digits | mnist | cifar10 | cifar100 | svhn | folder:PATH | fake:CxHxW:K",
+    "dataset": "digits | mnist | cifar10 | cifar100 | svhn | folder:PATH | imagenet:PATH | fake:CxHxW:K",
     "data_dir": DATA_DIR_HELP,
     "download": "download a torchvision data set if it is missing (needs internet)",
-    "image_size": "resize folder images to this size",
+    "image_size": "resize folder images to this size (in memory), or crop streamed images to it (imagenet: 224)",
     "val_size": "validation split carved from the training set: fraction or count",
     "split_seed": "seed of the validation split",
     "train_size": "train on the first N training images only (a random subset, for CPU-sized runs)",
@@ -69,6 +69,9 @@ HELP = {
     "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
     "progress": "progress bar on a terminal",
     "on_bad_image": "folder image files that cannot be decoded: skip (warn, count) | fail",
+    "loader": "auto: in memory on the device where the decoded set fits, else streamed from its files | memory | "
+              "stream (folder:PATH and imagenet:PATH: DataLoader decode workers, RandomResizedCrop + flip)",
+    "workers": "decode workers of a streamed data set",
     "on_nonfinite": "non-finite loss: stop (keep the last good checkpoint, exit 2) | skip (drop that step)",
     "sync_bn": "under torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm)",
     "tensorboard": "also write each epoch's metrics to RUN/tensorboard/ (pip install 'learn2defend[tensorboard]')",
@@ -100,6 +103,7 @@ def _per_method(name: str) -> str:
 # What a None default of a TrainConfig field resolves to (TrainConfig.resolve), for --help.
 NONE_DEFAULTS = {
     "image_size": "the images' own size",
+    "workers": "the CPUs, at most 8",
     "train_size": "every training image",
     "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03; under --norm l2: digits 1.0, "
            "mnist 2.0, others 0.5",

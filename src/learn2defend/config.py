@@ -38,6 +38,7 @@ OPTIMIZERS = ("sgd", "adam")
 GRAD_NORMS = ("sample", "batch", "sign", "none")
 L2L_UPDATES = ("joint", "alternating")
 ON_BAD_IMAGE = ("skip", "fail")
+LOADERS = ("auto", "memory", "stream")
 ON_NONFINITE = ("stop", "skip")
 AMP_MODES = ("off", "bf16", "fp16")
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
@@ -139,6 +140,8 @@ class TrainConfig:
     flip: bool | None = None  # None: per data set (data.py: folders and CIFAR flip)
     crop_padding: int | None = None  # random-crop padding in pixels; None: per data set
     on_bad_image: str = "skip"  # folder files that cannot be decoded: skip (with a warning) or fail
+    loader: str = "auto"  # auto | memory (DeviceLoader) | stream (StreamLoader, from files); data.load_dataset
+    workers: int | None = None  # decode workers of a streamed set; None: the CPUs, at most 8
     # model and method
     model: str = "smallcnn"
     method: str = "plain"
@@ -438,6 +441,7 @@ def _validate_choices(c: TrainConfig) -> None:
     _choice("grad-norm", c.grad_norm, GRAD_NORMS)
     _choice("l2l-update", c.l2l_update, L2L_UPDATES)
     _choice("on-bad-image", c.on_bad_image, ON_BAD_IMAGE)
+    _choice("loader", c.loader, LOADERS)
     _choice("on-nonfinite", c.on_nonfinite, ON_NONFINITE)
     _choice("amp", c.amp, AMP_MODES)
     from .models.attackers import ATTACKERS
@@ -457,6 +461,8 @@ def _validate_counts(c: TrainConfig) -> None:
     if c.pgd_steps is not None:
         _positive_int("pgd-steps", c.pgd_steps)
     _positive_int("attacker-steps", c.attacker_steps)
+    if c.workers is not None:
+        _non_negative_int("workers", c.workers)
     _non_negative_int("val-robust-n", c.val_robust_n)
     _non_negative_int("checkpoint-every", c.checkpoint_every)
     if c.crop_padding is not None:

@@ -47,7 +47,7 @@ from .attacks import (
 from .checks import sanity_checks
 from .config import DATA_DIR_HELP, DEVICE_HELP, TrainConfig, option, parse_fraction
 from .correctness import attack_correct, fraction
-from .data import Dataset, ImageData, load_dataset
+from .data import Dataset, ImageData, in_memory, load_dataset
 from .errors import UserError, eps_range_error
 from .runs import BEST, LAST, Run, load_run, resolve_device
 
@@ -165,10 +165,12 @@ def eval_data(run: Run, dataset: str | None, data_dir: str | None) -> Dataset:
     """The run's own data (same validation split as in training), or another set with the same
     classes; `data_dir` None: the run's own."""
     c = run.config.data
+    spec = dataset or c.dataset
     data = load_dataset(
-        dataset or c.dataset, c.data_dir if data_dir is None else data_dir,
+        spec, c.data_dir if data_dir is None else data_dir,
         val_size=c.val_size if c.val_size < 1 else int(c.val_size),
         split_seed=c.split_seed, image_size=c.image_size, on_bad_image=c.on_bad_image,
+        loader=_eval_loader(spec, c.loader),
     )
     classes = [str(k) for k in run.meta["classes"]]
     if len(data.classes) != len(classes):
@@ -191,11 +193,22 @@ def eval_data(run: Run, dataset: str | None, data_dir: str | None) -> Dataset:
     return data
 
 
+def _eval_loader(spec: str, loader: str) -> str:
+    """imagenet:PATH always streams for evaluation: only the N images evaluated are decoded, with
+    the eval transform its in-memory form uses too, so the images are the same either way."""
+    return "stream" if spec.lower().startswith("imagenet:") else loader
+
+
 def first_n(data: Dataset, split: str, n: int | None) -> ImageData:
+    """The first `n` images of a split (all: None) in memory; of a streamed split only these
+    are decoded, with the eval transform (Resize(size / 0.875) + CenterCrop(size))."""
     images = data.split(split)
     if n is not None:
-        images = ImageData(images.images[:n], images.labels[:n])
-    return images
+        images = images.head(n)
+    if data.name.startswith("imagenet:") and split == "val":
+        print("note: --split val is carved from PATH/train (by --split-seed); ImageNet's official validation "
+              "images (PATH/val, RobustBench's) are --split test", file=sys.stderr)
+    return in_memory(images)
 
 
 def norm_and_eps(run: Run, norm: str | None, eps: float | None) -> tuple[ThreatModel, float]:
@@ -427,7 +440,7 @@ def _images_to_evaluate(images: Tensor | str, labels: Tensor | None, split: str,
             raise UserError(f"split must be val, test or train, got {split!r}")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise UserError(f"n must be a positive integer, got {n!r}")
-        data = first_n(load_dataset(images, data_dir), split, n)
+        data = first_n(load_dataset(images, data_dir, loader=_eval_loader(images, "auto")), split, n)
         result.update(dataset=images, split=split)
     else:
         check_images(images)

@@ -33,6 +33,8 @@ class DataSettings:
     flip: bool | None  # None: the data set's own convention (no flips for digits and SVHN)
     crop_padding: int | None  # None: the data set's own (pixels)
     on_bad_image: str
+    loader: str = "auto"  # auto | memory | stream (learn2defend.data.load_dataset)
+    workers: int | None = None  # decode workers of a streamed set; None: the CPUs, at most 8
 
 
 @dataclass(frozen=True)

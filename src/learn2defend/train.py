@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,19 @@ from . import checkpoint as ckpt
 from . import distributed, speed
 from .attacks import correct_predictions, pgd_delta
 from .config import TrainConfig, load_resolved
-from .data import Dataset, DeviceLoader, ImageData, load_dataset
+from .data import (
+    NEEDS_DATA,
+    PYTHON_SPEC,
+    Dataset,
+    DeviceLoader,
+    FileData,
+    ImageData,
+    StreamLoader,
+    check_streamed,
+    load_dataset,
+    make_loader,
+    python_dataset,
+)
 from .errors import UserError
 from .methods import STEPS, Metrics, StepContext, attacker_in_channels
 from .models.attackers import ATTACKER_LAYOUT
@@ -86,20 +98,22 @@ def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> t
 
 
 @torch.no_grad()
-def _clean_correct(model: nn.Module, data: ImageData, device: torch.device, batch: int = 512) -> torch.Tensor:
+def _clean_correct(model: nn.Module, data: ImageData | FileData, device: torch.device, batch: int = 512,
+                   workers: int | None = None) -> torch.Tensor:
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
+    for x, y in make_loader(data, batch, device, workers=workers, shuffle=False, drop_last=False):
         correct += correct_predictions(model(x), y).sum()
     return correct
 
 
 def _robust_correct(
-    model: nn.Module, data: ImageData, eps: float, device: torch.device, batch: int = 256, norm: str | None = None
+    model: nn.Module, data: ImageData | FileData, eps: float, device: torch.device, batch: int = 256,
+    workers: int | None = None, norm: str | None = None,
 ) -> torch.Tensor:
     """PGD-10 (random start, step eps/4) under `norm` (l-inf by default) on the given images;
     the model must be in eval mode."""
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in DeviceLoader(data, batch, device, shuffle=False, drop_last=False):
+    for x, y in make_loader(data, batch, device, workers=workers, shuffle=False, drop_last=False):
         delta = pgd_delta(model, x, y, eps, steps=10, step_size=eps / 4, random_start=True, norm=norm)
         with torch.no_grad():
             correct += correct_predictions(model(x + delta), y).sum()
@@ -112,12 +126,12 @@ def validate(model: nn.Module, data: Dataset, config: ResolvedConfig, device: to
     model.eval()
     try:
         with speed.float32_math(device):
-            val = data.val
-            result = {"val_clean_acc": _clean_correct(model, val, device).item() / len(val)}
+            val, workers = data.val, config.data.workers  # a streamed val split: the eval transform
+            result = {"val_clean_acc": _clean_correct(model, val, device, workers=workers).item() / len(val)}
             n = min(config.run.val_robust_n, len(val))
             if n and config.eps > 0:
-                subset = ImageData(val.images[:n], val.labels[:n])
-                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device,
+                subset = val.head(n)
+                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device, workers=workers,
                                                           norm=config.norm).item() / n
             return result
     finally:
@@ -128,7 +142,7 @@ def validate(model: nn.Module, data: Dataset, config: ResolvedConfig, device: to
 
 
 RESUMABLE_CHANGES = {"epochs", "device", "progress", "checkpoint_every", "out", "data_dir", "download", "on_nonfinite",
-                     "tensorboard", "channels_last", "compile", "tf32", "cudnn_benchmark"}
+                     "workers", "tensorboard", "channels_last", "compile", "tf32", "cudnn_benchmark"}
 
 
 def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: ResolvedConfig, meta: dict[str, Any],
@@ -155,25 +169,36 @@ def _preflight(model: nn.Module, attacker: nn.Module | None, cfg: ResolvedConfig
             attacker.train()
 
 
-def train(config: TrainConfig | ResolvedConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+def train(config: TrainConfig | ResolvedConfig, *, resume: bool = False, overwrite: bool = False,
+          data: object | None = None) -> Run:
     """Train a classifier with `config.method`; return the loaded run. A `ResolvedConfig` (e.g. a
     `dataclasses.replace` of a run's) is checked again through its flat form first.
 
     With `resume`, a run folder holding a checkpoint is continued from it (an empty or
     missing folder simply starts); with `overwrite`, an existing folder is replaced.
     Everything is validated before anything is written.
+
+    `data`: train on what a Python user holds instead of `config.dataset`: `(images, labels)`
+    (float [N, C, H, W] in [0, 1] or uint8; integer labels [N]) or a map-style dataset of
+    (image [C, H, W], int label), held in memory as uint8 (see `data.python_dataset`). The run
+    records dataset "python" and the data's fingerprint: resuming it needs the same data again.
     """
     flat = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config.to_dict())
+    if data is not None:
+        if flat.dataset not in (TrainConfig.dataset, PYTHON_SPEC):
+            raise UserError(f"train(config, data=...) trains on the data given; leave config.dataset "
+                            f"({flat.dataset!r}) out, the run records it as '{PYTHON_SPEC}'")
+        flat = replace(flat, dataset=PYTHON_SPEC)
     cfg = flat.resolve()
     lock = FolderLock(Path(cfg.run.out))
     lock.acquire()  # before reading the folder, if there is one
     try:
-        return _train(cfg, resume, overwrite, lock)
+        return _train(cfg, resume, overwrite, lock, data)
     finally:
         lock.release()
 
 
-def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock) -> Run:
+def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock, given: object | None = None) -> Run:
     """Check everything, build the run, take the folder, train; in that order, so that bad
     input fails before anything is written."""
     out = Path(cfg.run.out)
@@ -186,7 +211,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
     if cfg.run.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (nccl): PyTorch's SyncBatchNorm does not run on the CPU; "
                         "leave it out (each process then normalizes with its own batch statistics)")
-    data = _training_data(cfg)
+    data = _training_data(cfg, device, given, continuing)
     # unset speed switches: this device's defaults, decided before anything is built (and
     # written: config.json records what runs)
     cfg, switches = speed.resolve_switches(cfg, device, cfg.epochs * _batches_per_epoch(cfg, data, world))
@@ -204,7 +229,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock)
             _log(f"{out} has finished its {loop.pos.epoch} epochs; nothing to train")
     _log(_header(cfg, data, device, world))
     _log(switches)
-    if cfg.model == "smallcnn" and min(data.train.images.shape[-2:]) > SMALLCNN_MAX_SIZE:
+    if cfg.model == "smallcnn" and min(data.image_shape[1:]) > SMALLCNN_MAX_SIZE:
         _log(SMALLCNN_ADVICE)
     loop.run()
     if world > 1:
@@ -218,6 +243,8 @@ def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     """The stored config of the run being continued; UserError if `cfg` changes what it computes."""
     # resolved again: a field added since the run was written gets the value the run had
     stored = load_resolved(out / CONFIG)
+    if stored.data.dataset == PYTHON_SPEC and cfg.data.dataset != PYTHON_SPEC:
+        raise UserError(f"'{out}' {NEEDS_DATA}")
     differ = changed_settings(stored, cfg, RESUMABLE_CHANGES | {"batch_size"})
     if differ:  # the values too: a default that changed between versions is set back with its flag
         raise UserError(f"cannot resume '{out}' with other settings: {differ}; give the run's values to continue it")
@@ -230,17 +257,33 @@ def _batches_per_epoch(cfg: ResolvedConfig, data: Dataset, world: int) -> int:
     return images // cfg.batch_size if images >= cfg.batch_size else 1
 
 
-def _training_data(cfg: ResolvedConfig) -> Dataset:
-    """The data set, with the run's subset and augmentation overrides applied."""
+def _training_data(cfg: ResolvedConfig, device: torch.device, given: object | None = None,
+                   continuing: bool = False) -> Dataset:
+    """The data set, in memory or streamed as --loader says (data.load_dataset decides), or
+    the data `given` from Python, with the run's subset and augmentation overrides applied; a
+    streamed set's unreadable files are left out (or refused) here, before anything is written."""
     d = cfg.data
-    data = load_dataset(
-        d.dataset, d.data_dir, val_size=d.val_size if d.val_size < 1 else int(d.val_size),
-        split_seed=d.split_seed, download=d.download, image_size=d.image_size, on_bad_image=d.on_bad_image,
-    )
+    val_size = d.val_size if d.val_size < 1 else int(d.val_size)
+    if d.dataset == PYTHON_SPEC:
+        if given is None and continuing:
+            raise UserError(f"'{cfg.run.out}' {NEEDS_DATA}")
+        if given is None:
+            raise UserError(f"dataset '{PYTHON_SPEC}' is data given from Python: pass it as "
+                            "train(config, data=(images, labels)) or data=dataset")
+        data = python_dataset(given, val_size=val_size, split_seed=d.split_seed)
+    else:
+        data = load_dataset(
+            d.dataset, d.data_dir, val_size=val_size, split_seed=d.split_seed, download=d.download,
+            image_size=d.image_size, on_bad_image=d.on_bad_image, loader=d.loader, device=device,
+        )
     if d.train_size is not None:
-        data.train = ImageData(data.train.images[: d.train_size], data.train.labels[: d.train_size])
+        data.train = data.train.head(d.train_size)
+    data = check_streamed(data, d.on_bad_image)
     if d.flip is not None:  # the data set's augmentation, where the run overrides it
         data.flip = d.flip
+    if d.crop_padding is not None and data.streamed:
+        raise UserError(f"{data.name} streams from its files and crops with RandomResizedCrop; --crop-padding "
+                        "applies to data sets in memory (leave it out, or use --loader memory if it fits)")
     if d.crop_padding is not None:
         if d.crop_padding > min(data.image_shape[1:]):  # a crop would then see padding only
             raise UserError(f"--crop-padding {d.crop_padding} is larger than the {data.image_shape[1]}x"
@@ -350,11 +393,13 @@ class WeightAverage(nn.Module):
             a.copy_(m)
 
 
-def _train_loader(cfg: ResolvedConfig, data: Dataset, device: torch.device, ranks: distributed.Ranks) -> DeviceLoader:
+def _train_loader(cfg: ResolvedConfig, data: Dataset, device: torch.device,
+                  ranks: distributed.Ranks) -> DeviceLoader | StreamLoader:
     # Under torchrun --batch-size is per process; rank r takes every world-th image of the
     # epoch's permutation, so global batch i is the same images for any world size.
-    loader = DeviceLoader(
-        data.train, cfg.batch_size, device, shuffle=True,
+    loader = make_loader(
+        data.train, cfg.batch_size, device, workers=cfg.data.workers, on_bad_image=cfg.data.on_bad_image,
+        shuffle=True,
         drop_last=len(data.train) // ranks.world >= cfg.batch_size,
         augment=cfg.data.augment, crop_padding=data.crop_padding, flip=data.flip, seed=cfg.run.seed,
         rank=ranks.rank, world_size=ranks.world,
@@ -436,6 +481,9 @@ class _Loop:
                             "start over with --overwrite") from None
         if s["data"]["classes"] != p.meta["classes"] or s["data"]["image_shape"] != p.meta["image_shape"]:
             raise UserError(f"checkpoint {path} was trained on other data than {cfg.data.dataset}")
+        if cfg.data.dataset == PYTHON_SPEC and s["data"].get("dataset") != p.meta["dataset"]:
+            raise UserError(f"checkpoint {path} was trained on other data given from Python (fingerprint "
+                            f"{s['data'].get('dataset')}, given {p.meta['dataset']}); pass the same data to resume")
         # --batch-size is per process: it may change on resume only so that the global batch stays
         if cfg.batch_size != stored.batch_size and cfg.batch_size * self.ranks.world != stored.batch_size * saved_world:
             raise UserError(f"cannot resume '{self.out}' with a different --batch-size: it was trained with "
@@ -827,13 +875,16 @@ def _header(cfg: ResolvedConfig, data: Dataset, device: torch.device, world: int
     if world > 1:
         where += f" x {world} processes"
     augment = []
+    if cfg.data.augment and data.streamed:
+        augment.append(f"random-resized crop {data.image_shape[1]} px")
     if cfg.data.augment and data.crop_padding:
         augment.append(f"crop {data.crop_padding} px")
     if cfg.data.augment and data.flip:
         augment.append("flip")
     norm = "" if cfg.norm == "linf" else f" ({cfg.norm})"  # l-inf runs keep the header they always had
     return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}{norm}, {cfg.epochs} epochs, "
-            f"augmentation {' + '.join(augment) or 'none'}, device {where}")
+            f"augmentation {' + '.join(augment) or 'none'}, device {where}, "
+            f"loader {data.loader}{f' ({data.loader_reason})' if data.loader_reason else ''}")
 
 
 def _duration(seconds: float) -> str:

@@ -1,4 +1,6 @@
-"""Data sets as uint8 tensors, and a loader that keeps the whole set on the device.
+"""Data sets as uint8 tensors, and a loader that keeps the whole set on the device; or,
+for sets too large to hold or of images of varied sizes, as files streamed by
+`learn2defend.data.stream` (`FileData`, `StreamLoader`).
 
 Every source (scikit-learn's digits, torchvision's MNIST/CIFAR/SVHN, a folder of image
 files, synthetic data) ends up as the same thing: an `ImageData` of uint8 images
@@ -8,6 +10,9 @@ indexing operation on the device instead of a worker pool decoding images: the G
 never waits for the CPU. Conversion to float in [0, 1] and augmentation happen per
 batch on the device. Normalization is the model's job (`Dataset.mean/std` feed its
 `Normalize` layer), so attack budgets stay in pixel units.
+
+Which of the two a set gets is decided here (`load_dataset(loader=...)`, `--loader
+auto|memory|stream`), and `make_loader` builds the matching loader for a split.
 """
 
 from __future__ import annotations
@@ -32,15 +37,30 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from learn2defend.data.stream import (
+    IMAGENET_MEAN,
+    IMAGENET_SIZE,
+    IMAGENET_STD,
+    FileData,
+    StreamLoader,
+    check_file,
+    choose_loader,
+    decode_all,
+    drop_bad,
+    estimated_stats,
+    list_imagenet,
+)
+from learn2defend.data.tensors import NEEDS_DATA, PYTHON_SPEC, fingerprint, from_python  # noqa: F401 (re-exported)
 from learn2defend.errors import UserError
 
-VALID_SPECS = ("digits, mnist, cifar10, cifar100, svhn, folder:PATH, "
+VALID_SPECS = ("digits, mnist, cifar10, cifar100, svhn, folder:PATH, imagenet:PATH, "
                "fake:CxHxW:K (e.g. fake:3x32x32:10)")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm"}
 CACHE_FORMAT = 1  # bump when the cache layout or the decoding changes: old caches are then ignored
 FAKE_TRAIN, FAKE_TEST = 2048, 512
 TEST_ORDER_SEED = 0  # the fixed order of a folder's test split (see _load_folder)
+LOADERS = ("auto", "memory", "stream")
 
 
 @dataclass
@@ -53,31 +73,45 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def head(self, n: int) -> ImageData:
+        """The first `n` images."""
+        return ImageData(self.images[:n], self.labels[:n])
+
 
 @dataclass
 class Dataset:
-    """A loaded data set: its splits plus what models and augmentation need to know about it."""
+    """A loaded data set: its splits plus what models and augmentation need to know about it.
+    Its splits are all `ImageData` (in memory) or all `FileData` (streamed from files)."""
 
     name: str  # the spec it was loaded from, e.g. "digits", "folder:/abs/path", "fake:3x32x32:10"
-    train: ImageData  # training part (validation already removed)
-    val: ImageData  # carved from the training set by split_seed
-    test: ImageData | None  # the official test split where one exists
+    train: ImageData | FileData  # training part (validation already removed)
+    val: ImageData | FileData  # carved from the training set by split_seed
+    test: ImageData | FileData | None  # the official test split where one exists
     classes: list[str]
     mean: tuple[float, ...]  # per channel, from train, in [0, 1] units
     std: tuple[float, ...]
     flip: bool  # horizontal flip keeps the label (False for digits: a mirrored 2 is not a 2)
     crop_padding: int  # random-crop padding for augmentation (0 = none)
+    loader: str = "memory"  # memory (DeviceLoader) or stream (StreamLoader): what --loader chose
+    loader_reason: str = ""  # why, for train's header
+    class_words: list[str] | None = None  # imagenet: the words of each wnid, where the devkit's file is there
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, FileData)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
+        if isinstance(self.train, FileData):
+            return self.train.image_shape
         c, h, w = self.train.images.shape[1:]
         return (c, h, w)
 
-    def split(self, name: str) -> ImageData:
+    def split(self, name: str) -> ImageData | FileData:
         """The split called "train", "val" or "test"; UserError if it does not exist."""
         if name not in ("train", "val", "test"):
             raise UserError(f"unknown split '{name}'; use train, val or test")
@@ -99,27 +133,47 @@ class _Source:
 
 def load_dataset(spec: str, data_dir: str | Path = "data", *, val_size: float | int = 0.1,
                  split_seed: int = 0, download: bool = False, image_size: int | None = None,
-                 on_bad_image: str = "skip") -> Dataset:
+                 on_bad_image: str = "skip", loader: str = "memory",
+                 device: torch.device | str | None = None) -> Dataset:
     """Load a data set by spec and carve a validation split from its training part.
 
-    Specs: digits, mnist, cifar10, cifar100, svhn, folder:PATH, fake:CxHxW:K.
+    Specs: digits, mnist, cifar10, cifar100, svhn, folder:PATH, imagenet:PATH, fake:CxHxW:K.
     `data_dir` holds torchvision's downloads and the cache of decoded folders.
-    `image_size` resizes folder images to image_size x image_size; the built-in sets
-    have one fixed size and refuse any other. `on_bad_image` ("skip" or "fail") says
-    what to do with folder files that cannot be decoded.
+    `image_size` resizes folder images to image_size x image_size in memory, or is the crop
+    of a streamed set (imagenet: 224 by default); the built-in sets have one fixed size and
+    refuse any other. `on_bad_image` ("skip" or "fail") says what to do with folder files
+    that cannot be decoded.
+
+    `loader` (auto, memory or stream) says whether folder:PATH and imagenet:PATH are decoded
+    into memory or streamed from their files (`FileData` splits; the train and val splits
+    then still need `check_streamed`); auto streams where the decoded set (N x 3 x size x
+    size bytes) exceeds what `stream.available_memory(device)` allows. The built-in sets
+    always live in memory. UserError for --loader memory where the set cannot fit.
     """
     if on_bad_image not in ("skip", "fail"):
         raise UserError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
+    if loader not in LOADERS:
+        raise UserError(f"--loader must be one of {', '.join(LOADERS)}, not {loader!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise UserError(f"image size must be a positive integer, not {image_size!r}")
     data_dir = Path(data_dir)
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
-    if kind == "folder" and arg:
+    if kind in ("folder", "imagenet") and arg:
         root = Path(arg).expanduser().resolve()
-        name = f"folder:{root}"
+        name = f"{kind}:{root}"
+        if kind == "imagenet":
+            return _load_imagenet(root, name, image_size, on_bad_image, loader, device, val_size, split_seed)
+        streamed = _maybe_stream_folder(root, name, image_size, on_bad_image, loader, device, val_size, split_seed)
+        if streamed is not None:
+            return streamed
         source = _load_folder(root, data_dir, image_size, on_bad_image)
+    elif kind == PYTHON_SPEC and not arg:
+        raise UserError(f"data set '{spec}': a run that {NEEDS_DATA}")
     else:
+        if loader == "stream":
+            raise UserError(f"--loader stream reads image files: folder:PATH and imagenet:PATH; '{spec}' "
+                            "lives in memory (use --loader auto or memory)")
         name = spec if arg else kind
         if kind == "digits" and not arg:
             source = _load_digits()
@@ -136,7 +190,21 @@ def load_dataset(spec: str, data_dir: str | Path = "data", *, val_size: float | 
     train, val = _split_off_val(source.train, val_size, split_seed)
     mean, std = _channel_stats(train.images)
     return Dataset(name=name, train=train, val=val, test=source.test, classes=source.classes,
-                   mean=mean, std=std, flip=source.flip, crop_padding=source.crop_padding)
+                   mean=mean, std=std, flip=source.flip, crop_padding=source.crop_padding,
+                   loader_reason="built-in data set: in memory" if kind != "folder" else "")
+
+
+def python_dataset(data: object, *, val_size: float | int = 0.1, split_seed: int = 0) -> Dataset:
+    """A Dataset of what a Python user holds (`tensors.from_python`: (images, labels) or a
+    map-style dataset), split like any other. Named "python:<fingerprint>"; classes "0".."K-1";
+    no augmentation unless the run asks for it (--flip, --crop-padding): nothing says what keeps
+    the label of unknown images."""
+    images, labels = from_python(data)
+    train, val = _split_off_val(ImageData(images, labels), val_size, split_seed)
+    mean, std = _channel_stats(train.images)
+    return Dataset(name=f"{PYTHON_SPEC}:{fingerprint(images, labels)}", train=train, val=val, test=None,
+                   classes=[str(k) for k in range(int(labels.max()) + 1)], mean=mean, std=std, flip=False,
+                   crop_padding=0, loader_reason="data given from Python: in memory")
 
 
 def _split_off_val(data: ImageData, val_size: float | int,
@@ -146,7 +214,13 @@ def _split_off_val(data: ImageData, val_size: float | int,
     The permutation comes from a CPU torch.Generator seeded with `seed`, so the same seed
     gives the same split on every machine; both parts keep the original order.
     """
-    n = len(data)
+    val_idx, train_idx = _split_indices(len(data), val_size, seed)
+    return (ImageData(data.images[train_idx], data.labels[train_idx]),
+            ImageData(data.images[val_idx], data.labels[val_idx]))
+
+
+def _split_indices(n: int, val_size: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(val indices, train indices) of `_split_off_val`, for in-memory and streamed sets alike."""
     if isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool):
         n_val = int(val_size)
         if n_val < 1:
@@ -163,9 +237,7 @@ def _split_off_val(data: ImageData, val_size: float | int,
     # --train-size, the per-epoch robust check) is a random, class-balanced-in-expectation
     # subset even for folders, whose files come sorted by class.
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    return (ImageData(data.images[train_idx], data.labels[train_idx]),
-            ImageData(data.images[val_idx], data.labels[val_idx]))
+    return perm[:n_val], perm[n_val:]
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -412,7 +484,8 @@ def _decode_folder(root: Path, splits: dict[str, dict[str, list[Path]]],
         examples = ", ".join(f"{p.relative_to(root)} is {w}x{h}"
                              for (h, w), p in list(sizes.items())[:2])
         raise UserError(f"images under '{root}' have different sizes ({examples}); "
-                        "pass --image-size N to resize them all to NxN")
+                        "pass --image-size N to resize them all to NxN, or --loader stream --image-size N "
+                        "to read them as they are and crop NxN")
     # One channel only if every image is grayscale; otherwise gray ones are replicated to RGB.
     gray = all(r.ndim == 2 for _, _, _, r in good)
     tensors = {}
@@ -460,6 +533,126 @@ def _write_cache(path: Path, key: str, tensors: dict[str, torch.Tensor], classes
     except OSError as e:
         tmp.unlink(missing_ok=True)
         print(f"warning: could not write the image cache '{path}': {e}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- streamed sets
+
+def _file_split(files: dict[str, list[Path]], size: int) -> FileData:
+    paths = [str(p) for class_files in files.values() for p in class_files]
+    labels = [k for k, class_files in enumerate(files.values()) for _ in class_files]
+    return FileData(paths, torch.tensor(labels, dtype=torch.int64), size)
+
+
+def _streamed(name: str, train_all: FileData, test: FileData | None, classes: list[str],
+              val_size: float | int, split_seed: int, reason: str,
+              stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+              words: list[str] | None = None) -> Dataset:
+    """A Dataset of FileData splits: val carved from train as for in-memory sets, the test
+    split in the fixed order of TEST_ORDER_SEED (as a folder's in memory)."""
+    val_idx, train_idx = _split_indices(len(train_all), val_size, split_seed)
+    train, val = train_all.take(train_idx), train_all.take(val_idx)
+    if test is not None:
+        test = test.take(torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_ORDER_SEED)))
+    mean, std = stats if stats is not None else estimated_stats(train)
+    return Dataset(name=name, train=train, val=val, test=test, classes=classes, mean=mean, std=std, flip=True,
+                   crop_padding=0, loader="stream", loader_reason=reason, class_words=words)
+
+
+def _maybe_stream_folder(root: Path, name: str, image_size: int | None, on_bad_image: str, loader: str,
+                         device: torch.device | str | None, val_size: float | int,
+                         split_seed: int) -> Dataset | None:
+    """folder:PATH as a streamed Dataset, or None where it is to be decoded into memory."""
+    if loader == "memory" and not root.is_dir():
+        return None  # _load_folder says what is wrong
+    if not (root / "train").is_dir():
+        return None
+    train_files = _list_class_files(root / "train", on_bad_image)
+    n = sum(len(f) for f in train_files.values())
+    if (root / "test").is_dir():
+        n += sum(len(f) for f in _list_class_files(root / "test", on_bad_image).values())
+    if len(train_files) < 2 or n == 0:
+        return None  # _load_folder says what is wrong
+    first = next(p for f in train_files.values() for p in f)
+    size = image_size
+    if size is None:
+        header = check_file(str(first))
+        size = min(header) if isinstance(header, tuple) else 1
+    kind, reason = choose_loader(loader, n * 3 * size * size, device, name)
+    if kind == "memory":
+        return None
+    if image_size is None and loader == "stream":
+        raise UserError(f"--loader stream crops the images of {name} to one size; give it with --image-size N")
+    if image_size is None:
+        raise UserError(f"{name} is too large to hold in memory ({reason}), so it streams, cropped to one size; "
+                        "give that size with --image-size N")
+    splits = {"train": train_files}
+    if (root / "test").is_dir():
+        splits["test"] = _list_class_files(root / "test", on_bad_image)
+        if list(splits["test"]) != list(train_files):
+            raise UserError(f"the class folders of '{root / 'test'}' differ from those of '{root / 'train'}'; "
+                            "use the same names")
+    test = _file_split(splits["test"], image_size) if "test" in splits else None
+    return _streamed(name, _file_split(train_files, image_size), test, list(train_files), val_size, split_seed,
+                     reason)
+
+
+def _load_imagenet(root: Path, name: str, image_size: int | None, on_bad_image: str, loader: str,
+                   device: torch.device | str | None, val_size: float | int, split_seed: int) -> Dataset:
+    """imagenet:PATH (see `stream.list_imagenet`): ImageNet's official val folder is our test
+    split; val is carved from train by split_seed as for every set. Mean and std are the
+    standard ImageNet statistics, not a pass over the images. Streamed, or decoded with
+    the eval transform into memory where it fits (auto) or is asked for (memory)."""
+    if not root.is_dir():
+        raise UserError(f"folder '{root}' does not exist; imagenet:PATH expects PATH/train/<wnid>/*.JPEG and "
+                        "PATH/val/<wnid>/*.JPEG")
+    size = image_size or IMAGENET_SIZE
+    wnids, words, train_files, val_files = list_imagenet(root)
+    train_all, test = _file_split(train_files, size), _file_split(val_files, size)
+    kind, reason = choose_loader(loader, (len(train_all) + len(test)) * 3 * size * size, device, name)
+    data = _streamed(name, train_all, test, wnids, val_size, split_seed, reason,
+                     stats=(IMAGENET_MEAN, IMAGENET_STD), words=words)
+    if kind == "memory":  # every image through the eval transform, once
+        data = check_streamed(data, on_bad_image, ("train", "val", "test"))
+        for split in ("train", "val", "test"):
+            files = getattr(data, split)
+            setattr(data, split, ImageData(decode_all(files), files.labels))
+        data.loader, data.crop_padding = "memory", size // 8
+    return data
+
+
+def check_streamed(data: Dataset, on_bad_image: str, splits: tuple[str, ...] = ("train", "val")) -> Dataset:
+    """A streamed set with the unreadable files of `splits` left out (warning) or refused
+    (UserError under on_bad_image="fail"), by `stream.drop_bad`; in-memory sets unchanged.
+    Before training: the batches then never meet a file that is known to be bad."""
+    if not data.streamed:
+        return data
+    root = data.name.partition(":")[2]
+    for split in splits:
+        files = getattr(data, split)
+        if files is not None:
+            setattr(data, split, drop_bad(files, root, on_bad_image, split))
+    return data
+
+
+def in_memory(images: ImageData | FileData, on_bad_image: str = "skip") -> ImageData:
+    """A split as uint8 tensors: a streamed one decoded with the eval transform (only its
+    readable files, by `stream.drop_bad`), e.g. the first N images eval attacks."""
+    if isinstance(images, ImageData):
+        return images
+    images = drop_bad(images, Path(images.paths[0]).parent.parent if images.paths else "", on_bad_image, "evaluated")
+    return ImageData(decode_all(images), images.labels)
+
+
+def make_loader(images: ImageData | FileData, batch_size: int, device: torch.device | str, *,
+                workers: int | None = None, on_bad_image: str = "skip",
+                **kwargs: object) -> DeviceLoader | StreamLoader:
+    """The loader of a split: `DeviceLoader` for one in memory, `StreamLoader` for files.
+    `kwargs` are DeviceLoader's (shuffle, drop_last, augment, crop_padding, flip, seed,
+    rank, world_size); a StreamLoader ignores crop_padding (it crops with RandomResizedCrop)."""
+    if isinstance(images, ImageData):
+        return DeviceLoader(images, batch_size, device, **kwargs)
+    kwargs.pop("crop_padding", None)
+    return StreamLoader(images, batch_size, device, workers=workers, on_bad_image=on_bad_image, **kwargs)
 
 
 # ---------------------------------------------------------------- loader
