@@ -38,6 +38,9 @@ HELP = {
     "method": "; ".join(f"{name}: {m.help}" for name, m in METHOD_RECORDS.items()),
     "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255",
     "init": "run folder whose classifier starts this run (the paper starts from a plain net)",
+    "pretrained": "timm: models: weights to start from: a .safetensors file, a timm or torch checkpoint "
+                  "(.pth, read weights-only), or 'hub' (timm's download, online); a head for another number "
+                  "of classes is re-initialized, and the normalization inside is the weights' own",
     "optimizer": "sgd | adam",
     "betas": "Adam betas",
     "lr_milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
@@ -100,6 +103,7 @@ NONE_DEFAULTS = {
     "train_size": "every training image",
     "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03",
     "init": "none, random initial weights",
+    "pretrained": "none, random initial weights",
     "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
     "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",
     **{name: _per_method(name) for name in ("clean_weight", "step_size", "beta", "noise", "pgd_steps",

@@ -136,6 +136,7 @@ class TrainConfig:
     method: str = "plain"
     eps: float | None = None  # None: the data set's default (see DEFAULT_EPS)
     init: str | None = None  # run folder of a trained classifier to start from (the paper always does)
+    pretrained: str | None = None  # timm: models: a weights file to start from, or "hub" (timm's download)
     # classifier optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -223,7 +224,7 @@ class TrainConfig:
             ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
             optimizer=OptimizerSettings(c.optimizer, c.lr, c.momentum, c.weight_decay, tuple(c.betas),
                                         tuple(c.lr_milestones), c.lr_gamma),
-            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c))
+            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c), pretrained=c.pretrained)
 
     def validate(self) -> None:
         """Raise UserError on the first bad value, before anything is written."""
@@ -233,6 +234,7 @@ class TrainConfig:
         _validate_losses(self)
         _validate_data(self)
         _validate_method(self)
+        _validate_pretrained(self)
 
     # ---- storage -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -442,6 +444,20 @@ def _validate_data(c: TrainConfig) -> None:
         _positive_int("train-size", c.train_size)
     if not math.isfinite(c.val_size) or c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
         raise UserError(f"--val-size must be a fraction in (0, 1) or a count >= 1, got {c.val_size}")
+
+
+def _validate_pretrained(c: TrainConfig) -> None:
+    """TrainConfig.validate: --pretrained goes with a timm: model, and not with --init. Whether
+    the file exists is checked where it is read (a resumed run does not read it again)."""
+    if c.pretrained is None:
+        return
+    if not c.pretrained.strip():
+        raise UserError("--pretrained needs a weights file (.safetensors, .pth) or 'hub'")
+    if not c.model.startswith("timm:"):
+        raise UserError(f"--pretrained applies to timm: models only, not --model {c.model} "
+                        "(use --init RUN to start from a trained run)")
+    if c.init is not None:
+        raise UserError("--pretrained and --init both give starting weights; give one of them")
 
 
 def _validate_method(c: TrainConfig) -> None:

@@ -131,6 +131,7 @@ class ResolvedConfig:
     attacker: AttackerSettings | None  # None: the method trains no attacker
     speed: SpeedSettings
     run: RunSettings
+    pretrained: str | None = None  # timm: models: the weights file (or "hub") the run started from
 
     def to_dict(self) -> dict[str, Any]:
         """config.json's object: the flat fields of learn2defend.config.TrainConfig, by which the
@@ -139,7 +140,7 @@ class ResolvedConfig:
         settings or a KL weight it has none of (each field then takes its default)."""
         d: dict[str, Any] = {
             "model": self.model, "method": self.method, "eps": self.eps, "epochs": self.epochs,
-            "batch_size": self.batch_size, "init": self.init, "ema": self.ema,
+            "batch_size": self.batch_size, "init": self.init, "pretrained": self.pretrained, "ema": self.ema,
             **_fields(self.data), **_given(self.attack), **_given(self.loss), **_fields(self.speed),
             **_fields(self.run), **_optimizer_fields(self.optimizer, ""),
         }
