@@ -66,7 +66,8 @@ def _check_known(arch: str) -> None:
         return
     close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(PREFIX + c for c in close)}?" if close else "no timm model has a close name;"
-    raise UserError(f"unknown timm model '{arch}': {hint} list timm models with: learn2defend models 'timm:*PATTERN*'")
+    raise UserError(f"unknown timm model '{arch}': {hint} list timm models with: "
+                    "learn2defend models 'timm:*PATTERN*'")
 
 
 def _build(arch: str, kwargs: dict[str, Any], image_size: tuple[int, int]) -> nn.Module:
@@ -189,7 +190,8 @@ def _dry_run(model: nn.Module, name: str, c: int, image_size: tuple[int, int]) -
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
-        raise UserError(f"--model {name} cannot take {c}x{h}x{w} images: {_first_line(e).rstrip(".")}; use larger images "
+        why = _first_line(e).rstrip(".")
+        raise UserError(f"--model {name} cannot take {c}x{h}x{w} images: {why}; use larger images "
                         "(--image-size) or another model") from None
     finally:
         model.train(was_training)
