@@ -34,7 +34,7 @@ HELP = {
     "augment": "random crop and flip on the device, as --crop-padding and --flip say (--no-augment: neither)",
     "flip": "random horizontal flips; turn them off where a mirrored image is another class (digits, text)",
     "crop_padding": "random crops from the image zero-padded by this many pixels (0: no crops)",
-    "model": "classifier name (see `learn2defend models`)",
+    "model": "classifier name (see `learn2defend models`), or timm:NAME for any timm model (extra: learn2defend[timm])",
     "method": "; ".join(f"{name}: {m.help}" for name, m in METHOD_RECORDS.items()),
     "eps": "l-inf radius in pixel units, e.g. 0.03 or 8/255",
     "init": "run folder whose classifier starts this run (the paper starts from a plain net)",

@@ -87,7 +87,7 @@ class DoctorConfig:
     threads: int | None = option(None, help="CPU threads (default: torch's, one per core)")
 
     def validate(self) -> None:
-        if self.model is not None and self.model not in list_models():
+        if self.model is not None and not self.model.startswith("timm:") and self.model not in list_models():
             raise UserError(f"unknown model '{self.model}'; choose one of: {', '.join(list_models())}")
         for name in self.variants or []:
             if name not in VARIANTS:
