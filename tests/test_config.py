@@ -16,8 +16,8 @@ from learn2defend.methods import METHOD_RECORDS
 from learn2defend.settings import ResolvedConfig
 
 # Fields a resolved run may leave at None: each says "the run does without", none "later".
-DOES_WITHOUT = {"init", "pretrained", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
-                "random_start", "beta", "noise"}
+DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
+                "random_start", "beta", "noise", "pretrained"}
 
 OPTION_SETS = [
     {},

@@ -117,10 +117,13 @@ def test_pretrained_safetensors_and_torch_files(tmp_path):
     torch.save({"state_dict": other, "extra": Path("x")}, tmp_path / "pickled.pth")
     with pytest.raises(UserError, match="cannot read weights"):
         build(tmp_path / "pickled.pth")
-    # weights of another architecture do not fit
+    # weights of another architecture do not fit, with a head that fits or not
     save_file(_weights("test_resnet", 10, seed=0), str(tmp_path / "resnet.safetensors"))
-    with pytest.raises(UserError, match="could not load the pretrained weights"):
+    with pytest.raises(UserError, match="could not load the pretrained weights.*size mismatch for bn1"):
         build(tmp_path / "resnet.safetensors")
+    save_file(_weights("test_vit", 5, seed=0), str(tmp_path / "vit.safetensors"))  # no name in common
+    with pytest.raises(UserError, match="holds no weights for"):
+        build(tmp_path / "vit.safetensors")
 
 
 FRESH = r"""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -90,9 +91,48 @@ def _build(arch: str, kwargs: dict[str, Any], image_size: tuple[int, int]) -> nn
                         f"{_first_line(e)}") from None
 
 
+class _MissingKeys(logging.Handler):
+    """Collects the parameter names timm's pretrained loader reports missing (it loads
+    non-strictly where it drops a head, and only logs what else it did not find)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("Missing keys (") and ") discovered" in text:
+            self.keys += [k.strip() for k in text[len("Missing keys ("):text.index(") discovered")].split(",")]
+
+
+def _build_pretrained(arch: str, kwargs: dict[str, Any], image_size: tuple[int, int], what: str) -> nn.Module:
+    """`_build` with pretrained weights, refusing a file that leaves weights of the model other
+    than its classifier head unloaded (weights of another architecture, say)."""
+    logger = logging.getLogger("timm.models._builder")
+    catch, level = _MissingKeys(), logger.level
+    logger.addHandler(catch)
+    logger.setLevel(logging.INFO)
+    try:
+        net = _build(arch, kwargs, image_size)
+    finally:
+        logger.removeHandler(catch)
+        logger.setLevel(level)
+    heads = net.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    missing = [k for k in catch.keys if not k.endswith("num_batches_tracked")
+               and not any(k.startswith(h + ".") for h in heads)]
+    if missing:
+        raise UserError(f"--pretrained {what}: it holds no weights for {len(missing)} of the tensors of '{arch}' "
+                        f"(first: {missing[0]}); was it saved from another model?")
+    return net
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The line of an exception's message that says what went wrong (load_state_dict's second)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1]
+    return lines[0] if lines else type(e).__name__
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -170,7 +210,8 @@ def create(name: str, *, num_classes: int, in_channels: int, image_size: tuple[i
         if classes is not None:  # the file's own head: kept when it fits, dropped (re-initialized) otherwise
             overlay["num_classes"] = classes
         kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
-    net = _build(arch, kwargs, image_size)
+    net = _build(arch, kwargs, image_size) if pretrained is None else _build_pretrained(arch, kwargs, image_size,
+                                                                                      pretrained)
     if pretrained is not None:
         mean, std = _pretrained_stats(net, in_channels)
     model = TimmClassifier(Normalize(mean, std), net, arch)
