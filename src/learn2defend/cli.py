@@ -330,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p, "print the metadata written as one JSON object")
 
     p = sub.add_parser("models", help="list the registered classifiers")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all built-in and "
-                   "registered models); 'timm:*resnet*': timm's models")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all built-in "
+                   "and registered models); 'timm:*resnet*': timm's models")
     for p in sub.choices.values():  # also after the subcommand: `learn2defend train --import mymodels ...`
         p.add_argument("--import", dest="sub_imports", action="append", default=[], metavar="MODULE",
                        help=IMPORT_HELP)
