@@ -105,7 +105,9 @@ def test_pretrained_safetensors_and_torch_files(tmp_path):
         return create_model("timm:test_efficientnet", num_classes=10, image_size=32, mean=[0.5] * 3, std=[0.5] * 3,
                             pretrained=str(path))
 
-    kept = build(tmp_path / "same.safetensors").net.state_dict()
+    kept_model = build(tmp_path / "same.safetensors")
+    assert "state_dict" not in kept_model.net.pretrained_cfg  # the file's tensors are not kept twice
+    kept = kept_model.net.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in same.items())
     for path in (tmp_path / "other.safetensors", tmp_path / "other.pth"):
         model = build(path)

@@ -213,6 +213,8 @@ def create(name: str, *, num_classes: int, in_channels: int, image_size: tuple[i
     net = _build(arch, kwargs, image_size) if pretrained is None else _build_pretrained(arch, kwargs, image_size,
                                                                                       pretrained)
     if pretrained is not None:
+        for cfg in {id(c): c for c in (net.pretrained_cfg, getattr(net, "default_cfg", {}))}.values():
+            cfg.pop("state_dict", None)  # the overlay's weights, which the model would otherwise keep alive
         mean, std = _pretrained_stats(net, in_channels)
     model = TimmClassifier(Normalize(mean, std), net, arch)
     _dry_run(model, name, in_channels, image_size)
