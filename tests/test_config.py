@@ -17,7 +17,8 @@ from learn2defend.settings import ResolvedConfig
 
 # Fields a resolved run may leave at None: each says "the run does without", none "later".
 DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
-                "random_start", "beta", "noise", "workers"}  # workers: None is the CPUs of the machine that runs
+                "random_start", "beta", "noise", "workers", "pretrained"}
+# workers: None is the CPUs of the machine that runs
 
 OPTION_SETS = [
     {},

@@ -104,7 +104,7 @@ class BenchConfig:
                 raise UserError(f"unknown method '{m}'; choose from: {', '.join(BENCH_METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise UserError("--methods names a method twice")
-        if self.model not in list_models():
+        if not self.model.startswith("timm:") and self.model not in list_models():  # timm: names: at build
             known = ", ".join(list_models())
             raise UserError(f"unknown model '{self.model}'; choose one of: {known}")
         if self.attacker is not None and self.attacker not in ATTACKERS:

@@ -34,13 +34,16 @@ HELP = {
     "augment": "random crop and flip on the device, as --crop-padding and --flip say (--no-augment: neither)",
     "flip": "random horizontal flips; turn them off where a mirrored image is another class (digits, text)",
     "crop_padding": "random crops from the image zero-padded by this many pixels (0: no crops)",
-    "model": "classifier name (see `learn2defend models`)",
+    "model": "classifier name (see `learn2defend models`), or timm:NAME for any timm model (extra: learn2defend[timm])",
     "method": "; ".join(f"{name}: {m.help}" for name, m in METHOD_RECORDS.items()),
     "eps": "radius in pixel units under --norm: l-inf e.g. 0.03 or 8/255; l2 (the perturbation's Euclidean "
            "length) e.g. 0.5",
     "norm": "threat model: linf | l2 (learn2defend.attacks.threat; RobustBench's CIFAR-10 boards: linf 8/255, "
             "l2 0.5)",
     "init": "run folder whose classifier starts this run (the paper starts from a plain net)",
+    "pretrained": "timm: models: weights to start from: a .safetensors file, a timm or torch checkpoint "
+                  "(.pth, read weights-only), or 'hub' (timm's download, online); a head for another number "
+                  "of classes is re-initialized, and the normalization inside is the weights' own",
     "optimizer": "sgd | adam",
     "betas": "Adam betas",
     "lr_milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
@@ -108,6 +111,7 @@ NONE_DEFAULTS = {
     "eps": "per data set: digits 0.2, mnist 0.3, svhn 0.05, others 0.03; under --norm l2: digits 1.0, "
            "mnist 2.0, others 0.5",
     "init": "none, random initial weights",
+    "pretrained": "none, random initial weights",
     "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
     "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",
     **{name: _per_method(name) for name in ("clean_weight", "step_size", "beta", "noise", "pgd_steps",
@@ -344,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p, "print the metadata written as one JSON object")
 
     p = sub.add_parser("models", help="list the registered classifiers")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all)")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'wrn*' (default: all built-in "
+                   "and registered models); 'timm:*resnet*': timm's models")
     for p in sub.choices.values():  # also after the subcommand: `learn2defend train --import mymodels ...`
         p.add_argument("--import", dest="sub_imports", action="append", default=[], metavar="MODULE",
                        help=IMPORT_HELP)

@@ -75,7 +75,9 @@ def plan(
     configs = {"plain": dataclasses.replace(base, method="plain", out=str(out / "plain"), init=None, epochs=epochs)}
     for method in methods:
         if method != "plain":
-            configs[method] = dataclasses.replace(base, method=method, out=str(out / method), init=str(out / "plain"))
+            # from the plain run, which started from --pretrained where one is given
+            configs[method] = dataclasses.replace(base, method=method, out=str(out / method), init=str(out / "plain"),
+                                                  pretrained=None)
     for config in configs.values():
         config.validate()
     build_attacks(list(attacks), base.resolve().eps, 1, norm=base.norm)  # unknown attack names fail here

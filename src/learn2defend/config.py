@@ -148,6 +148,7 @@ class TrainConfig:
     eps: float | None = None  # None: the data set's default (see DEFAULT_EPS; under l2 the threat model's)
     norm: str = "linf"  # the threat model: linf | l2 (learn2defend.attacks.threat); runs before it were linf
     init: str | None = None  # run folder of a trained classifier to start from (the paper always does)
+    pretrained: str | None = None  # timm: models: a weights file to start from, or "hub" (timm's download)
     # classifier optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -240,7 +241,8 @@ class TrainConfig:
             ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
             optimizer=OptimizerSettings(c.optimizer, c.lr, c.momentum, c.weight_decay, tuple(c.betas),
                                         tuple(c.lr_milestones), c.lr_gamma),
-            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c), norm=c.norm)
+            attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c), norm=c.norm,
+            pretrained=c.pretrained)
 
     def validate(self) -> None:
         """Raise UserError on the first bad value, before anything is written."""
@@ -250,6 +252,7 @@ class TrainConfig:
         _validate_losses(self)
         _validate_data(self)
         _validate_method(self)
+        _validate_pretrained(self)
 
     # ---- storage -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -520,6 +523,20 @@ def _validate_data(c: TrainConfig) -> None:
         _positive_int("train-size", c.train_size)
     if not math.isfinite(c.val_size) or c.val_size <= 0 or (c.val_size >= 1 and c.val_size != int(c.val_size)):
         raise UserError(f"--val-size must be a fraction in (0, 1) or a count >= 1, got {c.val_size}")
+
+
+def _validate_pretrained(c: TrainConfig) -> None:
+    """TrainConfig.validate: --pretrained goes with a timm: model, and not with --init. Whether
+    the file exists is checked where it is read (a resumed run does not read it again)."""
+    if c.pretrained is None:
+        return
+    if not c.pretrained.strip():
+        raise UserError("--pretrained needs a weights file (.safetensors, .pth) or 'hub'")
+    if not c.model.startswith("timm:"):
+        raise UserError(f"--pretrained applies to timm: models only, not --model {c.model} "
+                        "(use --init RUN to start from a trained run)")
+    if c.init is not None:
+        raise UserError("--pretrained and --init both give starting weights; give one of them")
 
 
 def _validate_method(c: TrainConfig) -> None:

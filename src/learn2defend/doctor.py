@@ -103,7 +103,7 @@ class DoctorConfig:
     roofline_seconds: float = option(1.0, help="seconds per dtype timing the device's dense matmul rate (0: skip)")
 
     def validate(self) -> None:
-        if self.model is not None and self.model not in list_models():
+        if self.model is not None and not self.model.startswith("timm:") and self.model not in list_models():
             raise UserError(f"unknown model '{self.model}'; choose one of: {', '.join(list_models())}")
         for name in self.variants or []:
             if name not in VARIANTS:

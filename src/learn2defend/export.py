@@ -2,8 +2,9 @@
 
 The file holds exactly `learn2defend.load(RUN).state_dict()` (no prefixes, no optimizer,
 no attacker) and, in its metadata, what it takes to rebuild the network and to use it
-correctly: model name, classes, image shape, the normalization inside the model, and the
-eps, norm (threat model) and method it was trained with; files written before the norm was
+correctly: model name, classes, image shape, the normalization inside the model, the eps,
+norm (threat model) and method it was trained with, and the versions that made it
+(learn2defend; timm for a timm: model, as "made_with"); files written before the norm was
 stored were l-inf and read as such. `learn2defend.load(FILE)` rebuilds it; any safetensors
 reader gets the weights (README, "Sharing a model").
 """
@@ -24,7 +25,7 @@ from . import checkpoint as ckpt
 from .attacks.threat import THREAT_MODELS
 from .config import option
 from .errors import UserError
-from .models import create_model
+from .models import create_model, made_with
 from .runs import check_architecture, load_run, load_weights, param_fingerprint
 from .version import __version__
 
@@ -57,8 +58,9 @@ def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[st
         "num_classes": len(run.meta["classes"]),
         "classes": run.meta["classes"],
         "image_shape": run.meta["image_shape"],
-        "mean": run.meta["mean"],
-        "std": run.meta["std"],
+        # the statistics inside the model: the data set's, or pretrained weights' own (timm: models)
+        "mean": _inside(run.model, "mean", run.meta["mean"]),
+        "std": _inside(run.model, "std", run.meta["std"]),
         "eps": run.config.eps,
         "norm": run.config.norm,
         "method": run.config.method,
@@ -66,12 +68,24 @@ def export(run_dir: str | Path, out: str | Path, which: str = "last") -> dict[st
         # what `eval --checkpoint FILE` needs to rebuild the run's data set and validation split
         "data": {k: getattr(run.config.data, k) for k in DATA_FIELDS},
     }
+    if made_with(run.config.model):
+        meta["made_with"] = {"learn2defend": __version__, "torch": torch.__version__, **made_with(run.config.model)}
     # clone: safetensors refuses tensors that share storage
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
     meta["fingerprint"] = param_fingerprint(weights)  # names and shapes, checked when the file is loaded
     data = save(weights, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     ckpt.atomic_write(out, data, f"'{out}'")
     return meta
+
+
+def _inside(model: nn.Module, which: str, otherwise: list[float]) -> list[float]:
+    """The mean or std of the model's `normalize` layer where it differs from the data set's
+    `otherwise` (pretrained timm weights bring their own), else `otherwise` as stored."""
+    value = getattr(getattr(model, "normalize", None), which, None)
+    if not isinstance(value, torch.Tensor) or len(value.flatten()) != len(otherwise):
+        return list(otherwise)
+    inside = [float(v) for v in value.flatten().tolist()]
+    return list(otherwise) if all(abs(i - o) < 1e-6 for i, o in zip(inside, otherwise, strict=True)) else inside
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -96,6 +110,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             meta["data"] = json.loads(raw["data"])
             if not (isinstance(meta["data"], dict) and set(meta["data"]) <= set(DATA_FIELDS)):
                 raise ValueError("data")
+        if "made_with" in raw:
+            meta["made_with"] = json.loads(raw["made_with"])
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} has damaged metadata ({e!r})") from None
     return meta

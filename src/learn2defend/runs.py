@@ -81,7 +81,9 @@ def data_meta(data: Dataset) -> dict[str, Any]:
     }
 
 
-def build_classifier(config: ResolvedConfig, meta: dict[str, Any]) -> nn.Module:
+def build_classifier(config: ResolvedConfig, meta: dict[str, Any], pretrained: str | None = None) -> nn.Module:
+    """The run's classifier for the data `meta` describes; with `pretrained` (timm: models, a
+    weights file or 'hub'), starting from those weights."""
     c, h, w = meta["image_shape"]
     return create_model(
         config.model,
@@ -90,6 +92,7 @@ def build_classifier(config: ResolvedConfig, meta: dict[str, Any]) -> nn.Module:
         image_size=(h, w),
         mean=meta["mean"],
         std=meta["std"],
+        pretrained=pretrained,
     )
 
 

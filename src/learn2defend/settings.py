@@ -137,6 +137,7 @@ class ResolvedConfig:
     run: RunSettings
     # The threat model ("linf" | "l2"; learn2defend.attacks.threat): the norm of the eps-ball.
     norm: str = "linf"
+    pretrained: str | None = None  # timm: models: the weights file (or "hub") the run started from
 
     def to_dict(self) -> dict[str, Any]:
         """config.json's object: the flat fields of learn2defend.config.TrainConfig, by which the
@@ -145,7 +146,7 @@ class ResolvedConfig:
         settings or a KL weight it has none of (each field then takes its default)."""
         d: dict[str, Any] = {
             "model": self.model, "method": self.method, "eps": self.eps, "norm": self.norm, "epochs": self.epochs,
-            "batch_size": self.batch_size, "init": self.init, "ema": self.ema,
+            "batch_size": self.batch_size, "init": self.init, "pretrained": self.pretrained, "ema": self.ema,
             **_fields(self.data), **_given(self.attack), **_given(self.loss), **_fields(self.speed),
             **_fields(self.run), **_optimizer_fields(self.optimizer, ""),
         }

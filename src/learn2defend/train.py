@@ -42,6 +42,7 @@ from .data import (
 )
 from .errors import UserError
 from .methods import STEPS, Metrics, StepContext, attacker_in_channels
+from .models import made_with
 from .models.attackers import ATTACKER_LAYOUT
 from .runs import (
     BEST,
@@ -216,7 +217,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock,
     # written: config.json records what runs)
     cfg, switches = speed.resolve_switches(cfg, device, cfg.epochs * _batches_per_epoch(cfg, data, world))
     speed.check_switches(cfg.speed, device, world)
-    loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world))
+    loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world, fresh=stored is None))
     if stored is not None:
         loop.restore(stored)
     # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
@@ -319,10 +320,12 @@ class Parts:
         return speed.wrap_step(functools.partial(STEPS[cfg.method], self.ctx), cfg.speed, device)
 
 
-def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device, world: int = 1) -> Parts:
-    """The networks, optimizers and schedules of a run, as `train` builds them (also `bench`)."""
+def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device, world: int = 1, *,
+                fresh: bool = True) -> Parts:
+    """The networks, optimizers and schedules of a run, as `train` builds them (also `bench`);
+    `fresh` (not a resumed run, whose checkpoint holds the weights) reads --pretrained."""
     torch.manual_seed(cfg.run.seed)
-    model = build_classifier(cfg, meta).to(device)
+    model = build_classifier(cfg, meta, cfg.pretrained if fresh else None).to(device)
     attacker = build_attacker(cfg, meta)
     if cfg.init:
         init = load_run(cfg.init, with_attacker=False)
@@ -454,7 +457,8 @@ class _Loop:
             # the epoch's training seconds so far, across resumes (0 at an epoch's end)
             "epoch_seconds": 0.0 if batch == 0 else self._epoch_seconds(),
             # what made it, for whoever reads a shared run (config.json stores --device as given)
-            "made_with": {"learn2defend": __version__, "torch": torch.__version__, "device": str(self.device)},
+            "made_with": {"learn2defend": __version__, "torch": torch.__version__, "device": str(self.device),
+                          **made_with(self.cfg.model)},
         }
         if p.attacker is not None:
             s.update(attacker=p.attacker.state_dict(), attacker_layout=ATTACKER_LAYOUT,

@@ -3,6 +3,9 @@
 Every classifier takes images in [0, 1] and normalizes inside (a `Normalize` module at
 `model.normalize`), so perturbation budgets are always in pixel units and a checkpoint carries
 the statistics it was trained with.
+
+Names: the built-in zoo (`classifiers`), models registered with `register_model` (--import,
+entry points), and `timm:NAME` for any timm model (`timm_zoo`, needing the timm extra).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "list_attackers",
     "list_models",
     "load_plugins",
+    "made_with",
     "register_attacker",
     "register_model",
 ]
@@ -140,7 +144,10 @@ def import_models(modules: Iterable[str]) -> None:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching the shell-style `pattern`, sorted (entry points included)."""
+    """Registered model names matching the shell-style `pattern`, sorted (entry points included);
+    a pattern starting with 'timm:' ('timm:*resnet*') lists the matching timm models instead."""
+    if timm_zoo.is_timm_name(pattern):
+        return timm_zoo.list_names(pattern)
     load_plugins()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
@@ -153,6 +160,7 @@ def create_model(
     image_size: int | tuple[int, int] = 32,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    pretrained: str | None = None,
 ) -> nn.Module:
     """Build a registered classifier for [0, 1] images [B, in_channels, H, W].
 
@@ -160,11 +168,23 @@ def create_model(
 
     mean and std (one value per channel, in [0, 1] units) default to 0.5, which maps [0, 1] to
     [-1, 1]; pass the data set's statistics to match the usual preprocessing.
+
+    `timm:NAME` builds a timm model (`timm_zoo.create`); `pretrained` (a weights file, or 'hub')
+    applies to those only, and their normalization is then the weights' own (pretrained_cfg).
     """
+    if timm_zoo.is_timm_name(name):
+        h, w = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+        mean, std = _checked_stats(mean, std, in_channels, num_classes)
+        return timm_zoo.create(name, num_classes=num_classes, in_channels=in_channels, image_size=(h, w),
+                               mean=mean, std=std, pretrained=pretrained)
+    if pretrained is not None:
+        raise UserError(f"--pretrained applies to timm: models only, not {name!r} (use --init RUN to start "
+                        "from a trained run)")
     if name not in _REGISTRY:
         load_plugins()
     if name not in _REGISTRY:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}; {OWN_MODEL_HINT}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}; "
+                        f"timm:NAME for a timm model; {OWN_MODEL_HINT}")
     entry = _REGISTRY[name]
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
@@ -177,6 +197,20 @@ def create_model(
             f"{h}x{w} images are too small for model {name!r}: its downsampling needs a height and width "
             f"of at least {entry.min_image_size}; use larger images or a model such as 'smallcnn'"
         )
+    mean, std = _checked_stats(mean, std, in_channels, num_classes)
+    return entry.fn(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std
+    )
+
+
+def _checked_stats(mean: Sequence[float] | None, std: Sequence[float] | None, in_channels: int,
+                   num_classes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mean and std with their 0.5 defaults, one value per channel; UserError otherwise (and for
+    counts of classes or channels below 1)."""
+    if num_classes < 1:
+        raise UserError(f"num_classes must be at least 1, got {num_classes}")
+    if in_channels < 1:
+        raise UserError(f"in_channels must be at least 1, got {in_channels}")
     mean = (0.5,) * in_channels if mean is None else tuple(mean)
     std = (0.5,) * in_channels if std is None else tuple(std)
     for what, values in (("mean", mean), ("std", std)):
@@ -185,11 +219,15 @@ def create_model(
                 f"{what} has {len(values)} values but the images have {in_channels} channels; "
                 f"give one value per channel"
             )
-    return entry.fn(
-        num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std
-    )
+    return mean, std
+
+
+def made_with(name: str) -> dict[str, str]:
+    """The versions of the libraries that build model `name`, beyond learn2defend and torch:
+    {'timm': '1.0.31'} for a timm model, {} otherwise (checkpoints and exports record them)."""
+    return timm_zoo.made_with(name)
 
 
 # Imported last: classifiers registers itself through register_model above.
-from learn2defend.models import classifiers  # noqa: E402, F401
+from learn2defend.models import classifiers, timm_zoo  # noqa: E402, F401
 from learn2defend.models.attackers import ATTACKERS, create_attacker, list_attackers, register_attacker  # noqa: E402
