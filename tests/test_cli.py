@@ -188,7 +188,7 @@ def test_eval_side_configs_share_what_to_evaluate():
     from learn2defend.figures import ShowConfig, SweepConfig
 
     shared = [f.name for f in dataclasses.fields(EvalData)]
-    assert shared == ["dataset", "split", "n", "eps", "which", "device", "data_dir", "seed"]
+    assert shared == ["dataset", "split", "n", "eps", "norm", "which", "device", "data_dir", "seed"]
     for cls in (EvalConfig, TransferConfig, SweepConfig, ShowConfig):
         assert issubclass(cls, EvalData) and [f.name for f in dataclasses.fields(cls)][:len(shared)] == shared
 

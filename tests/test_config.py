@@ -17,7 +17,10 @@ from learn2defend.settings import ResolvedConfig
 
 # Fields a resolved run may leave at None: each says "the run does without", none "later".
 DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
-                "random_start", "beta", "noise", "workers", "pretrained"}
+                "random_start", "beta", "noise", "workers", "pretrained",
+                # the device's defaults (speed.DEVICE_DEFAULTS): train fixes them once it knows the
+                # device, and config.json records the values that ran
+                "channels_last", "compile", "tf32", "cudnn_benchmark"}
 # workers: None is the CPUs of the machine that runs
 
 OPTION_SETS = [
@@ -145,7 +148,9 @@ def test_train_takes_a_derived_resolved_config_and_checks_it_again(tmp_path):
     assert not (tmp_path / "a").exists()  # nothing written before the checks
     variant = dataclasses.replace(base, attacker=dataclasses.replace(base.attacker, every=2))
     run = train(variant)
-    assert run.config == variant and run.config.attacker.every == 2
+    # the speed switches left to the device are fixed by train, the rest is as given
+    assert run.config == dataclasses.replace(variant, speed=run.config.speed) and run.config.attacker.every == 2
+    assert None not in dataclasses.astuple(run.config.speed)
     from learn2defend import __version__
     from learn2defend.checkpoint import load_state
 

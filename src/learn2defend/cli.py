@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "given overriding it.")
     p.add_argument("--config", metavar="FILE", help="start from the options in FILE (.json, .toml, .yaml/.yml: one "
                    "table of option names such as lr, pgd_steps; a run's own config.json works); flags given "
-                   "override it")
+                   "override it (default: none, the flags alone)")
     _add_dataclass_options(p, TrainConfig, skip=set())
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
                    "its own config.json: other options may be left out; given, they must agree with the run, "

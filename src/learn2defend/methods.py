@@ -339,6 +339,14 @@ def attacker_input(ctx: StepContext, x: Tensor, grad: Tensor | None) -> Tensor:
     return torch.cat([x, condition_gradient(grad, ctx.config.attacker.grad_norm)], dim=1)
 
 
+def run_attacker(g: nn.Module, a: Tensor, eps: float | Tensor, threat: ThreatModel) -> Tensor:
+    """The attacker `g` on its input `a` [B, C_in, H, W]: a perturbation [B, C, H, W] in the
+    eps-ball of `threat`. Under the default threat model (l-inf, an attacker's own ball) it is called as
+    g(a, eps), the contract user-registered attackers were written for; under another
+    threat model as g(a, eps, threat.squash)."""
+    return g(a, eps) if threat is threat_model(None) else g(a, eps, threat.squash)
+
+
 def learned_perturbation(
     ctx: StepContext, x: Tensor, y: Tensor, grad_at_x: Tensor | None
 ) -> Tensor:
@@ -350,13 +358,13 @@ def learned_perturbation(
     (l-inf: eps * tanh per pixel; l2: eps * tanh(||h||) h / ||h|| per image).
     """
     c, g, threat = ctx.config, ctx.attacker, ctx.threat
-    delta = g(attacker_input(ctx, x, grad_at_x), c.eps, threat.squash)
+    delta = run_attacker(g, attacker_input(ctx, x, grad_at_x), c.eps, threat)
     if c.method == "2step-l2l":  # the recurrence of length two (paper, section 3.1)
         x1 = (x + delta).clamp(0, 1)
         x1_query = x1.detach().requires_grad_(True)
         loss1 = F.cross_entropy(ctx.model(x1_query), y, reduction="sum")
         (grad1,) = torch.autograd.grad(loss1, x1_query)
-        delta = threat.ball(delta + g(attacker_input(ctx, x1, grad1), c.eps, threat.squash), c.eps)
+        delta = threat.ball(delta + run_attacker(g, attacker_input(ctx, x1, grad1), c.eps, threat), c.eps)
     return delta
 
 
@@ -458,7 +466,7 @@ def sdi_perturbation(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor) -> Te
     `squash`), the steps go along g / ||g||; the attacker still sees sign(grad), its input
     feature in the authors' code, under both norms."""
     eps, a, threat = ctx.config.eps, ctx.config.attack, ctx.threat
-    start = ctx.attacker(torch.cat([x, grad.sign()], dim=1), eps, threat.squash)
+    start = run_attacker(ctx.attacker, torch.cat([x, grad.sign()], dim=1), eps, threat)
     delta = threat.project(start, x, eps)  # into [0, 1] too: the first query must see a real image
     for _ in range(a.pgd_steps):
         query = delta.detach().requires_grad_(True)
