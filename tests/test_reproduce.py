@@ -272,7 +272,7 @@ def test_the_gpu_preset_trains_from_scratch_with_the_speed_switches(tmp_path: Pa
 
 
 def test_the_gpu_preset_fits_its_budget_on_the_mac_model() -> None:
-    """The sizing in reproduce.py's comment: one epoch of the four methods on 45,000 images at
+    """The sizing in frontier.py's comment: one epoch of the four methods on 45,000 images at
     25 TMAC/s, times the preset's epochs, leaves the 194 s the evaluations and start-up need
     out of 480 s."""
     from learn2defend.bench import step_macs

@@ -26,6 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from .attacks import threat_model
 from .config import load_resolved
+from .figures import _suptitle, run_styles
 from .experiments import (
     PRESETS,
     ROW_LABELS,
@@ -433,14 +434,14 @@ def frontier_figure(points: list[dict[str, Any]], attack: str, title: str) -> An
     in its method's colour and marker (`figures.run_styles`). Returns a matplotlib Figure."""
     from matplotlib.figure import Figure
 
-    from .figures import _suptitle, run_styles
 
     fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.add_subplot()
     styles = run_styles([(pt.get("method", ""), pt["key"]) for pt in points])
     for pt, style in zip(points, styles, strict=True):
         (x, xerr), (y, yerr) = pt["seconds"], pt["autoattack"]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=3, label=pt["label"], markersize=7,
+        # no bars where the std is 0 or unknown (one seed): zero-length bars' caps would hide the marker
+        ax.errorbar(x, y, xerr=xerr or None, yerr=yerr or None, capsize=3, label=pt["label"], markersize=8,
                     **{**style, "linestyle": "none"})
     ax.set_xlabel("training seconds (adversarial epochs)")
     ax.set_ylabel(f"{attack} accuracy (%)")
@@ -456,7 +457,6 @@ def robust_curves_figure(curves: list[dict[str, Any]], title: str) -> Any:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from .figures import _suptitle, run_styles
 
     fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.add_subplot()
