@@ -26,7 +26,6 @@ import torch
 from . import checkpoint as ckpt
 from .attacks import threat_model
 from .config import load_resolved
-from .figures import _suptitle, run_styles
 from .experiments import (
     PRESETS,
     ROW_LABELS,
@@ -38,6 +37,7 @@ from .experiments import (
     mean_std,
     write_outputs,
 )
+from .figures import _suptitle, run_styles
 from .methods import METHOD_RECORDS, attacker_in_channels
 from .runs import CONFIG, build_attacker, load_run
 from .settings import OptimizerSettings, ResolvedConfig
