@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from learn2defend import experiments
 from learn2defend import reproduce as rp
 from learn2defend.cli import main
 
@@ -28,7 +29,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def interrupted(out: Path) -> dict:
     """table2 stopped after 3 runs, then started again; the second report and the mtimes."""
-    real_train = rp.train
+    real_train = experiments.train
     calls = []
 
     def dying_train(config, **kw):
@@ -37,12 +38,12 @@ def interrupted(out: Path) -> dict:
         calls.append(config.out)
         return real_train(config, **kw)
 
-    rp.train = dying_train
+    experiments.train = dying_train
     try:
         with pytest.raises(Stop):
             rp.reproduce("table2", "tiny", out, datasets=[DATASET])
     finally:
-        rp.train = real_train
+        experiments.train = real_train
     mtimes = {c: (Path(c) / "last.safetensors").stat().st_mtime_ns for c in calls}
     report = rp.reproduce("table2", "tiny", out, datasets=[DATASET])
     return {"first": calls, "mtimes": mtimes, "report": report}
@@ -271,7 +272,7 @@ def test_the_gpu_preset_trains_from_scratch_with_the_speed_switches(tmp_path: Pa
 
 
 def test_the_gpu_preset_fits_its_budget_on_the_mac_model() -> None:
-    """The sizing in reproduce.py's comment: one epoch of the four methods on 45,000 images at
+    """The sizing in frontier.py's comment: one epoch of the four methods on 45,000 images at
     25 TMAC/s, times the preset's epochs, leaves the 194 s the evaluations and start-up need
     out of 480 s."""
     from learn2defend.bench import step_macs

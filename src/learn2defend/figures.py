@@ -46,6 +46,7 @@ from .evaluate import (
     fraction,
     norm_and_eps,
 )
+from .methods import method_styles
 from .runs import Run, load_run, resolve_device
 
 SWEEP_OVER = ("pgd-steps", "eps")
@@ -59,6 +60,34 @@ _SHORT = {"fgsm": "FGSM", "pgd": "PGD", "pgm": "PGM"}
 def _suptitle(fig: Any, text: str, width_inches: float) -> None:
     """A figure title wrapped to the figure's width (about 12 characters per inch at 9 pt)."""
     fig.suptitle(textwrap.fill(text, width=max(30, int(12 * width_inches))), fontsize=9)
+
+
+# How the runs of one method in one figure are told apart (its colour and marker stay): the
+# first run's line and marker, then the second's, and so on (cycled).
+_LINESTYLES = ("-", "--", ":", "-.")
+_FILLSTYLES = ("full", "none", "left", "bottom")
+UNKNOWN_METHOD_STYLE = ("black", "o")  # a run whose method no record names (a folder without config.json)
+
+
+def run_styles(entries: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """matplotlib keyword arguments (color, marker, linestyle, fillstyle) for each (method,
+    variant) entry of one figure, e.g. [("fgsm-sdi", ""), ("fgsm-sdi", "2step"), ("pgd-at", "")].
+    Every entry gets its method's colour and marker (`methods.method_styles`, the same in every
+    figure); entries of one method with different variants (another attacker, recipe or run)
+    get, in order of first appearance, a solid line and filled marker, then a dashed line and
+    hollow marker, then dotted and half-filled, ...; equal entries get equal styles."""
+    styles = method_styles()
+    variants: dict[str, list[str]] = {}
+    out = []
+    for method, variant in entries:
+        seen = variants.setdefault(method, [])
+        if variant not in seen:
+            seen.append(variant)
+        k = seen.index(variant)
+        colour, marker = styles.get(method, UNKNOWN_METHOD_STYLE)
+        out.append({"color": colour, "marker": marker, "linestyle": _LINESTYLES[k % len(_LINESTYLES)],
+                    "fillstyle": _FILLSTYLES[k % len(_FILLSTYLES)]})
+    return out
 
 
 def _over_and_values(over: list[str]) -> dict[str, Any]:
@@ -208,9 +237,18 @@ def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], path: Pa
                title: str | None = None) -> None:
     """Accuracy panels (one per attack) and, with several runs, difference panels below;
     `rows` as in sweep's CSV (the runs in order of first appearance)."""
+    fig = sweep_figure(rows, over, kinds, eps, title)
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def sweep_figure(rows: list[dict[str, Any]], over: str, kinds: list[str], eps: float | None = None,
+                 title: str | None = None) -> Any:
+    """plot_sweep's matplotlib Figure: each run in its method's colour and marker (`run_styles`)."""
     from matplotlib.figure import Figure
 
     labels = list(dict.fromkeys(r["label"] for r in rows))
+    method = {r["label"]: r.get("method", "") for r in rows}
+    style = dict(zip(labels, run_styles([(method[label], label) for label in labels]), strict=True))
     diff = len(labels) > 1
     fig = Figure(figsize=(4.5 * len(kinds), 3.6 * (2 if diff else 1)), layout="constrained")
     if title:
@@ -225,9 +263,9 @@ def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], path: Pa
 
     for j, kind in enumerate(kinds):
         ax = axes[0][j]
-        for i, label in enumerate(labels):  # one color per run in both rows
+        for label in labels:  # one style per run in both rows
             xs, ys = series(label, kind)
-            ax.plot(xs, ys, marker="o", label=label, color=f"C{i % 10}")
+            ax.plot(xs, ys, label=label, **style[label])
         title = _TITLES[kind] + (f", eps {eps:g}" if eps is not None else "")
         ax.set(title=title, xlabel=x_label, ylabel="accuracy (%)", ylim=(-2, 102))
         ax.grid(alpha=0.3)
@@ -235,16 +273,16 @@ def plot_sweep(rows: list[dict[str, Any]], over: str, kinds: list[str], path: Pa
         if diff:
             ax = axes[1][j]
             _, base = series(labels[0], kind)
-            for i, label in enumerate(labels[1:], start=1):
+            for label in labels[1:]:
                 xs, ys = series(label, kind)
-                ax.plot(xs, [y - b for y, b in zip(ys, base, strict=True)], marker="o", label=f"{label} - {labels[0]}",
-                        color=f"C{i % 10}")
+                ax.plot(xs, [y - b for y, b in zip(ys, base, strict=True)], label=f"{label} - {labels[0]}",
+                        **style[label])
             ax.axhline(0, color="gray", lw=0.8)
             ax.set(title=f"{_SHORT[kind]}: difference to {labels[0]}", xlabel=x_label,
                    ylabel="accuracy difference (points)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return fig
 
 
 # ---- Figure 5 ----------------------------------------------------------------------------

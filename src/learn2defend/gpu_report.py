@@ -5,12 +5,12 @@ It runs, in this order, printing progress on stderr:
    method with each speed switch, the combinations bf16 + channels_last and bf16 +
    channels_last + compile at batch 128 and 512 (compile time apart from the steps), and
    the training checks; bounded by `doctor_seconds` -> DIR/doctor.json, DIR/doctor.txt;
-2. `reproduce frontier --preset gpu` (`learn2defend.reproduce`): PreAct-ResNet-18 from
+2. `reproduce frontier --preset gpu` (`learn2defend.frontier`): PreAct-ResNet-18 from
    scratch on CIFAR-10 -> DIR/frontier/ (its tables and run folders), DIR/frontier.json;
 3. DIR/gpu_report.json: what ran, with its seconds and the environment.
 
 Sized to about 12 minutes on one H100/H200-class GPU: doctor's 4 minutes and the gpu
-preset's predicted 7 (reproduce.py's notes on the preset; unmeasured). `tiny` runs the
+preset's predicted 7 (frontier.py's notes on the preset; unmeasured). `tiny` runs the
 same three steps in seconds on the CPU (smallcnn, batch 8, one method, the frontier's test
 preset on fake data): what the tests run.
 

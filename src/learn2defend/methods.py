@@ -513,6 +513,8 @@ class Method:
     forwards: (classifier forwards, attacker forwards) per image of an average step: the MAC
     cost model (learn2defend.bench.step_forwards). A backward costs 2 forwards (input and
     weight gradients), 1 when only input gradients are taken.
+    colour, marker: how every figure draws the method (a matplotlib colour and filled marker;
+    `method_styles`); "" takes the first of STYLE_COLOURS / STYLE_MARKERS no record holds.
     """
 
     name: str
@@ -528,6 +530,8 @@ class Method:
     # Threat models (learn2defend.attacks.threat names) the method has no form for, each with
     # the reason; training under one of them is refused before anything is written.
     unsupported_norms: dict[str, str] = field(default_factory=dict)
+    colour: str = ""
+    marker: str = ""
 
     @property
     def has_attacker(self) -> bool:
@@ -583,42 +587,45 @@ _KL_DEFAULTS = {"step_size": _eps_times(KL_METHOD_STEP, "0.007/0.031 eps")}
 _L2L_DEFAULTS = {"attacker": Default(lambda c: "slim", "slim"), "attacker_every": Default(lambda c: 1, "1")}
 
 METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
-    Method("plain", plain_step, "clean training", lambda c: (3.0, 0.0)),
+    Method("plain", plain_step, "clean training", lambda c: (3.0, 0.0), colour="tab:gray", marker="o"),
     Method("fgsm", fgsm_step, "FGSM training (Goodfellow et al.); with --random-start FGSM-RS (Wong et al. 2020)",
            _fgsm_forwards, defaults={
                "clean_weight": Default(lambda c: 0.5, "0.5"),
                "step_size": Default(lambda c: 1.25 * c.eps if c.random_start else c.eps,
                                     "eps, 1.25 eps with --random-start")},
-           options=frozenset({"random_start"})),
+           options=frozenset({"random_start"}), colour="tab:orange", marker="v"),
     Method("n-fgsm", n_fgsm_step, "N-FGSM (de Jorge et al. 2022): noise of 2 eps, an FGSM step of eps, no projection",
            lambda c: (5.0 + 3 * _w(c), 0.0),
            defaults={"step_size": _eps_times(1.0, "eps"), "noise": _eps_times(2.0, "2 eps")},
            options=frozenset({"noise"}),
            unsupported_norms={"l2": "de Jorge et al. define N-FGSM for l-inf only (per-pixel noise of 2 eps, a "
-                                    "signed step, no projection); use fgsm-sdi or pgd-at under l2"}),
+                                    "signed step, no projection); use fgsm-sdi or pgd-at under l2"},
+           colour="tab:olive", marker="<"),
     Method("pgd", pgd_step, "the paper's PGM net: PGD-10 from zero, step eps/3, clean weight 0.5",
            lambda c: (2.0 * c.attack.pgd_steps + 3 + 3 * _w(c), 0.0),
            defaults={"clean_weight": Default(lambda c: 0.5, "0.5"), "step_size": _eps_times(1 / 3, "eps/3")},
-           options=frozenset({"random_start", "pgd_steps"})),
+           options=frozenset({"random_start", "pgd_steps"}), colour="tab:brown", marker="s"),
     Method("pgd-at", pgd_at_step, "PGD-AT (Madry et al. 2018): PGD-10 from a random start, step eps/4",
            lambda c: (2.0 * c.attack.pgd_steps + 3 + 3 * _w(c), 0.0),
-           defaults={"step_size": _eps_times(1 / 4, "eps/4")}, options=frozenset({"pgd_steps"})),
+           defaults={"step_size": _eps_times(1 / 4, "eps/4")}, options=frozenset({"pgd_steps"}),
+           colour="tab:red", marker="D"),
     Method("trades", trades_step, "TRADES (Zhang et al. 2019): clean CE + beta x KL to a KL-PGD-10 point",
            lambda c: (2.0 * c.attack.pgd_steps + 7, 0.0),  # TRADES' attack first fixes the clean prediction
            defaults={**_KL_DEFAULTS, "beta": Default(lambda c: 6.0, "6")},
-           options=frozenset({"beta", "pgd_steps"})),
+           options=frozenset({"beta", "pgd_steps"}), colour="tab:purple", marker="P"),
     Method("mart", mart_step, "MART (Wang et al. 2020): boosted CE + beta x KL weighted by misclassification",
            lambda c: (2.0 * c.attack.pgd_steps + 6, 0.0),
            defaults={**_KL_DEFAULTS, "beta": Default(lambda c: 5.0, "5")},
-           options=frozenset({"beta", "pgd_steps"})),
+           options=frozenset({"beta", "pgd_steps"}), colour="tab:pink", marker="X"),
     Method("naive-l2l", l2l_step, "the paper's Naive L2L: the attacker sees the image", _l2l_forwards,
-           attacker_sees="image", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS, options=_PAPER_L2L),
+           attacker_sees="image", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS, options=_PAPER_L2L,
+           colour="#aec7e8", marker="h"),
     Method("grad-l2l", l2l_step, "the paper's Grad L2L: the attacker sees the image and its loss gradient",
            _l2l_forwards, attacker_sees="image+gradient", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS,
-           options=_PAPER_L2L | {"grad_norm"}),
+           options=_PAPER_L2L | {"grad_norm"}, colour="tab:blue", marker="^"),
     Method("2step-l2l", l2l_step, "the paper's 2-Step L2L: the Grad attacker applied twice", _l2l_forwards,
            attacker_sees="image+gradient", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS,
-           options=_PAPER_L2L | {"grad_norm"}),
+           options=_PAPER_L2L | {"grad_norm"}, colour="tab:cyan", marker=">"),
     Method("fgsm-sdi", fgsm_sdi_step, "FGSM-SDI (Jia et al. 2022): a learned start, then an FGSM step of eps",
            _sdi_forwards, attacker_sees="image+gradient", perturbation=sdi_perturbation, defaults={
                "attacker": Default(lambda c: "sdi", "sdi"),
@@ -628,13 +635,48 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
                "attacker_every": Default(lambda c: 5, "5"),
                "pgd_steps": Default(lambda c: 1, "1"),
                "step_size": Default(lambda c: c.eps / c.pgd_steps, "eps / --pgd-steps")},
-           options=_L2L | {"pgd_steps"}),
+           options=_L2L | {"pgd_steps"}, colour="tab:green", marker="*"),
 ]}
 
 # The step of each method by name; the loop looks its step up here.
 STEPS: dict[str, Callable[[StepContext, Tensor, Tensor], Metrics]] = {
     name: m.step for name, m in METHOD_RECORDS.items()
 }
+
+
+# The figures' palette: matplotlib's tab10, then tab20's lighter shades (20 colours), and its
+# filled markers; a record without its own colour and marker takes the first ones no record holds.
+STYLE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                 "tab:gray", "tab:olive", "tab:cyan", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+                 "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+STYLE_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "d", "H", "8")
+
+
+def method_styles(records: dict[str, Method] | None = None) -> dict[str, tuple[str, str]]:
+    """{method name: (colour, marker)} for every record of `records` (default METHOD_RECORDS):
+    the record's own, else, in record order, the first palette colour and the first marker no
+    record holds yet (once either runs out, the first (colour, marker) pair none holds), so
+    every method's pair is its own and a new record gets one without a line of its own."""
+    records = METHOD_RECORDS if records is None else records
+    styles = {name: (m.colour, m.marker) for name, m in records.items() if m.colour and m.marker}
+    for name, m in records.items():
+        if name in styles:
+            continue
+        colours = {c for c, _ in styles.values()}
+        markers = {k for _, k in styles.values()}
+        held = set(styles.values())
+        colour = m.colour or next((c for c in STYLE_COLOURS if c not in colours), "")
+        marker = m.marker or next((k for k in STYLE_MARKERS if k not in markers), "")
+        if colour and not marker:  # every marker taken: a new colour with any marker is new
+            marker = next((k for k in STYLE_MARKERS if (colour, k) not in held), "")
+        if marker and not colour:
+            colour = next((c for c in STYLE_COLOURS if (c, marker) not in held), "")
+        if not colour or not marker or (colour, marker) in held:
+            pairs = [(c, k) for k in ((m.marker,) if m.marker else STYLE_MARKERS)
+                     for c in ((m.colour,) if m.colour else STYLE_COLOURS)]
+            colour, marker = next((p for p in pairs if p not in held), pairs[0])
+        styles[name] = (colour, marker)
+    return {name: styles[name] for name in records}
 
 
 def list_methods(pattern: str = "*") -> list[str]:
