@@ -116,6 +116,8 @@ class Preset:
     weight_decay: float | None = None  # None: TrainConfig's default
     amp: str = "off"  # the training step's speed switches (TrainConfig.amp, .channels_last)
     channels_last: bool = False
+    # The frontier only: the adversarial runs' --lr-schedule (multistep: the l2l milestones)
+    lr_schedule: str = "multistep"
 
     @property
     def title(self) -> str:
@@ -199,7 +201,8 @@ FRONTIER_PRESETS: dict[str, Preset] = {
                   "slim attacker width 0.07, sdi 0.11, n=1000")),
     # For when a GPU is lent: the fast-AT papers' setting (PreAct-ResNet-18 from scratch on all
     # of CIFAR-10's training images, batch 128, SGD with weight decay 5e-4, bf16, channels
-    # last; TrainConfig has no cyclic schedule: lr 0.1, / 10 at half and five sixths), sized to
+    # last; OneCycle up to lr 0.1, per batch, as the fast-AT benchmark trains every method: Wong
+    # et al.'s cyclic shape, learn2defend.train.schedule), sized to
     # finish in about 8 minutes on one H200 with the MAC model (bench.step_macs):
     # - per image and step: FGSM-RS 2.78 GMAC (5.0 forwards of 0.555), N-FGSM 2.78 (5.0),
     #   FGSM-SDI 4.13 (7.4, sdi attacker x1 included), PGD-AT 12.77 (23.0); one epoch of the
@@ -221,7 +224,7 @@ FRONTIER_PRESETS: dict[str, Preset] = {
         weight_decay=5e-4, batch_size=128, seeds=1, n=1000, train_size=None, attacker_width=1.0,
         autoattack="autoattack-fast", checks=False, val_robust_n=500, attacker_optimizer=None,
         frontier_methods=("fgsm-rs", "n-fgsm", "fgsm-sdi-sdi", "pgd-at"), from_scratch=True, amp="bf16",
-        channels_last=True,
+        channels_last=True, lr_schedule="onecycle",
         label="PreAct-ResNet-18 from scratch, every training image, 6 epochs, bf16, channels last, 1 seed, "
               "FGSM-RS, N-FGSM, FGSM-SDI and PGD-AT, n=1000"),
     "tiny": replace(PRESETS["tiny"], val_robust_n=16),
@@ -329,7 +332,7 @@ class Reproduction:
             if not spec.is_init and p.eps is not None:
                 common.update(eps=p.eps)
             if not spec.is_init:
-                common.update(norm=p.norm)
+                common.update(norm=p.norm, lr_schedule=p.lr_schedule)
         if spec.is_init:  # the same plain schedule for every recipe: it only starts the others
             return TrainConfig(**common, method="plain", epochs=p.plain_epochs, lr=p.plain_lr,
                                lr_milestones=_scaled(p.plain_milestones, p.plain_epochs))
@@ -339,7 +342,8 @@ class Reproduction:
             common.update(attacker=spec.attacker, attacker_width=p.width(spec.attacker))
         if spec.method == "pgd" and self.pgm_step(dataset) is not None:
             common.update(step_size=self.pgm_step(dataset))
-        milestones = _scaled(p.l2l_milestones, p.epochs)
+        per_epoch = common.get("lr_schedule", "multistep") == "multistep"  # cosine, onecycle: no milestones
+        milestones = _scaled(p.l2l_milestones, p.epochs) if per_epoch else []
         if recipe == "frontier" and spec.method not in ("pgd", *PAPER_L2L_METHODS):
             # The methods the paper has no recipe for train with its L2L schedule (SGD, lr / 10
             # late), the schedule shape of the PGD-AT, TRADES and MART references; FGSM-RS as
