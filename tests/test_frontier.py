@@ -143,7 +143,7 @@ def test_notes_from_configs_without_training() -> None:
     configs = {s.key: [r.config("cifar10", "frontier", s).resolve()] for s in frontier.frontier_specs(gpu)}
     notes = "\n".join(frontier.frontier_notes(configs, attack="autoattack-fast", init_seconds=[0.0], ratios=[]))
     assert "every run: preact-resnet18, every training image, from scratch" in notes and "bf16 autocast" in notes
-    assert "x0.1 after epochs 3, 5" in notes
+    assert "SGD lr 0.1 (momentum 0.9, weight decay 0.0005), one cycle per batch" in notes
 
 
 @pytest.mark.parametrize("n, text", [(16, "the first 16 validation images"),

@@ -18,7 +18,7 @@ SMALL_RUN = ["--dataset", "fake:1x8x8:4", "--val-size", "16", "--train-size", "3
 
 def one_line(err: str) -> str:
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("train ", "speed: "))]  # the header lines
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("train ", "speed: "))]  # headers
     assert len(lines) == 1, err
     return lines[0]
 

@@ -65,7 +65,7 @@ def without_seconds(history):
 def one_line_error(err: str) -> str:
     """The one error line; a run that had started has printed its header line before it."""
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("train ", "speed: "))]  # the header lines
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("train ", "speed: "))]  # headers
     assert len(lines) == 1, err
     return lines[0]
 

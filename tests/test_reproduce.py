@@ -264,7 +264,8 @@ def test_the_gpu_preset_trains_from_scratch_with_the_speed_switches(tmp_path: Pa
         c.validate()
         assert (c.model, c.amp, c.channels_last, c.epochs, c.init, c.train_size) == (
             "preact-resnet18", "bf16", True, 6, None, None)
-        assert (c.batch_size, c.lr, c.lr_milestones, c.weight_decay, c.val_robust_n) == (128, 0.1, [3, 5], 5e-4, 500)
+        assert (c.batch_size, c.lr, c.lr_milestones, c.weight_decay, c.val_robust_n) == (128, 0.1, [], 5e-4, 500)
+        assert c.lr_schedule == "onecycle"  # as the fast-AT benchmark trains every method
     assert (configs[3].attacker, configs[3].attacker_width) == ("sdi", 1.0)
     assert (gpu.seeds, gpu.n, gpu.autoattack, gpu.checks) == (1, 1000, "autoattack-fast", False)
     assert "gpu" not in rp.PRESETS  # the frontier only
@@ -295,7 +296,8 @@ def test_a_tiny_variant_of_the_gpu_preset_runs_on_the_cpu(tmp_path: Path) -> Non
     assert [r["method"] for r in result["rows"]] == ["fgsm", "fgsm-sdi"]
     for row in result["rows"]:
         config = json.loads((Path(row["run"]) / "config.json").read_text())
-        assert (config["init"], config["amp"], config["channels_last"]) == (None, "bf16", True)
+        assert (config["init"], config["amp"], config["channels_last"], config["lr_schedule"]) == (
+            None, "bf16", True, "onecycle")
         assert row["init_seconds"] == 0.0 and row["step_macs"] > 0
     assert "from scratch" in Path(result["files"]["md"]).read_text()
 

@@ -84,6 +84,10 @@ HELP = {
     "momentum": "SGD momentum (classifier; the attacker's too with --attacker-optimizer sgd)",
     "weight_decay": "the classifier's weight decay",
     "lr_gamma": "factor applied to the learning rate at each of --lr-milestones",
+    "lr_schedule": "the classifier's learning-rate schedule: multistep (per epoch: --lr-milestones, --lr-gamma) | "
+                   "cosine (per batch, from --lr down to 0) | onecycle (per batch: Wong et al. 2020's cyclic "
+                   "schedule, linear up to --lr at 2/5 of training, then linear down to 0); the attacker's "
+                   "stays multistep",
     "attacker_lr": "the attacker's learning rate",
     "attacker_momentum": "the attacker's SGD momentum",
     "attacker_weight_decay": "the attacker's weight decay",

@@ -35,6 +35,9 @@ L2L_METHODS = tuple(name for name, m in METHOD_RECORDS.items() if m.has_attacker
 # Methods whose loss carries its own clean term and a KL term weighted by --beta.
 KL_METHODS = tuple(name for name, m in METHOD_RECORDS.items() if "beta" in m.options)
 OPTIMIZERS = ("sgd", "adam")
+# The classifier's learning-rate schedules (learn2defend.train.schedule): multistep per epoch,
+# cosine and onecycle per batch. Runs before the option existed were multistep.
+LR_SCHEDULES = ("multistep", "cosine", "onecycle")
 GRAD_NORMS = ("sample", "batch", "sign", "none")
 L2L_UPDATES = ("joint", "alternating")
 ON_BAD_IMAGE = ("skip", "fail")
@@ -159,6 +162,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    lr_schedule: str = "multistep"  # multistep | cosine | onecycle (train.schedule); runs before it: multistep
     # hand-designed attacks used for training (fgsm, pgd)
     # None below: the method's default (its record in learn2defend.methods)
     clean_weight: float | None = None  # 0.5 for fgsm/pgd (Kurakin et al.), 0 for the rest
@@ -240,7 +244,7 @@ class TrainConfig:
             model=c.model, method=c.method, eps=c.eps, epochs=c.epochs, batch_size=c.batch_size, init=c.init,
             ema=c.ema, data=_picked(DataSettings, c), attack=_picked(AttackSettings, c), loss=_picked(LossSettings, c),
             optimizer=OptimizerSettings(c.optimizer, c.lr, c.momentum, c.weight_decay, tuple(c.betas),
-                                        tuple(c.lr_milestones), c.lr_gamma),
+                                        tuple(c.lr_milestones), c.lr_gamma, c.lr_schedule),
             attacker=attacker, speed=_picked(SpeedSettings, c), run=_picked(RunSettings, c), norm=c.norm,
             pretrained=c.pretrained)
 
@@ -363,7 +367,9 @@ def _attacker_optimizer(c: TrainConfig) -> OptimizerSettings:
     """Adam at ATTACKER_ADAM_LR without weight decay, fixed (the default), or with
     --attacker-optimizer sgd the classifier's lr, momentum, weight decay and schedule (the
     paper's CIFAR recipe); a given --attacker-lr, -momentum, -weight-decay, -lr-milestones wins.
-    Betas and the schedule's gamma are the classifier's."""
+    Betas and the schedule's gamma are the classifier's. The attacker's schedule stays multistep
+    whatever --lr-schedule says: the attacker is no model being annealed to convergence, but
+    an adversary that must keep up with the classifier through the whole run."""
     adam = (c.attacker_optimizer or "adam") == "adam"
 
     def given(value: Any, otherwise: Any) -> Any:
@@ -441,6 +447,7 @@ def _validate_choices(c: TrainConfig) -> None:
     _choice("method", c.method, METHODS)
     _choice("norm", c.norm, NORMS)
     _choice("optimizer", c.optimizer, OPTIMIZERS)
+    _choice("lr-schedule", c.lr_schedule, LR_SCHEDULES)
     _choice("grad-norm", c.grad_norm, GRAD_NORMS)
     _choice("l2l-update", c.l2l_update, L2L_UPDATES)
     _choice("on-bad-image", c.on_bad_image, ON_BAD_IMAGE)
@@ -501,6 +508,8 @@ def _validate_optimizers(c: TrainConfig) -> None:
         ms = getattr(c, name)
         if ms is not None and (any(m <= 0 for m in ms) or list(ms) != sorted(ms)):
             raise UserError(f"--{name.replace('_', '-')} must be increasing positive epochs")
+    if c.lr_milestones and c.lr_schedule != "multistep":
+        raise UserError(f"--lr-milestones applies to --lr-schedule multistep only, not {c.lr_schedule}")
 
 
 def _validate_losses(c: TrainConfig) -> None:

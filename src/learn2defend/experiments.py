@@ -85,6 +85,8 @@ class Preset:
     weight_decay: float | None = None  # None: TrainConfig's default
     amp: str = "off"  # the training step's speed switches (TrainConfig.amp, .channels_last)
     channels_last: bool = False
+    # The frontier only: the adversarial runs' --lr-schedule (multistep: the l2l milestones)
+    lr_schedule: str = "multistep"
 
     @property
     def title(self) -> str:
@@ -229,7 +231,7 @@ class Reproduction:
             if not spec.is_init and p.eps is not None:
                 common.update(eps=p.eps)
             if not spec.is_init:
-                common.update(norm=p.norm)
+                common.update(norm=p.norm, lr_schedule=p.lr_schedule)
         if spec.is_init:  # the same plain schedule for every recipe: it only starts the others
             return TrainConfig(**common, method="plain", epochs=p.plain_epochs, lr=p.plain_lr,
                                lr_milestones=_scaled(p.plain_milestones, p.plain_epochs))
@@ -239,7 +241,8 @@ class Reproduction:
             common.update(attacker=spec.attacker, attacker_width=p.width(spec.attacker))
         if spec.method == "pgd" and self.pgm_step(dataset) is not None:
             common.update(step_size=self.pgm_step(dataset))
-        milestones = _scaled(p.l2l_milestones, p.epochs)
+        per_epoch = common.get("lr_schedule", "multistep") == "multistep"  # cosine, onecycle: no milestones
+        milestones = _scaled(p.l2l_milestones, p.epochs) if per_epoch else []
         if recipe == "frontier" and spec.method not in ("pgd", *PAPER_L2L_METHODS):
             # The methods the paper has no recipe for train with its L2L schedule (SGD, lr / 10
             # late), the schedule shape of the PGD-AT, TRADES and MART references; FGSM-RS as

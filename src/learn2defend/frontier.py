@@ -75,7 +75,8 @@ FRONTIER_PRESETS: dict[str, Preset] = {
                   "slim attacker width 0.07, sdi 0.11, n=1000")),
     # For when a GPU is lent: the fast-AT papers' setting (PreAct-ResNet-18 from scratch on all
     # of CIFAR-10's training images, batch 128, SGD with weight decay 5e-4, bf16, channels
-    # last; TrainConfig has no cyclic schedule: lr 0.1, / 10 at half and five sixths), sized to
+    # last; OneCycle up to lr 0.1, per batch, as the fast-AT benchmark trains every method: Wong
+    # et al.'s cyclic shape, learn2defend.train.schedule), sized to
     # finish in about 8 minutes on one H200 with the MAC model (bench.step_macs):
     # - per image and step: FGSM-RS 2.78 GMAC (5.0 forwards of 0.555), N-FGSM 2.78 (5.0),
     #   FGSM-SDI 4.13 (7.4, sdi attacker x1 included), PGD-AT 12.77 (23.0); one epoch of the
@@ -97,7 +98,7 @@ FRONTIER_PRESETS: dict[str, Preset] = {
         weight_decay=5e-4, batch_size=128, seeds=1, n=1000, train_size=None, attacker_width=1.0,
         autoattack="autoattack-fast", checks=False, val_robust_n=500, attacker_optimizer=None,
         frontier_methods=("fgsm-rs", "n-fgsm", "fgsm-sdi-sdi", "pgd-at"), from_scratch=True, amp="bf16",
-        channels_last=True,
+        channels_last=True, lr_schedule="onecycle",
         label="PreAct-ResNet-18 from scratch, every training image, 6 epochs, bf16, channels last, 1 seed, "
               "FGSM-RS, N-FGSM, FGSM-SDI and PGD-AT, n=1000"),
     "tiny": replace(PRESETS["tiny"], val_robust_n=16),
@@ -415,8 +416,13 @@ def _of_eps(value: float, eps: float) -> str:
 def _optimizer_text(o: OptimizerSettings) -> str:
     """"SGD lr 0.05 (momentum 0.9, weight decay 0.0001), x0.1 after epoch 4"."""
     extra = f"momentum {o.momentum:g}" if o.name == "sgd" else f"betas {o.betas[0]:g}, {o.betas[1]:g}"
-    schedule = (f"x{o.gamma:g} after epoch{'s' * (len(o.milestones) > 1)} {', '.join(map(str, o.milestones))}"
-                if o.milestones else "constant lr")
+    if o.schedule == "onecycle":
+        schedule = "one cycle per batch (up, then down to 0)"
+    elif o.schedule == "cosine":
+        schedule = "cosine per batch to 0"
+    else:
+        schedule = (f"x{o.gamma:g} after epoch{'s' * (len(o.milestones) > 1)} {', '.join(map(str, o.milestones))}"
+                    if o.milestones else "constant lr")
     return f"{o.name.upper() if o.name == 'sgd' else o.name.capitalize()} lr {o.lr:g} ({extra}, weight decay " \
            f"{o.weight_decay:g}), {schedule}"
 

@@ -39,7 +39,11 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """An optimizer and its learning-rate schedule (MultiStepLR): the classifier's or the attacker's."""
+    """An optimizer and its learning-rate schedule: the classifier's or the attacker's.
+
+    `schedule` (learn2defend.train.schedule): "multistep" (MultiStepLR, stepped per epoch:
+    `milestones` and `gamma`), "cosine" (CosineAnnealingLR) or "onecycle" (OneCycleLR), both
+    stepped per batch. The attacker's is always multistep."""
 
     name: str  # sgd | adam
     lr: float
@@ -48,6 +52,7 @@ class OptimizerSettings:
     betas: tuple[float, float]  # adam only
     milestones: tuple[int, ...]  # epochs after which lr is multiplied by gamma
     gamma: float
+    schedule: str = "multistep"  # multistep | cosine | onecycle (config.LR_SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,8 @@ def _given(group: Any) -> dict[str, Any]:
 
 
 def _optimizer_fields(o: OptimizerSettings, prefix: str) -> dict[str, Any]:
-    """An optimizer's flat fields; betas and the schedule's gamma are shared (the classifier's)."""
+    """An optimizer's flat fields; betas and the schedule's gamma are shared (the classifier's);
+    the schedule's kind is the classifier's alone (the attacker's is multistep)."""
     d = {f"{prefix}optimizer": o.name, f"{prefix}lr": o.lr, f"{prefix}momentum": o.momentum,
          f"{prefix}weight_decay": o.weight_decay, f"{prefix}lr_milestones": list(o.milestones)}
-    return d if prefix else {**d, "betas": list(o.betas), "lr_gamma": o.gamma}
+    return d if prefix else {**d, "betas": list(o.betas), "lr_gamma": o.gamma, "lr_schedule": o.schedule}

@@ -90,9 +90,52 @@ def make_optimizer(settings: OptimizerSettings, params, fused: bool | None = Non
     return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
 
 
-def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning rate times `gamma` after each of the `milestones` epochs."""
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(settings.milestones), settings.gamma)
+# OneCycle's peak, as a share of the run (Wong et al. 2020 peak at 2/5 of training).
+ONECYCLE_PEAK = 0.4
+
+
+def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings,
+             total_steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule `settings.schedule` says, as PyTorch's own scheduler:
+
+    - "multistep": MultiStepLR, the learning rate times `gamma` after each of the `milestones`
+      epochs; stepped once per epoch.
+    - "cosine": CosineAnnealingLR from `lr` down to 0 over `total_steps` batches (T_max; the
+      last batch trains at a small positive rate); stepped once per batch.
+    - "onecycle": OneCycleLR over `total_steps` batches with the cyclic schedule of Wong et al.
+      2020 ("Fast is better than free", their code's `lr_schedule`: np.interp over
+      [0, 2/5, 1] of the run, [0, lr, 0], read after each batch): linear up to `lr` at 2/5 of
+      training, then linear down to 0; stepped once per batch. pct_start 0.4 and
+      anneal_strategy "linear" give the shape; div_factor = 0.4 x total_steps makes the first
+      batch's rate lr / (0.4 x total_steps), so batch t (0-based) trains at exactly Wong et al.'s
+      lr (t + 1) / (0.4 x total_steps) on the way up and lr (total_steps - t - 1) /
+      (0.6 x total_steps) on the way down, but for torch's final floor (min_lr = first rate /
+      1e4, not 0). Their code puts the peak at epoch floor(2 x epochs / 5); here it is at 2/5
+      of the batches exactly. Momentum is not cycled (cycle_momentum False: --momentum holds,
+      as in Wong et al.). The fast-AT benchmark of Pan & Yao 2026 (fzjcdt/FastAT_Benchmark)
+      instead calls OneCycleLR with torch's defaults (cosine annealing, peak at 0.3, cycled
+      momentum) and steps it once per epoch.
+
+    `total_steps` (batches of the whole run: epochs x batches per epoch, as the training
+    loader counts them) is needed by cosine and onecycle. ValueError for an unknown schedule
+    or a missing `total_steps` (config.validate refuses the former first)."""
+    lr = torch.optim.lr_scheduler
+    if settings.schedule == "multistep":
+        return lr.MultiStepLR(optimizer, list(settings.milestones), settings.gamma)
+    if total_steps is None or total_steps < 1:
+        raise ValueError(f"the {settings.schedule} schedule needs the run's total steps, got {total_steps}")
+    if settings.schedule == "cosine":
+        return lr.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if settings.schedule == "onecycle":
+        return lr.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=total_steps, pct_start=ONECYCLE_PEAK,
+                             anneal_strategy="linear", cycle_momentum=False,
+                             div_factor=max(ONECYCLE_PEAK * total_steps, 1.0))
+    raise ValueError(f"unknown learning-rate schedule {settings.schedule!r}")
+
+
+def per_batch(settings: OptimizerSettings) -> bool:
+    """Whether the schedule steps after every batch (cosine, onecycle) or every epoch (multistep)."""
+    return settings.schedule != "multistep"
 
 
 # ---- evaluation during training ------------------------------------------------------------
@@ -215,9 +258,11 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock,
     data = _training_data(cfg, device, given, continuing)
     # unset speed switches: this device's defaults, decided before anything is built (and
     # written: config.json records what runs)
-    cfg, switches = speed.resolve_switches(cfg, device, cfg.epochs * _batches_per_epoch(cfg, data, world))
+    steps_per_epoch = _batches_per_epoch(cfg, data, world)
+    cfg, switches = speed.resolve_switches(cfg, device, cfg.epochs * steps_per_epoch)
     speed.check_switches(cfg.speed, device, world)
-    loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world, fresh=stored is None))
+    loop = _Loop(cfg, out, device, data, build_parts(cfg, data_meta(data), device, world, fresh=stored is None,
+                                                     steps_per_epoch=steps_per_epoch))
     if stored is not None:
         loop.restore(stored)
     # Nothing was written so far; from here on the run folder is ours (rank 0's alone).
@@ -246,6 +291,11 @@ def _check_resumable(out: Path, cfg: ResolvedConfig) -> ResolvedConfig:
     stored = load_resolved(out / CONFIG)
     if stored.data.dataset == PYTHON_SPEC and cfg.data.dataset != PYTHON_SPEC:
         raise UserError(f"'{out}' {NEEDS_DATA}")
+    same_schedule = cfg.optimizer.schedule == stored.optimizer.schedule  # else changed_settings says so
+    if per_batch(stored.optimizer) and same_schedule and cfg.epochs != stored.epochs:
+        raise UserError(f"cannot resume '{out}' with --epochs {cfg.epochs}: its --lr-schedule "
+                        f"{stored.optimizer.schedule} spans the run's {stored.epochs} epochs; give --epochs "
+                        f"{stored.epochs} (only a multistep schedule may be extended)")
     differ = changed_settings(stored, cfg, RESUMABLE_CHANGES | {"batch_size"})
     if differ:  # the values too: a default that changed between versions is set back with its flag
         raise UserError(f"cannot resume '{out}' with other settings: {differ}; give the run's values to continue it")
@@ -321,7 +371,7 @@ class Parts:
 
 
 def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device, world: int = 1, *,
-                fresh: bool = True) -> Parts:
+                fresh: bool = True, steps_per_epoch: int = 1) -> Parts:
     """The networks, optimizers and schedules of a run, as `train` builds them (also `bench`);
     `fresh` (not a resumed run, whose checkpoint holds the weights) reads --pretrained."""
     torch.manual_seed(cfg.run.seed)
@@ -347,7 +397,7 @@ def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device,
     step_model, step_attacker = speed.prepare_modules(model, attacker, cfg.speed)
     fused = True if speed.fused_optimizers(cfg.speed) else None
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), fused)
-    parts = Parts(meta, model, optimizer, schedule(optimizer, cfg.optimizer))
+    parts = Parts(meta, model, optimizer, schedule(optimizer, cfg.optimizer, cfg.epochs * steps_per_epoch))
     if attacker is not None:
         parts.attacker = attacker
         parts.attacker_optimizer = make_optimizer(cfg.attacker.optimizer, attacker.parameters(), fused)
@@ -569,9 +619,23 @@ class _Loop:
         """`_step` under on_nonfinite=skip's guard: None for a step that went non-finite and
         was undone. ("stop" costs nothing per step: the loss sums are checked at checkpoints,
         every NONFINITE_CHECK_EVERY steps and at epoch ends.)"""
+        self._advance_schedule(i)  # outside the guard: the rate follows the batch, skipped or not
         if self.guard is None:
             return self._step(i, x, y)
         return self.guard.run(functools.partial(self._step, i, x, y))
+
+    def _advance_schedule(self, i: int) -> None:
+        """A per-batch schedule (cosine, onecycle): bring it to batch `i` (1-based) of the epoch,
+        so that global batch t trains at the schedule's rate t. Its position is the checkpoint's
+        (a resumed run continues where it stopped); host integers only, no device sync. A
+        position past the batch (an epoch started over on resume) holds the rate until the
+        batches catch up; the schedule never passes its last step."""
+        scheduler = self.parts.scheduler
+        if not per_batch(self.cfg.optimizer):
+            return
+        t = min(self.pos.epoch * len(self.loader) + i - 1, self.cfg.epochs * len(self.loader) - 1)
+        while scheduler.last_epoch < t:
+            scheduler.step()
 
     def _step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> Metrics:
         """The method's step on batch `i` (1-based) of the epoch, then the weight average's update."""
@@ -620,7 +684,8 @@ class _Loop:
         if self.ranks.is_main:  # the others go on and wait for it at their first gradient sync
             self._validate(record)
         pos.history.append(record)
-        p.scheduler.step()
+        if not per_batch(self.cfg.optimizer):  # cosine and onecycle step per batch (_advance_schedule)
+            p.scheduler.step()
         if p.attacker_scheduler is not None:
             p.attacker_scheduler.step()
         pos.epoch, pos.batch, pos.sums = pos.epoch + 1, 0, {}
