@@ -62,6 +62,49 @@ def test_mart_loss_matches_the_reference_formulation():
     torch.testing.assert_close(m.mart_loss(clean, adv, y, 5.0), expected, rtol=1e-5, atol=1e-6)
 
 
+def _reference_mart(clean, adv, y, beta):
+    """MART's reference formulation (YisenWang/MART, mart.py), written out independently."""
+    p_adv, p_clean = adv.softmax(1), clean.softmax(1)
+    top2 = p_adv.argsort(1)[:, -2:]
+    wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    boosted = F.cross_entropy(adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), wrong)
+    kl = torch.nn.KLDivLoss(reduction="none")(torch.log(p_adv + 1e-12), p_clean).sum(1)
+    return boosted + beta * (kl * (1.0000001 - p_clean.gather(1, y[:, None]).squeeze(1))).mean()
+
+
+def test_mart_loss_and_gradients_match_the_reference_on_a_confident_net():
+    """A confident net (logits 40 apart, as a plain net's can be) whose adversarial predictions
+    flip: the reference's log(p + 1e-12) caps -log p(x') at 27.6 nats, where a log-softmax gives
+    40 and another gradient. Half the clean images are confidently wrong, so that their KL
+    weight 1 - p_y(x) is ~1."""
+    torch.manual_seed(3)
+    y = torch.arange(8) % 5
+    clean_class = torch.where(torch.arange(8) < 4, (y + 2) % 5, y)
+    clean = (F.one_hot(clean_class, 5) * 40.0 + torch.randn(8, 5)).requires_grad_(True)
+    adv = (F.one_hot((y + 1) % 5, 5) * 40.0 + torch.randn(8, 5)).requires_grad_(True)
+    ours, ref = m.mart_loss(clean, adv, y, 5.0), _reference_mart(clean, adv, y, 5.0)
+    assert ref > 5.0 * 4 / 8 * 27  # the capped KL of the four misclassified images counts
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, [clean, adv]), torch.autograd.grad(ref, [clean, adv]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trades_gradients_match_the_reference_on_a_confident_net():
+    """The reference's nn.KLDivLoss(size_average=False)(log_softmax(f(x')), softmax(f(x))) / batch:
+    the gradient reaches both the clean and the adversarial logits, at every confidence."""
+    torch.manual_seed(4)
+    y = torch.arange(8) % 5
+    clean = (F.one_hot(y, 5) * 30.0 + torch.randn(8, 5)).requires_grad_(True)
+    adv = (torch.randn(8, 5) * 15.0).requires_grad_(True)
+    ours = m.trades_loss(clean, adv, y, 6.0)
+    ref = F.cross_entropy(clean, y) + 6.0 * torch.nn.KLDivLoss(reduction="sum")(
+        adv.log_softmax(1), clean.softmax(1)) / len(y)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, [clean, adv]), torch.autograd.grad(ref, [clean, adv]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert a.abs().sum() > 0
+
+
 def test_mart_kl_term_vanishes_on_confidently_correct_images():
     y = torch.tensor([0, 1])
     clean = torch.tensor([[30.0, 0, 0], [0, 30.0, 0]])  # p_y(x) = 1: weight 0

@@ -248,21 +248,24 @@ def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float
 def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float,
               label_smoothing: float = 0.0) -> Tensor:
     """Wang et al. 2020: boosted CE at x' plus beta * KL(p(x) || p(x')) weighted per image
-    by 1 - p_y(x), averaged over the batch.
+    by 1 - p_y(x), averaged over the batch, computed as MART's reference code computes it
+    (github.com/YisenWang/MART, mart.py).
 
-    Boosted CE = CE(f(x'), y) - log(1 - max_{k != y} p_k(x')): the margin term pushes the
-    strongest wrong class down. The 1.0001 in place of 1 keeps its log finite, as in the
-    reference code; the KL uses log-softmax rather than the reference's log(p + 1e-12).
-    The weight 1 - p_y(x) is not detached (the reference does not detach it either).
+    Boosted CE = CE(f(x'), y) - log(1.0001 - max_{k != y} p_k(x')): the margin term pushes the
+    strongest wrong class down (the 1.0001 keeps its log finite). The KL takes the log of the
+    adversarial probabilities as log(p(x') + 1e-12), as the reference does: each class's
+    -log p_k(x') is capped at 27.6 nats and passes no gradient once p_k(x') is far below
+    1e-12, which bounds the term on a confident net (a log-softmax has neither bound: a
+    prediction flipped between logits 40 apart gives 40 nats there, 27.6 here). The weight is
+    1.0000001 - p_y(x), not detached (the reference detaches neither it nor p(x)).
     """
     p_adv = F.softmax(logits_adv, dim=1)
     strongest_wrong = p_adv.scatter(1, y[:, None], 0.0).amax(dim=1)
     boosted_ce = (F.cross_entropy(logits_adv, y, label_smoothing=label_smoothing)
                   - torch.log(1.0001 - strongest_wrong).mean())
-    log_p_clean = F.log_softmax(logits_clean, dim=1)
-    p_clean = log_p_clean.exp()
-    kl = (p_clean * (log_p_clean - F.log_softmax(logits_adv, dim=1))).sum(dim=1)
-    misclassified = 1.0 - p_clean.gather(1, y[:, None]).squeeze(1)
+    p_clean = F.softmax(logits_clean, dim=1)
+    kl = F.kl_div(torch.log(p_adv + 1e-12), p_clean, reduction="none").sum(dim=1)
+    misclassified = 1.0000001 - p_clean.gather(1, y[:, None]).squeeze(1)
     return boosted_ce + beta * (kl * misclassified).mean()
 
 
