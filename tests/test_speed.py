@@ -71,12 +71,14 @@ def updates(parts, before):
 BF16_CLASSIFIER_RTOL = 0.15
 BF16_ATTACKER_MIN_COSINE = 0.95
 BF16_LOSS_RTOL = 0.02  # per step
-# TRADES' attack starts 0.001 from the image, where the adversarial and clean logits differ
-# by less than bf16 resolves: its first sign steps follow rounding, not the KL. Measured here:
-# the third step's loss 18 % off (0.33 against 0.28), the classifier's update 26 %.
+# TRADES' attack starts 0.001 from the image (its reference code), where the adversarial and
+# clean logits differ by less than bf16 resolves: its first sign step follows rounding, not
+# the KL, and the difference compounds over the three updates. Measured here (AVX2 CPU):
+# the third step's loss 26-35 % off (0.38 against 0.28), the classifier's update 28 %.
+# MART starts at the same 0.001: its second step's loss 2.2-2.8 % off, the classifier 7 %.
 # FGSM-SDI's learned start is followed by a sign step: rounding flips some of its pixels, and
-# the third step's loss differs by 2.9 % (measured: 0.130 against 0.126).
-BF16_TOLERANCES = {"trades": (0.4, 0.25), "fgsm-sdi": (0.15, 0.05)}  # (classifier rtol, loss rtol)
+# the third step's loss differs by 2-3 % (measured: 0.129 against 0.126).
+BF16_TOLERANCES = {"trades": (0.5, 0.5), "mart": (0.15, 0.05), "fgsm-sdi": (0.15, 0.05)}  # (classifier, loss rtol)
 # FGSM-SDI's attacker takes a single Adam step in these three (every 5 batches): Adam's per-coordinate
 # normalization makes tiny coordinates count as much as large ones; cosine 0.949 measured.
 BF16_ATTACKER_COSINE = {"fgsm-sdi": 0.9}
