@@ -2,6 +2,7 @@
 and the final point in the eps-ball and [0, 1], the Jensen-Shannon term and its growing weight,
 exact mid-epoch resume, and the same starts on every rank under torchrun."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -92,6 +93,13 @@ def test_class_wise_starts_are_eps_signs_of_the_grey_images_gradient():
     (g,) = torch.autograd.grad(F.cross_entropy(ctx.model(grey), torch.arange(2)), grey)
     torch.testing.assert_close(starts, EPS * g.sign())
     assert not torch.equal(starts[0], starts[1])  # one start per class
+
+
+def test_class_wise_query_in_chunks_of_the_batch_size_gives_the_same_starts():
+    ctx = _trained_ctx()
+    whole = liet_class_starts(ctx, toy_batch()[0])
+    ctx.config = dataclasses.replace(ctx.config, batch_size=1)  # one grey image per chunk
+    torch.testing.assert_close(liet_class_starts(ctx, toy_batch()[0]), whole)
 
 
 def test_start_and_final_point_stay_in_the_ball_and_the_image_box():
