@@ -17,7 +17,7 @@ from learn2defend.settings import ResolvedConfig
 
 # Fields a resolved run may leave at None: each says "the run does without", none "later".
 DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
-                "random_start", "beta", "noise", "workers", "pretrained",
+                "random_start", "beta", "noise", "workers", "pretrained", "start_every", "js_weight",
                 # the device's defaults (speed.DEVICE_DEFAULTS): train fixes them once it knows the
                 # device, and config.json records the values that ran
                 "channels_last", "compile", "tf32", "cudnn_benchmark"}

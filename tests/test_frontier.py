@@ -33,15 +33,15 @@ def test_every_method_has_its_own_colour_and_marker() -> None:
 
 def test_a_new_method_gets_a_style_of_its_own_without_one_given() -> None:
     records = dict(METHOD_RECORDS)
-    for name in ("fgsm-pgi", "liet", *(f"new-{i}" for i in range(30))):  # more methods than colours or markers
+    for name in ("new-a", "new-b", *(f"new-{i}" for i in range(30))):  # more methods than colours or markers
         records[name] = replace(METHOD_RECORDS["fgsm"], name=name, colour="", marker="")
     records["given-colour"] = replace(METHOD_RECORDS["fgsm"], name="given-colour", colour="tab:red", marker="")
     styles = method_styles(records)
     assert len(set(styles.values())) == len(styles)
     assert {k: styles[k] for k in METHOD_RECORDS} == method_styles()  # the existing ones keep theirs
     old_colours = {c for c, _ in method_styles().values()}
-    assert styles["fgsm-pgi"][0] not in old_colours and styles["liet"][0] not in old_colours
-    assert styles["fgsm-pgi"] != styles["liet"] and styles["given-colour"][0] == "tab:red"
+    assert styles["new-a"][0] not in old_colours and styles["new-b"][0] not in old_colours
+    assert styles["new-a"] != styles["new-b"] and styles["given-colour"][0] == "tab:red"
 
 
 def _lines(fig) -> dict[str, Line2D]:

@@ -59,6 +59,10 @@ HELP = {
     "random_start": "uniform random start: FGSM-RS (Wong et al. 2020) with --method fgsm; PGD from a random "
                     "point with --method pgd (pgd-at always starts at one)",
     "beta": "trades, mart: weight of the KL term against the clean (trades) or boosted (mart) cross-entropy",
+    "start_every": "liet: refresh the class-wise starts (the grey image's input gradient per class) every K "
+                   "batches of an epoch",
+    "js_weight": "liet: weight of the Jensen-Shannon term between the start's and the final point's "
+                 "predictions in the last epoch; epoch e of E uses (e + 1) / E of it",
     "attacker": "slim | wide (the paper's Table 1) | sdi (FGSM-SDI's generator)",
     "attacker_width": ATTACKER_WIDTH_HELP,
     "attacker_scale": "attacker output tanh(s*h) with a learnable s starting at 5 (authors' code)",
@@ -119,7 +123,7 @@ NONE_DEFAULTS = {
     "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
     "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",
     **{name: _per_method(name) for name in ("clean_weight", "step_size", "beta", "noise", "pgd_steps",
-                                            "attacker", "attacker_every")},
+                                            "attacker", "attacker_every", "start_every", "js_weight")},
     "ema": "off",
     "attacker_optimizer": "adam",
     "attacker_lr": "1e-3 with adam, --lr with sgd",

@@ -172,6 +172,8 @@ class TrainConfig:
     beta: float | None = None  # trades, mart: weight of the KL term
     noise: float | None = None  # n-fgsm: half-width of the uniform noise, in pixels (2 eps)
     label_smoothing: float = 0.0  # of the classifier's training cross-entropy (every method)
+    start_every: int | None = None  # liet: refresh its class-wise starts every K batches of an epoch (20)
+    js_weight: float | None = None  # liet: weight of the Jensen-Shannon term in the last epoch (100), linear growth
     ema: float | None = None  # decay of an exponential moving average of the classifier's weights (off: None)
     # learned attacker (L2L methods)
     attacker: str | None = None  # slim for the paper's methods, sdi for fgsm-sdi
@@ -415,7 +417,8 @@ def _has_type(value: Any, annotation: str) -> bool:
 # Method-specific options with no value of their own: giving one to a method that does not
 # take it (its record's `options`) is an error. The others (--pgd-steps, --grad-norm, ...)
 # have always been accepted and ignored by the methods they do not concern.
-_CHECKED_OPTIONS = {"random_start": False, "beta": None, "noise": None, "attacker_every": None}
+_CHECKED_OPTIONS = {"random_start": False, "beta": None, "noise": None, "attacker_every": None,
+                    "start_every": None, "js_weight": None}
 
 
 def _method_options(c: TrainConfig) -> None:
@@ -566,6 +569,13 @@ def _validate_method(c: TrainConfig) -> None:
             raise UserError(f"--attacker-every must be at most {MAX_ATTACKER_EVERY}, got {c.attacker_every}")
     if c.beta is not None and not (math.isfinite(c.beta) and 0 <= c.beta <= MAX_BETA):
         raise UserError(f"--beta must lie in [0, {MAX_BETA:g}], got {c.beta}")
+    if c.start_every is not None:
+        _positive_int("start-every", c.start_every)
+        if c.start_every > MAX_ATTACKER_EVERY:
+            raise UserError(f"--start-every must be at most {MAX_ATTACKER_EVERY}, got {c.start_every}")
+    if c.js_weight is not None and not (isinstance(c.js_weight, (int, float)) and math.isfinite(c.js_weight)
+                                        and 0 <= c.js_weight <= MAX_BETA):
+        raise UserError(f"--js-weight must lie in [0, {MAX_BETA:g}], got {c.js_weight}")
     if c.clean_weight and c.method in KL_METHODS:
         raise UserError(f"--clean-weight does not apply to --method {c.method}: its loss has its own clean "
                         "term, weighted against the KL term by --beta")

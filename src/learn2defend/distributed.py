@@ -157,6 +157,13 @@ def broadcast_modules(modules: list[nn.Module | None]) -> None:
         _broadcast([t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())])
 
 
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of `tensors` on every rank, in place (a method's shared state, such as
+    LIET's class-wise starts); nothing without a process group."""
+    if active():
+        _broadcast(tensors)
+
+
 def broadcast_buffers(modules: list[nn.Module | None]) -> None:
     """Rank 0's buffers (batch-norm running statistics) on every rank."""
     if active():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .attacks import correct_predictions, fgsm_delta, kl_pgd_delta, pgd_delta
 from .attacks.threat import ThreatModel, threat_model
 from .settings import ResolvedConfig
@@ -46,6 +48,11 @@ class StepContext:
     attacker_optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None  # --amp fp16 (learn2defend.speed)
     step_index: int = 0  # global batches trained before this one (the loop sets it): --attacker-every
+    batches_per_epoch: int = 0  # steps of one epoch (the loop sets it; 0 outside a training loop, e.g. bench)
+    # A method's state besides its networks (liet: its class-wise starts), on the step's device;
+    # the loop checkpoints it and puts it back on resume, so a resumed run computes what an
+    # uninterrupted one would.
+    state: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def threat(self) -> ThreatModel:
@@ -491,6 +498,145 @@ def n_fgsm_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     return _train_on(ctx, x, y, x_adv - x)
 
 
+# ---- LIET: class-wise starts, shared by every image of a class -----------------------------
+
+# The share of a start's pixels replaced by uniform noise is drawn per batch in this range
+# (the authors' CIFAR-10 8/255 config: min_mask_ratio 0.1, max_mask_ratio 0.5).
+LIET_MASK_RATIO = (0.1, 0.5)
+LIET_STATE = "liet_class_starts"  # its key in StepContext.state (and in checkpoints' method_state)
+
+
+def liet_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
+    """LIET ("Mitigating Catastrophic Overfitting in Fast Adversarial Training via Label
+    Information Elimination", ICCV 2025; the authors' code, github.com/fzjcdt/LIET main.py,
+    and its copy in the fast-AT benchmark, fzjcdt/FastAT_Benchmark fast_at/liet.py):
+
+    1. every --start-every batches of an epoch (the 1st, the K+1st, ...; default 20), the
+       class-wise starts: one input gradient of CE(f(g), k) at the constant grey image g (0.5
+       everywhere) per class k, the classifier in eval mode; start_k = eps * sign(grad)
+       (`liet_class_starts`); kept in ctx.state, checkpointed, and rank 0's under torchrun;
+    2. each image takes its class's start; a share r of its pixels, r ~ U(0.1, 0.5) drawn once
+       per batch, is replaced by uniform noise in [-eps, eps]; the whole batch's perturbation
+       is negated with probability 1/2; x0 = clip(x +- delta, 0, 1), inside the eps-ball
+       (`liet_start`);
+    3. one signed-gradient step of --step-size (eps) from x0, the gradient taken in train
+       mode, projected to the eps-ball around x and to [0, 1]: x';
+    4. loss = CE(f(x'), y) (with --label-smoothing; --clean-weight mixes in the clean CE) +
+       lambda_e * JS(p(x0), p(x')), the Jensen-Shannon divergence between the predictions at
+       the start and at the final point, the gradient flowing through both; lambda_e =
+       --js-weight * (e + 1) / epochs in epoch e (0-based): linear growth to --js-weight
+       (default 100) in the last epoch (`liet_js_weight`).
+
+    Where this differs from the authors' code:
+    - the gradient queries (class-wise and at x0) use plain cross-entropy, as every attack here
+      does; theirs use the training loss, label smoothing 0.6 with random off-class mass (here
+      --label-smoothing, uniform, applies to the training CE only, off by default);
+    - above 8/255 their code draws the noise in [-2 eps, 2 eps] and does not project x' back to
+      the eps-ball (and their 16/255 config uses mask ratios in [0, 1], lambda 20, smoothing 0.4
+      and K 10 on CIFAR-10); here the start and x' always stay in the eps-ball at every eps, with
+      the 8/255 config's settings;
+    - the JS term is computed from log-softmaxes (finite where a probability underflows; theirs
+      takes the log of the clamped mixture);
+    - their refresh also accumulates the query's weight gradients, which their next zero_grad
+      drops: here the query takes input gradients only.
+    l-inf only (per-pixel signed starts and noise). Under --compile the step's forwards run
+    eagerly (the start's graph is taken backward twice). Cost: 7 classifier forwards per image
+    (`_liet_forwards`), 0.30x PGD-AT's.
+    """
+    eps, threat = ctx.config.eps, ctx.threat
+    # The start's forward (train mode) keeps its graph for the JS term: two backwards through it,
+    # which a compiled backward refuses (donated buffers), and a compiled forward's batch-norm
+    # updates in between would invalidate it; so under --compile LIET's step runs eagerly.
+    model = _eager(ctx.model)
+    x0 = liet_start(ctx, x, y).requires_grad_(True)
+    logits_start = model(x0)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits_start, y, reduction="sum"), x0, retain_graph=True)
+    delta = threat.project(x0.detach() - x + ctx.config.attack.step_size * threat.direction(g), x, eps)
+    logits = model(x + delta)
+    logits_clean = model(x) if ctx.config.loss.clean_weight else None
+    loss = mixed_loss(ctx, logits, y, logits_clean) + liet_js_weight(ctx) * js_divergence(logits_start, logits)
+    update(ctx, loss)
+    return batch_metrics(loss, logits, y, adversarial=True)
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (its OptimizedModule keeps it as `_orig_mod`), else `model`."""
+    return getattr(model, "_orig_mod", model)
+
+
+def liet_start(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
+    """LIET's starting point x0 [B, C, H, W] for images x with labels y: each image's class-wise
+    start (refreshed here on the batches due, `liet_refresh_due`), a per-batch random share of
+    its pixels replaced by uniform noise in [-eps, eps], a random sign for the whole batch,
+    clipped to [0, 1]; |x0 - x| <= eps. Random draws on x's device, no host sync."""
+    if liet_refresh_due(ctx) or LIET_STATE not in ctx.state:
+        ctx.state[LIET_STATE] = liet_class_starts(ctx, x)
+    eps, (low, high) = ctx.config.eps, LIET_MASK_RATIO
+    delta = ctx.state[LIET_STATE].to(x.dtype)[y]
+    ratio = low + (high - low) * torch.rand((), device=x.device)
+    replaced = torch.rand_like(x) < ratio
+    delta = torch.where(replaced, torch.empty_like(x).uniform_(-eps, eps), delta)
+    sign = torch.where(torch.rand((), device=x.device) < 0.5, -1.0, 1.0).to(x.dtype)
+    return (x + sign * delta).clamp(0, 1).detach()
+
+
+def liet_refresh_due(ctx: StepContext) -> bool:
+    """Whether this batch refreshes the class-wise starts: every --start-every batches of an
+    epoch, counted from its first batch (as the authors' `idx % li_update == 0`)."""
+    within = ctx.step_index % ctx.batches_per_epoch if ctx.batches_per_epoch else ctx.step_index
+    return within % ctx.config.attack.start_every == 0
+
+
+def liet_js_weight(ctx: StepContext) -> float:
+    """The JS term's weight in this step's epoch e (0-based): --js-weight * (e + 1) / epochs."""
+    c = ctx.config
+    epoch = ctx.step_index // ctx.batches_per_epoch if ctx.batches_per_epoch else 0
+    return c.loss.js_weight * min(epoch + 1, c.epochs) / c.epochs
+
+
+@torch.no_grad()
+def liet_class_starts(ctx: StepContext, like: Tensor) -> Tensor:
+    """The class-wise starts [K, C, H, W]: row k = eps * sign of the input gradient of CE(f(g), k)
+    at the grey image g (0.5 everywhere; C, H, W those of `like`), the classifier in eval mode
+    (running batch-norm statistics, left untouched). K, the number of classes, is read from the
+    classifier's output. The grey images go through in chunks of at most --batch-size. Under
+    torchrun every rank takes rank 0's (ranks' batch-norm statistics differ between syncs)."""
+    c, h, w = like.shape[1:]
+    grey = like.new_full((1, c, h, w), 0.5)
+    chunks, model = [], _eager(ctx.model)  # as the step: eager under --compile
+    with eval_mode(model):
+        classes = ctx.state[LIET_STATE].shape[0] if LIET_STATE in ctx.state else model(grey).shape[1]
+        labels = torch.arange(classes, device=like.device)
+        for first in range(0, classes, ctx.config.batch_size):
+            k = labels[first:first + ctx.config.batch_size]
+            query = grey.expand(len(k), c, h, w).clone().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(F.cross_entropy(model(query), k, reduction="sum"), query)
+            chunks.append(g.sign())
+    starts = ctx.config.eps * torch.cat(chunks).float()
+    distributed.broadcast_tensors([starts])
+    return starts
+
+
+def js_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence between softmax(logits_p) and softmax(logits_q) [B, K], in
+    nats, averaged over the batch: (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2. In float32
+    from log-softmaxes, so finite where a probability underflows; the gradient flows into both."""
+    log_p, log_q = F.log_softmax(logits_p.float(), dim=1), F.log_softmax(logits_q.float(), dim=1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(dim=1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(dim=1)
+    return ((kl_pm + kl_qm) / 2).mean()
+
+
+def _liet_forwards(c: ResolvedConfig) -> tuple[float, float]:
+    # the start's forward (its graph kept for the JS term) and input backward, the final forward,
+    # one backward through both graphs; the clean term's forward and backward. Left out: the
+    # class-wise query every K batches, 2 x classes forwards for the whole batch (10 classes,
+    # K 20, batch 128: 0.008 forwards per image).
+    return 7.0 + 3 * _w(c), 0.0
+
+
 # ---- the method records ------------------------------------------------------------------
 
 
@@ -639,6 +785,14 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
                "pgd_steps": Default(lambda c: 1, "1"),
                "step_size": Default(lambda c: c.eps / c.pgd_steps, "eps / --pgd-steps")},
            options=_L2L | {"pgd_steps"}, colour="tab:green", marker="*"),
+    Method("liet", liet_step, "LIET (ICCV 2025): a class-wise start from the grey image's gradient, partly noise, "
+           "refreshed every K batches; an FGSM step of eps; + a growing Jensen-Shannon term", _liet_forwards,
+           defaults={"step_size": _eps_times(1.0, "eps"), "start_every": Default(lambda c: 20, "20"),
+                     "js_weight": Default(lambda c: 100.0, "100")},
+           options=frozenset({"start_every", "js_weight"}),
+           unsupported_norms={"l2": "LIET is defined for l-inf only (per-pixel signed class-wise starts, pixels "
+                                    "replaced by uniform noise); use fgsm-sdi or pgd-at under l2"},
+           colour="#98df8a", marker="p"),
 ]}
 
 # The step of each method by name; the loop looks its step up here.

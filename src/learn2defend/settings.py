@@ -63,6 +63,7 @@ class AttackSettings:
     step_size: float | None  # pixels; None: the method takes no step (plain, the paper's L2L methods)
     random_start: bool | None  # fgsm (FGSM-RS) and pgd; None: fixed by the method (pgd-at: always random)
     noise: float | None  # n-fgsm's uniform noise half-width in pixels; None: other methods
+    start_every: int | None = None  # liet: batches between refreshes of its class-wise starts; None: other methods
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class LossSettings:
     clean_weight: float  # of the clean cross-entropy, (1 - w) of the adversarial one
     beta: float | None  # trades and mart: the KL term's weight; None: the method has none
     label_smoothing: float
+    js_weight: float | None = None  # liet: the Jensen-Shannon term's weight in the last epoch; None: other methods
 
 
 @dataclass(frozen=True)

@@ -485,6 +485,7 @@ class _Loop:
         self.cfg, self.out, self.device, self.data, self.parts = cfg, out, device, data, parts
         self.ranks = distributed.Ranks.current()
         self.loader = _train_loader(cfg, data, device, self.ranks)
+        parts.ctx.batches_per_epoch = len(self.loader)
         _preflight(parts.model, parts.attacker, cfg, parts.meta, device)
         self.step = parts.step(cfg, device)
         self.guard: _SkipGuard | None = None  # on_nonfinite=skip: undoes a step that went non-finite
@@ -518,6 +519,8 @@ class _Loop:
             s["scaler"] = p.ctx.scaler.state_dict()
         if p.ema is not None:  # load_run takes the classifier from here (runs.EMA)
             s["ema"] = p.ema.state_dict()
+        if p.ctx.state:  # the method's own state (liet: its class-wise starts)
+            s["method_state"] = dict(p.ctx.state)
         return s
 
     def restore(self, stored: ResolvedConfig) -> None:
@@ -561,6 +564,7 @@ class _Loop:
             p.ctx.scaler.load_state_dict(s["scaler"])
         if p.ema is not None:
             load_weights(p.ema, s["ema"], f"averaged weights in {path}")
+        p.ctx.state = dict(s.get("method_state", {}))
         for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
             if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
                 raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
