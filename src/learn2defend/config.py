@@ -167,6 +167,9 @@ class TrainConfig:
     random_start: bool = False  # fgsm: Fast-AT's FGSM-RS (uniform start, step 1.25 eps)
     beta: float | None = None  # trades, mart: weight of the KL term
     noise: float | None = None  # n-fgsm: half-width of the uniform noise, in pixels (2 eps)
+    pgi_lambda: float | None = None  # fgsm-pgi: weight of the MSE between start and final logits (10)
+    pgi_decay: float | None = None  # fgsm-pgi: decay of the per-image gradient momentum (0.3)
+    pgi_reset: int | None = None  # fgsm-pgi: reset the per-image memory every this many epochs (40)
     label_smoothing: float = 0.0  # of the classifier's training cross-entropy (every method)
     ema: float | None = None  # decay of an exponential moving average of the classifier's weights (off: None)
     # learned attacker (L2L methods)
@@ -409,7 +412,8 @@ def _has_type(value: Any, annotation: str) -> bool:
 # Method-specific options with no value of their own: giving one to a method that does not
 # take it (its record's `options`) is an error. The others (--pgd-steps, --grad-norm, ...)
 # have always been accepted and ignored by the methods they do not concern.
-_CHECKED_OPTIONS = {"random_start": False, "beta": None, "noise": None, "attacker_every": None}
+_CHECKED_OPTIONS = {"random_start": False, "beta": None, "noise": None, "attacker_every": None,
+                    "pgi_lambda": None, "pgi_decay": None, "pgi_reset": None}
 
 
 def _method_options(c: TrainConfig) -> None:
@@ -557,6 +561,17 @@ def _validate_method(c: TrainConfig) -> None:
             raise UserError(f"--attacker-every must be at most {MAX_ATTACKER_EVERY}, got {c.attacker_every}")
     if c.beta is not None and not (math.isfinite(c.beta) and 0 <= c.beta <= MAX_BETA):
         raise UserError(f"--beta must lie in [0, {MAX_BETA:g}], got {c.beta}")
+    _validate_pgi(c)
     if c.clean_weight and c.method in KL_METHODS:
         raise UserError(f"--clean-weight does not apply to --method {c.method}: its loss has its own clean "
                         "term, weighted against the KL term by --beta")
+
+
+def _validate_pgi(c: TrainConfig) -> None:
+    """TrainConfig.validate: fgsm-pgi's consistency weight, momentum decay and reset period."""
+    if c.pgi_lambda is not None and not (math.isfinite(c.pgi_lambda) and 0 <= c.pgi_lambda <= MAX_BETA):
+        raise UserError(f"--pgi-lambda must lie in [0, {MAX_BETA:g}], got {c.pgi_lambda}")
+    if c.pgi_decay is not None and not (math.isfinite(c.pgi_decay) and 0 <= c.pgi_decay <= 1):
+        raise UserError(f"--pgi-decay must lie in [0, 1], got {c.pgi_decay}")
+    if c.pgi_reset is not None:
+        _positive_int("pgi-reset", c.pgi_reset)

@@ -58,6 +58,8 @@ class AttackSettings:
     step_size: float | None  # pixels; None: the method takes no step (plain, the paper's L2L methods)
     random_start: bool | None  # fgsm (FGSM-RS) and pgd; None: fixed by the method (pgd-at: always random)
     noise: float | None  # n-fgsm's uniform noise half-width in pixels; None: other methods
+    pgi_decay: float | None = None  # fgsm-pgi: decay of the per-image gradient momentum; None: other methods
+    pgi_reset: int | None = None  # fgsm-pgi: the memory is reset every this many epochs; None: other methods
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class LossSettings:
     clean_weight: float  # of the clean cross-entropy, (1 - w) of the adversarial one
     beta: float | None  # trades and mart: the KL term's weight; None: the method has none
     label_smoothing: float
+    pgi_lambda: float | None = None  # fgsm-pgi: weight of the MSE consistency term; None: other methods
 
 
 @dataclass(frozen=True)
