@@ -17,7 +17,7 @@ from learn2defend.settings import ResolvedConfig
 
 # Fields a resolved run may leave at None: each says "the run does without", none "later".
 DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
-                "random_start", "beta", "noise", "workers", "pretrained"}
+                "random_start", "beta", "noise", "workers", "pretrained", "pgi_lambda", "pgi_decay", "pgi_reset"}
 # workers: None is the CPUs of the machine that runs
 
 OPTION_SETS = [

@@ -265,12 +265,13 @@ class StreamLoader:
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)}")
         order, b = self.order(), self.batch_size
-        batches = [[(i, self.epoch) for i in order[k * b : (k + 1) * b].tolist()] for k in range(start_batch, len(self))]
+        listed = order.tolist()
+        batches = [[(i, self.epoch) for i in listed[k * b : (k + 1) * b]] for k in range(start_batch, len(self))]
         if not indices:
             return self._batches(batches)
         on_device = order.to(self.device)  # one copy per epoch; each batch's indices are a slice of it
         slices = (on_device[k * b : (k + 1) * b] for k in range(start_batch, len(self)))
-        return ((*batch, idx) for batch, idx in zip(self._batches(batches), slices))
+        return ((*batch, idx) for batch, idx in zip(self._batches(batches), slices, strict=True))
 
     def _batches(self, batches: list[list[tuple[int, int]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not batches:
