@@ -244,3 +244,25 @@ def test_stream_loader_yields_each_batchs_indices_on_request(tmp_path):
     assert len(batches) == 2
     for x, y, idx in batches:
         assert torch.equal(idx, y) and torch.equal((x[:, 0, 0, 0] * 255).round().long(), 40 * y)
+
+
+def test_cli_lists_it_refuses_bad_options_in_one_line_and_bench_times_it(tmp_path, capsys):
+    import json
+
+    from learn2defend.cli import main
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fgsm-pgi" in out and "--pgi-lambda" in out and "--pgi-decay" in out and "--pgi-reset" in out
+    for flags, message in ((["--method", "fgsm-pgi", "--pgi-decay", "2"], "--pgi-decay must lie in [0, 1]"),
+                           (["--method", "fgsm-pgi", "--pgi-lambda", "-1"], "--pgi-lambda must lie"),
+                           (["--method", "pgd-at", "--pgi-reset", "5"], "--pgi-reset applies to --method fgsm-pgi")):
+        assert main(["train", *flags, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+    assert main(["bench", "--model", "smallcnn", "--dataset", "fake:1x8x8:4", "--batch-size", "8", "--steps", "1",
+                 "--warmup", "0", "--device", "cpu", "--methods", "n-fgsm,fgsm-pgi", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["seconds_per_step"]["fgsm-pgi"] > 0
+    macs = result["macs_per_step"]
+    assert macs["fgsm-pgi"] == pytest.approx(7 / 5 * macs["n-fgsm"], rel=0.02)  # 7 forwards against 5
