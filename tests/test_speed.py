@@ -76,7 +76,10 @@ BF16_LOSS_RTOL = 0.02  # per step
 # the third step's loss 18 % off (0.33 against 0.28), the classifier's update 26 %.
 # FGSM-SDI's learned start is followed by a sign step: rounding flips some of its pixels, and
 # the third step's loss differs by 2.9 % (measured: 0.130 against 0.126).
-BF16_TOLERANCES = {"trades": (0.4, 0.25), "fgsm-sdi": (0.15, 0.05)}  # (classifier rtol, loss rtol)
+# FGSM-PGI: each step starts from the sign steps the previous one stored (here the same batch three
+# times), so a pixel that rounding flips stays flipped: measured 17 % on the update, 5.1 % on the
+# third loss (0.513 against 0.487).
+BF16_TOLERANCES = {"trades": (0.4, 0.25), "fgsm-sdi": (0.15, 0.05), "fgsm-pgi": (0.3, 0.1)}  # (classifier, loss rtol)
 # FGSM-SDI's attacker takes a single Adam step in these three (every 5 batches): Adam's per-coordinate
 # normalization makes tiny coordinates count as much as large ones; cosine 0.949 measured.
 BF16_ATTACKER_COSINE = {"fgsm-sdi": 0.9}
