@@ -266,3 +266,67 @@ def test_cli_lists_it_refuses_bad_options_in_one_line_and_bench_times_it(tmp_pat
     assert result["seconds_per_step"]["fgsm-pgi"] > 0
     macs = result["macs_per_step"]
     assert macs["fgsm-pgi"] == pytest.approx(7 / 5 * macs["n-fgsm"], rel=0.02)  # 7 forwards against 5
+
+
+RESUME_WORKER = textwrap.dedent("""
+    import os
+    import signal
+    import sys
+    import torch
+    from torch import nn
+    from learn2defend import TrainConfig, distributed, methods, train
+    from learn2defend.models import Normalize, register_model
+    train_module = sys.modules["learn2defend.train"]
+
+    @register_model("test-mlp")
+    def _mlp(*, num_classes, in_channels, image_size, mean, std):
+        return nn.Sequential(Normalize(mean, std), nn.Flatten(),
+                             nn.Linear(in_channels * image_size ** 2, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+    out, resume, stop_at = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
+    real, seen = methods.STEPS["fgsm-pgi"], []
+
+    def step(ctx, x, y):  # SIGTERM to rank 0 alone at step stop_at
+        seen.append(ctx)
+        if len(seen) == stop_at and distributed.rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(ctx, x, y)
+
+    methods.STEPS["fgsm-pgi"] = step
+    distributed.init_from_env("cpu")
+    try:
+        run = train(TrainConfig(out=out, dataset="fake:1x8x8:4", train_size=192, val_size=64, model="test-mlp",
+                                method="fgsm-pgi", epochs=2, batch_size=16, lr=0.05, val_robust_n=0, progress=False,
+                                device="cpu", data_dir=out + "-data", checkpoint_every=2), resume=resume)
+    except train_module.TrainingInterrupted:
+        sys.exit(0)
+    state = {f"model.{k}": v for k, v in run.model.state_dict().items()}
+    state.update({f"memory.{k}": v.clone() for k, v in seen[-1].memory.state_dict().items()})
+    torch.save(state, f"{out}/final-rank{distributed.rank()}.pt")
+""")
+
+
+def _torchrun(tmp_path, worker, *args):
+    script = tmp_path / "resume_worker.py"
+    script.write_text(worker)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=localhost:{_free_port()}", str(script), *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_ranks_resume_mid_epoch_bit_exact(tmp_path):
+    # 6 batches per rank and epoch; SIGTERM on rank 0 at its 6 + 3rd step: both ranks stop at the
+    # checkpoint after batch 4 of epoch 2, with the rows both wrote in it merged into LAST
+    _torchrun(tmp_path, RESUME_WORKER, tmp_path / "full", "new", 0)
+    _torchrun(tmp_path, RESUME_WORKER, tmp_path / "part", "new", 6 + 3)
+    state = load_state(tmp_path / "part" / "last.safetensors")
+    assert (state["epoch"], state["batch"], state["world_size"]) == (1, 4, 2)
+    _torchrun(tmp_path, RESUME_WORKER, tmp_path / "part", "resume", 0)
+    for rank in (0, 1):
+        full, resumed = (torch.load(tmp_path / name / f"final-rank{rank}.pt") for name in ("full", "part"))
+        assert full.keys() == resumed.keys() and any(k.startswith("memory.") for k in full)
+        for k in full:
+            assert torch.equal(full[k], resumed[k]), (rank, k)
