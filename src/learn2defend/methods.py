@@ -524,8 +524,9 @@ def fgsm_pgi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     - under --norm l2 the same recipe with the l2 threat model's pieces: the start is a random
       point on the sphere of radius eps, the steps go along g / ||g||_2 and m / ||m||_2, and
       the projection is onto the l2 ball (the authors define it for l-inf only);
-    - under torchrun the rows are merged across ranks at epoch ends (learn2defend.memory);
-      the authors train in one process.
+    - under torchrun the rows are merged across ranks at epoch ends and checkpoints
+      (learn2defend.memory) and the L1 norm is over each rank's batch; the authors train in
+      one process (DataParallel), their norm over the whole batch.
     As theirs, the memory follows the image index, not the augmentation: a random crop or flip
     of the image gets the perturbation of its last view unmoved.
     """
