@@ -18,6 +18,7 @@ from learn2defend.settings import ResolvedConfig
 # Fields a resolved run may leave at None: each says "the run does without", none "later".
 DOES_WITHOUT = {"init", "ema", "attacker", "image_size", "train_size", "flip", "crop_padding", "pgd_steps", "step_size",
                 "random_start", "beta", "noise", "workers", "pretrained", "start_every", "js_weight",
+                "pgi_lambda", "pgi_decay", "pgi_reset",
                 # the device's defaults (speed.DEVICE_DEFAULTS): train fixes them once it knows the
                 # device, and config.json records the values that ran
                 "channels_last", "compile", "tf32", "cudnn_benchmark"}

@@ -62,6 +62,22 @@ def test_defaults_follow_the_authors_8_255_config():
     assert METHOD_RECORDS["liet"].forwards(TrainConfig(method="liet", clean_weight=0.5).resolve()) == (10.0, 0.0)
 
 
+def test_counted_macs_spread_the_class_wise_query_over_its_period():
+    """bench.step_macs counts the first step, a refresh: the class-wise query (two passes per
+    class at the grey image, whatever the batch) is spread over --start-every batches, so a
+    step of 128 images costs the cost model's 7 forwards per image plus 2 x 4 classes / 20."""
+    from learn2defend.bench import forward_macs, step_macs
+    from learn2defend.runs import build_classifier
+
+    meta = {"image_shape": [1, 8, 8], "classes": [str(i) for i in range(4)], "mean": [0.5], "std": [0.5]}
+    c = TrainConfig(method="liet", dataset="fake:1x8x8:4", model="smallcnn", batch_size=128).resolve()
+    forward = forward_macs(build_classifier(c, meta).eval(), torch.zeros(1, 1, 8, 8))
+    per_image = step_macs(c, meta) / 128 / forward
+    assert per_image == pytest.approx(7.0 + 2 * 4 / 20 / 128, rel=0.02)
+    every_batch = dataclasses.replace(c, attack=dataclasses.replace(c.attack, start_every=1))
+    assert step_macs(every_batch, meta) / 128 / forward > per_image + 2 * 4 / 128 * 0.9  # a query every batch
+
+
 def test_class_wise_starts_are_refreshed_every_k_batches_of_an_epoch_only(monkeypatch):
     ctx = make_ctx("liet", start_every=3)
     ctx.batches_per_epoch = 7  # the refreshes restart with each epoch, as the authors' idx % K

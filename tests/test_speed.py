@@ -78,7 +78,11 @@ BF16_LOSS_RTOL = 0.02  # per step
 # MART starts at the same 0.001: its second step's loss 2.2-2.8 % off, the classifier 7 %.
 # FGSM-SDI's learned start is followed by a sign step: rounding flips some of its pixels, and
 # the third step's loss differs by 2-3 % (measured: 0.129 against 0.126).
-BF16_TOLERANCES = {"trades": (0.5, 0.5), "mart": (0.15, 0.05), "fgsm-sdi": (0.15, 0.05)}  # (classifier, loss rtol)
+# FGSM-PGI: each step starts from the sign steps the previous one stored (here the same batch three
+# times), so a pixel that rounding flips stays flipped: measured 17 % on the update, 5.1 % on the
+# third loss (0.513 against 0.487).
+BF16_TOLERANCES = {"trades": (0.5, 0.5), "mart": (0.15, 0.05), "fgsm-sdi": (0.15, 0.05),
+                   "fgsm-pgi": (0.3, 0.1)}  # (classifier, loss rtol)
 # FGSM-SDI's attacker takes a single Adam step in these three (every 5 batches): Adam's per-coordinate
 # normalization makes tiny coordinates count as much as large ones; cosine 0.949 measured.
 BF16_ATTACKER_COSINE = {"fgsm-sdi": 0.9}

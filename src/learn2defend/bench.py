@@ -276,15 +276,22 @@ def count_macs(fn: Callable[[], Any]) -> int:
 def step_macs(config: ResolvedConfig, meta: dict[str, Any], batch_size: int | None = None) -> int:
     """Multiply-adds of one training step of `config.method` (resolved config) on a batch of
     `batch_size` images (default: the config's), everything included: attack, forwards,
-    backwards, the attacker. Counted on a CPU on two random images and scaled, since every
-    counted operation is linear in the batch; the global random state is left as it was."""
+    backwards, the attacker. Counted on a CPU on the first step with two and with four random
+    images: what grows with the batch is scaled to it, and what does not (LIET's class-wise
+    query, run once every --start-every batches) is spread over its period. The global random
+    state is left as it was."""
     c, h, w = meta["image_shape"]
-    n = 2
-    with torch.random.fork_rng(devices=[]):
-        x = torch.rand(n, c, h, w)
-        y = torch.arange(n) % len(meta["classes"])
-        macs = count_macs(_training_step(config, meta, torch.device("cpu"), x, y))
-    return macs * (batch_size or config.batch_size) // n
+
+    def counted(n: int) -> int:
+        with torch.random.fork_rng(devices=[]):
+            x = torch.rand(n, c, h, w)
+            y = torch.arange(n) % len(meta["classes"])
+            return count_macs(_training_step(config, meta, torch.device("cpu"), x, y))
+
+    two, four = counted(2), counted(4)
+    per_image = (four - two) / 2
+    per_batch = max(two - 2 * per_image, 0.0)  # does not grow with the batch
+    return round(per_image * (batch_size or config.batch_size) + per_batch / (config.attack.start_every or 1))
 
 
 def bench(config: BenchConfig, deadline: float | None = None) -> dict[str, Any]:

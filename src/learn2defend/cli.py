@@ -50,6 +50,11 @@ HELP = {
     "clean_weight": "weight of the clean loss",
     "pgd_steps": "attack iterations of --method pgd, pgd-at, trades and mart; fgsm-sdi: steps after the learned start",
     "noise": "n-fgsm: half-width of the uniform noise before the FGSM step, in pixels (e.g. 16/255)",
+    "pgi_lambda": "fgsm-pgi: weight of the mean squared difference between the logits at the remembered start "
+                  "and at the training point",
+    "pgi_decay": "fgsm-pgi: decay of the per-image momentum of L1-normalized input gradients",
+    "pgi_reset": "fgsm-pgi: reset the per-image memory (random corners of the ball, momentum 0) every this many "
+                 "epochs",
     "label_smoothing": "label smoothing of the classifier's training cross-entropy (attacks use plain CE); "
                        "FGSM-SDI's code uses 0.111 (its factor 0.9)",
     "ema": "keep an exponential moving average of the classifier's weights (and batch-norm statistics) with "
@@ -123,6 +128,7 @@ NONE_DEFAULTS = {
     "flip": "per data set: on for folders and CIFAR, off for digits, MNIST and SVHN",
     "crop_padding": "per data set: 4 for CIFAR and SVHN, 2 for MNIST, 1/8 of the image size for folders, 0 for digits",
     **{name: _per_method(name) for name in ("clean_weight", "step_size", "beta", "noise", "pgd_steps",
+                                            "pgi_lambda", "pgi_decay", "pgi_reset",
                                             "attacker", "attacker_every", "start_every", "js_weight")},
     "ema": "off",
     "attacker_optimizer": "adam",

@@ -171,6 +171,9 @@ class TrainConfig:
     random_start: bool = False  # fgsm: Fast-AT's FGSM-RS (uniform start, step 1.25 eps)
     beta: float | None = None  # trades, mart: weight of the KL term
     noise: float | None = None  # n-fgsm: half-width of the uniform noise, in pixels (2 eps)
+    pgi_lambda: float | None = None  # fgsm-pgi: weight of the MSE between start and final logits (10)
+    pgi_decay: float | None = None  # fgsm-pgi: decay of the per-image gradient momentum (0.3)
+    pgi_reset: int | None = None  # fgsm-pgi: reset the per-image memory every this many epochs (40)
     label_smoothing: float = 0.0  # of the classifier's training cross-entropy (every method)
     start_every: int | None = None  # liet: refresh its class-wise starts every K batches of an epoch (20)
     js_weight: float | None = None  # liet: weight of the Jensen-Shannon term in the last epoch (100), linear growth
@@ -418,7 +421,7 @@ def _has_type(value: Any, annotation: str) -> bool:
 # take it (its record's `options`) is an error. The others (--pgd-steps, --grad-norm, ...)
 # have always been accepted and ignored by the methods they do not concern.
 _CHECKED_OPTIONS = {"random_start": False, "beta": None, "noise": None, "attacker_every": None,
-                    "start_every": None, "js_weight": None}
+                    "start_every": None, "js_weight": None, "pgi_lambda": None, "pgi_decay": None, "pgi_reset": None}
 
 
 def _method_options(c: TrainConfig) -> None:
@@ -576,6 +579,17 @@ def _validate_method(c: TrainConfig) -> None:
     if c.js_weight is not None and not (isinstance(c.js_weight, (int, float)) and math.isfinite(c.js_weight)
                                         and 0 <= c.js_weight <= MAX_BETA):
         raise UserError(f"--js-weight must lie in [0, {MAX_BETA:g}], got {c.js_weight}")
+    _validate_pgi(c)
     if c.clean_weight and c.method in KL_METHODS:
         raise UserError(f"--clean-weight does not apply to --method {c.method}: its loss has its own clean "
                         "term, weighted against the KL term by --beta")
+
+
+def _validate_pgi(c: TrainConfig) -> None:
+    """TrainConfig.validate: fgsm-pgi's consistency weight, momentum decay and reset period."""
+    if c.pgi_lambda is not None and not (math.isfinite(c.pgi_lambda) and 0 <= c.pgi_lambda <= MAX_BETA):
+        raise UserError(f"--pgi-lambda must lie in [0, {MAX_BETA:g}], got {c.pgi_lambda}")
+    if c.pgi_decay is not None and not (math.isfinite(c.pgi_decay) and 0 <= c.pgi_decay <= 1):
+        raise UserError(f"--pgi-decay must lie in [0, 1], got {c.pgi_decay}")
+    if c.pgi_reset is not None:
+        _positive_int("pgi-reset", c.pgi_reset)

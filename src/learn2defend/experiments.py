@@ -246,7 +246,7 @@ class Reproduction:
         if recipe == "frontier" and spec.method not in ("pgd", *PAPER_L2L_METHODS):
             # The methods the paper has no recipe for train with its L2L schedule (SGD, lr / 10
             # late), the schedule shape of the PGD-AT, TRADES and MART references; FGSM-RS as
-            # Wong et al. (adversarial loss only); N-FGSM and FGSM-SDI with their defaults (the
+            # Wong et al. (adversarial loss only); N-FGSM, FGSM-SDI, FGSM-PGI and LIET with their defaults (the
             # sdi attacker with learn2defend's Adam, updated every 5 batches); "2step": the
             # learned start followed by two signed-gradient steps of eps/2, the best learned-start
             # design measured on digits (docs/results.md). The PGM and the paper's L2L nets keep

@@ -79,28 +79,30 @@ FRONTIER_PRESETS: dict[str, Preset] = {
     # et al.'s cyclic shape, learn2defend.train.schedule), sized to
     # finish in about 8 minutes on one H200 with the MAC model (bench.step_macs):
     # - per image and step: FGSM-RS 2.78 GMAC (5.0 forwards of 0.555), N-FGSM 2.78 (5.0),
-    #   FGSM-SDI 4.13 (7.4, sdi attacker x1 included), PGD-AT 12.77 (23.0); one epoch of the
-    #   45,000 training images (50,000 less the 10 % validation split): 125 + 125 + 186 + 575
-    #   = 1,011 TMAC, 40 s at 25 TMAC/s (docs/measurements/doctor-h200.json: wrn-34-4 at batch
-    #   128 trains at 27.5-31.0 TMAC/s under bf16; PreAct-ResNet-18, half its size, likely less);
+    #   FGSM-SDI 4.13 (7.4, sdi attacker x1 included), FGSM-PGI 3.89 (7.0), LIET 3.89 (7.0; its
+    #   class-wise query every 20 batches adds 0.008 forwards), PGD-AT 12.77 (23.0); one epoch
+    #   of the 45,000 training images (50,000 less the 10 % validation split): 125 + 125 + 186
+    #   + 175 + 175 + 575 = 1,361 TMAC, 54 s at 25 TMAC/s (docs/measurements/doctor-h200.json:
+    #   wrn-34-4 at batch 128 trains at 27.5-31.0 TMAC/s under bf16; PreAct-ResNet-18, half its
+    #   size, likely less);
     # - validation per epoch and method, in float32 (13 TMAC/s measured): clean on 5,000 images
-    #   (2.8 TMAC) and PGD-10 on 500 (5.8 TMAC): 0.7 s, 2.6 s for the four methods;
-    # - AutoAttack-fast on 1,000 images, float32: APGD-CE 100 iterations on ~750 correct images
-    #   and APGD-T 9 x 100 on ~450 robust ones, ~960k forward+backward pairs of 2 forwards
-    #   (0.53 PMAC): 41 s per method, 164 s for four;
-    # - E epochs: 42.6 E + 164 s + ~30 s start-up (data, the MAC counts on the CPU) <= 480 s
-    #   gives E <= 6.7. 15 epochs of these four would take ~830 s (15 epochs of PGD-AT alone
-    #   345 s of training); TRADES, MART and the PGM net cost PGD-AT's, Grad/2-Step L2L (slim
-    #   x1: 7.0 and 11.0 forwards) another 8-12 s per epoch. So: FGSM-RS, N-FGSM, FGSM-SDI and
-    #   the PGD-AT reference, 6 epochs, one seed: predicted 422 s (7.0 min).
+    #   (2.8 TMAC) and PGD-10 on 500 (5.8 TMAC): 0.7 s, 3.9 s for the six methods;
+    # - AutoAttack-fast on 500 images, float32: APGD-CE 100 iterations on ~375 correct images
+    #   and APGD-T 9 x 100 on ~225 robust ones, ~480k forward+backward pairs of 2 forwards
+    #   (0.27 PMAC): 20.5 s per method, 123 s for six;
+    # - E epochs: 58.3 E + 123 s + ~30 s start-up (data, the MAC counts on the CPU) <= 480 s
+    #   gives E <= 5.6. TRADES, MART and the PGM net cost PGD-AT's, Grad/2-Step L2L (slim x1:
+    #   7.0 and 11.0 forwards) another 8-12 s per epoch. So: FGSM-RS, N-FGSM, FGSM-SDI, FGSM-PGI,
+    #   LIET and the PGD-AT reference, 5 epochs, one seed, 500 AutoAttack images (+-2.2 points
+    #   at 50 %): predicted 445 s (7.4 min).
     "gpu": replace(
-        PRESETS["paper"], name="gpu", model="preact-resnet18", epochs=6, l2l_lr=0.1, l2l_milestones=(3, 5),
-        weight_decay=5e-4, batch_size=128, seeds=1, n=1000, train_size=None, attacker_width=1.0,
+        PRESETS["paper"], name="gpu", model="preact-resnet18", epochs=5, l2l_lr=0.1, l2l_milestones=(3, 4),
+        weight_decay=5e-4, batch_size=128, seeds=1, n=500, train_size=None, attacker_width=1.0,
         autoattack="autoattack-fast", checks=False, val_robust_n=500, attacker_optimizer=None,
-        frontier_methods=("fgsm-rs", "n-fgsm", "fgsm-sdi-sdi", "pgd-at"), from_scratch=True, amp="bf16",
-        channels_last=True, lr_schedule="onecycle",
-        label="PreAct-ResNet-18 from scratch, every training image, 6 epochs, bf16, channels last, 1 seed, "
-              "FGSM-RS, N-FGSM, FGSM-SDI and PGD-AT, n=1000"),
+        frontier_methods=("fgsm-rs", "n-fgsm", "fgsm-sdi-sdi", "fgsm-pgi", "liet", "pgd-at"), from_scratch=True,
+        amp="bf16", channels_last=True, lr_schedule="onecycle",
+        label="PreAct-ResNet-18 from scratch, every training image, 5 epochs, bf16, channels last, 1 seed, "
+              "FGSM-RS, N-FGSM, FGSM-SDI, FGSM-PGI, LIET and PGD-AT, n=500"),
     "tiny": replace(PRESETS["tiny"], val_robust_n=16),
 }
 FRONTIER_PRESETS_PUBLIC = ("paper", "cpu", "gpu")
@@ -108,7 +110,8 @@ FRONTIER_PRESETS_PUBLIC = ("paper", "cpu", "gpu")
 
 FRONTIER_LABELS = {"plain-continued": "Plain Net (continued)", "fgsm-rs": "FGSM-RS", "n-fgsm": "N-FGSM",
                    "pgd": "PGM Net (paper)", "pgd-at": "PGD-AT", "trades": "TRADES", "mart": "MART",
-                   "fgsm-sdi-sdi": "FGSM-SDI", "fgsm-sdi-sdi-2step": "FGSM-SDI, 2 steps"}
+                   "fgsm-sdi-sdi": "FGSM-SDI", "fgsm-sdi-sdi-2step": "FGSM-SDI, 2 steps",
+                   "fgsm-pgi": "FGSM-PGI", "liet": "LIET"}
 
 
 def frontier_specs(preset: Preset) -> list[RunSpec]:
@@ -120,7 +123,8 @@ def frontier_specs(preset: Preset) -> list[RunSpec]:
                   RunSpec("n-fgsm", seed), RunSpec("pgd", seed), RunSpec("pgd-at", seed), RunSpec("trades", seed),
                   RunSpec("mart", seed)]
         specs += [RunSpec(m, seed, a) for a in preset.frontier_attackers for m in ("grad-l2l", "2step-l2l")]
-        specs += [RunSpec("fgsm-sdi", seed, "sdi"), RunSpec("fgsm-sdi", seed, "sdi", "2step")]
+        specs += [RunSpec("fgsm-sdi", seed, "sdi"), RunSpec("fgsm-sdi", seed, "sdi", "2step"),
+                  RunSpec("fgsm-pgi", seed), RunSpec("liet", seed)]
     return [s for s in specs if (not preset.frontier_methods or s.key in preset.frontier_methods)
             and preset.norm not in METHOD_RECORDS[s.method].unsupported_norms]
 

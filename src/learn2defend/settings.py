@@ -64,6 +64,8 @@ class AttackSettings:
     random_start: bool | None  # fgsm (FGSM-RS) and pgd; None: fixed by the method (pgd-at: always random)
     noise: float | None  # n-fgsm's uniform noise half-width in pixels; None: other methods
     start_every: int | None = None  # liet: batches between refreshes of its class-wise starts; None: other methods
+    pgi_decay: float | None = None  # fgsm-pgi: decay of the per-image gradient momentum; None: other methods
+    pgi_reset: int | None = None  # fgsm-pgi: the memory is reset every this many epochs; None: other methods
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class LossSettings:
     beta: float | None  # trades and mart: the KL term's weight; None: the method has none
     label_smoothing: float
     js_weight: float | None = None  # liet: the Jensen-Shannon term's weight in the last epoch; None: other methods
+    pgi_lambda: float | None = None  # fgsm-pgi: weight of the MSE consistency term; None: other methods
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,8 @@ def wrap_step(step: Callable[[Tensor, Tensor], dict[str, Tensor]], cfg: SpeedSet
         contexts.append(lambda: torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp]))
     if device.type == "cuda":
         contexts.append(lambda: cuda_math(tf32=bool(cfg.tf32), benchmark=bool(cfg.cudnn_benchmark)))
+    if cfg.compile:
+        contexts.append(_no_donated_buffers)
     if not contexts and not cfg.channels_last:
         return step
 
@@ -183,6 +185,18 @@ def wrap_step(step: Callable[[Tensor, Tensor], dict[str, Tensor]], cfg: SpeedSet
             return step(x, y)
 
     return wrapped
+
+
+def _no_donated_buffers() -> contextlib.AbstractContextManager:
+    """torch.compile's graphs compiled inside the block keep the buffers their backward saved:
+    by default a compiled backward may reuse ("donate") them, which forbids a second backward
+    through the same graph (retain_graph=True, else a RuntimeError). fgsm-pgi's gradient query
+    and fgsm's clean query under fp16 or --label-smoothing take one and later the training
+    backward through the same forward. The training steps compile in here (they compile on
+    their first call), so a graph cached by one method is safe for another (bench)."""
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(donated_buffer=False)
 
 
 @contextlib.contextmanager

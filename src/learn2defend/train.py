@@ -41,7 +41,8 @@ from .data import (
     python_dataset,
 )
 from .errors import UserError
-from .methods import STEPS, Metrics, StepContext, attacker_in_channels
+from .memory import PerturbationMemory, check_fits
+from .methods import METHOD_RECORDS, STEPS, Metrics, StepContext, attacker_in_channels
 from .models import made_with
 from .models.attackers import ATTACKER_LAYOUT
 from .runs import (
@@ -493,11 +494,26 @@ class _Loop:
             self.guard = _SkipGuard([parts.model, parts.attacker, parts.ema],
                                     [parts.optimizer, parts.attacker_optimizer], self.ranks)
         self.pos = _Position()
+        self.memory = self._per_image_memory()
+
+    def _per_image_memory(self) -> PerturbationMemory | None:
+        """The method's per-image memory over the training split (fgsm-pgi), on the training
+        device, in the step's context; None for methods without one. UserError if it does not
+        fit (learn2defend.memory.check_fits)."""
+        if not METHOD_RECORDS[self.cfg.method].per_image_memory:
+            return None
+        from .data.stream import available_memory
+
+        n, shape = len(self.data.train), tuple(self.data.image_shape)
+        check_fits(self.cfg.method, n, shape, *available_memory(self.device))
+        self.parts.ctx.memory = PerturbationMemory(n, shape, self.device, track=self.ranks.world > 1)
+        return self.parts.ctx.memory
 
     # The continuation state: with it, a resumed run computes bit for bit what an
     # uninterrupted one would. Data order and augmentation need no entry: DeviceLoader
     # derives them from (seed, epoch, batch).
-    def state(self, epoch: int, batch: int, sums: dict[str, Any]) -> dict[str, Any]:
+    def state(self, epoch: int, batch: int, sums: dict[str, Any], with_memory: bool = True) -> dict[str, Any]:
+        """`with_memory`: the per-image memory too (LAST, which resume reads; BEST does without)."""
         p = self.parts
         s = {
             "data": p.meta, "epoch": epoch, "batch": batch, "history": self.pos.history, "best": self.pos.best,
@@ -521,6 +537,8 @@ class _Loop:
             s["ema"] = p.ema.state_dict()
         if p.ctx.state:  # the method's own state (liet: its class-wise starts)
             s["method_state"] = dict(p.ctx.state)
+        if self.memory is not None and with_memory:  # merged across ranks (merge) before the save
+            s["memory"] = self.memory.state_dict()
         return s
 
     def restore(self, stored: ResolvedConfig) -> None:
@@ -565,6 +583,8 @@ class _Loop:
         if p.ema is not None:
             load_weights(p.ema, s["ema"], f"averaged weights in {path}")
         p.ctx.state = dict(s.get("method_state", {}))
+        if self.memory is not None:
+            self.memory.load_state_dict(s["memory"])
         for opt in (p.optimizer, p.attacker_optimizer):  # e.g. Adam state loaded into SGD
             if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
                 raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
@@ -595,13 +615,23 @@ class _Loop:
         with _StopFlag() as stop, _board(out, cfg.run.tensorboard and self.ranks.is_main) as board:
             while pos.epoch < cfg.epochs:
                 self.epoch_started, pos.seconds = time.perf_counter() - pos.seconds, 0.0
-                for i, (x, y) in self._batches():
+                self._epoch_start()
+                for i, (x, y, *idx) in self._batches():
+                    if idx:  # the batch's rows in the per-image memory
+                        self.parts.ctx.indices = idx[0]
                     self._account(self._guarded_step(i, x, y), len(y))
                     self._maybe_checkpoint(i, stop)
                 self._end_epoch(self._epoch_seconds(), board)
                 if self.ranks.agree_stop(stop.requested) and pos.epoch < cfg.epochs:
                     raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {out}; "
                                               "continue with --resume")
+
+    def _epoch_start(self) -> None:
+        """The method's hook before an epoch's first batch (not when resuming mid-epoch: the
+        checkpoint holds what it would have done)."""
+        hook = METHOD_RECORDS[self.cfg.method].epoch_start
+        if hook is not None and self.pos.batch == 0:
+            hook(self.parts.ctx, self.pos.epoch)
 
     def _epoch_seconds(self) -> float:
         """Seconds the current epoch has trained, those before a resume included."""
@@ -616,7 +646,8 @@ class _Loop:
         """The rest of the current epoch's batches, each with its 1-based index in the epoch."""
         pos, loader = self.pos, self.loader
         loader.set_epoch(pos.epoch)
-        batches = _progress(loader.iterate(pos.batch), len(loader) - pos.batch, pos.epoch, self.cfg)
+        batches = _progress(loader.iterate(pos.batch, indices=self.memory is not None), len(loader) - pos.batch,
+                            pos.epoch, self.cfg)
         return enumerate(batches, start=pos.batch + 1)
 
     def _guarded_step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> Metrics | None:
@@ -673,6 +704,8 @@ class _Loop:
         if not (stopping or periodic):
             return
         self.ranks.broadcast_buffers([self.parts.model, self.parts.attacker])
+        if self.memory is not None:  # every rank's rows of this epoch so far, on every rank
+            self.memory.merge()
         if self.ranks.is_main:
             _save(self.out / LAST, self.state(pos.epoch, i, total))
         pos.saved_at = (pos.epoch, i)
@@ -685,6 +718,8 @@ class _Loop:
         p, pos = self.parts, self.pos
         record = self._record(seconds)
         self.ranks.broadcast_buffers([p.model, p.attacker])  # rank 0's batch-norm statistics everywhere
+        if self.memory is not None:  # every rank's rows of this epoch, on every rank
+            self.memory.merge()
         if self.ranks.is_main:  # the others go on and wait for it at their first gradient sync
             self._validate(record)
         pos.history.append(record)
@@ -729,7 +764,7 @@ class _Loop:
         score = record.get("val_pgd10_acc", record["val_clean_acc"])
         if score > pos.best:
             pos.best = score
-            _save(out / BEST, self.state(pos.epoch, 0, pos.sums))
+            _save(out / BEST, self.state(pos.epoch, 0, pos.sums, with_memory=False))
         _save(out / LAST, self.state(pos.epoch, 0, pos.sums))
         ckpt.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in pos.history))
         if board is not None:

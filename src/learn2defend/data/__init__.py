@@ -705,12 +705,14 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate(0)
 
-    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, start_batch: int = 0, *, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """(images float32 [B, C, H, W] in [0, 1], labels int64 [B]) on the device, from batch
-        `start_batch` on. Skipped batches cost nothing: each batch's randomness has its own seed."""
+        `start_batch` on. Skipped batches cost nothing: each batch's randomness has its own seed.
+        `indices`: also the images' indices in the data set (int64 [B] on the device; for
+        methods with a per-image memory), a slice of the order already there: no extra copy."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)}")
-        return self._batches(self.order().to(self.device), start_batch, self.epoch)
+        return self._batches(self.order().to(self.device), start_batch, self.epoch, indices)
 
     def order(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch (CPU)."""
@@ -722,15 +724,15 @@ class DeviceLoader:
             perm = torch.arange(n)
         return perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
 
-    def _batches(self, order: torch.Tensor, start: int,
-                 epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, order: torch.Tensor, start: int, epoch: int,
+                 indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.images[idx]
             if self.augment and (self.crop_padding or self.flip):
                 seed = _seed("augment", self.seed, epoch, self.rank, b)
                 images = self._augment(images, torch.Generator().manual_seed(seed))
-            yield images.float().div_(255), self.labels[idx]
+            yield (images.float().div_(255), self.labels[idx], *((idx,) if indices else ()))
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Random crop + flip of a whole uint8 batch as one gather.

@@ -258,14 +258,20 @@ class StreamLoader:
             perm = torch.arange(n)
         return perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
 
-    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, start_batch: int = 0, *, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """(images float32 [B, C, S, S] in [0, 1], labels int64 [B]) on the device, from batch
-        `start_batch` on; the batches before it are not decoded."""
+        `start_batch` on; the batches before it are not decoded. `indices`: also the images'
+        indices in the split (int64 [B] on the device), as `DeviceLoader.iterate`."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)}")
-        order, b = self.order().tolist(), self.batch_size
-        batches = [[(i, self.epoch) for i in order[k * b : (k + 1) * b]] for k in range(start_batch, len(self))]
-        return self._batches(batches)
+        order, b = self.order(), self.batch_size
+        listed = order.tolist()
+        batches = [[(i, self.epoch) for i in listed[k * b : (k + 1) * b]] for k in range(start_batch, len(self))]
+        if not indices:
+            return self._batches(batches)
+        on_device = order.to(self.device)  # one copy per epoch; each batch's indices are a slice of it
+        slices = (on_device[k * b : (k + 1) * b] for k in range(start_batch, len(self)))
+        return ((*batch, idx) for batch, idx in zip(self._batches(batches), slices, strict=True))
 
     def _batches(self, batches: list[list[tuple[int, int]]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not batches:
