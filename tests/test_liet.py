@@ -88,7 +88,7 @@ def test_class_wise_starts_are_refreshed_every_k_batches_of_an_epoch_only(monkey
         refreshed.append(ctx_.step_index)
         return real(ctx_, like)
 
-    monkeypatch.setattr(methods, "liet_class_starts", counting)
+    monkeypatch.setattr(methods.starts, "liet_class_starts", counting)
     kept = []
     for index in range(14):
         ctx.step_index = index
@@ -192,8 +192,8 @@ def test_the_js_term_enters_the_loss_with_its_weight(monkeypatch):
             return terms[name]
         return wrapper
 
-    monkeypatch.setattr(methods, "mixed_loss", recorded("ce", methods.mixed_loss))
-    monkeypatch.setattr(methods, "js_divergence", recorded("js", methods.js_divergence))
+    monkeypatch.setattr(methods.starts, "mixed_loss", recorded("ce", methods.mixed_loss))
+    monkeypatch.setattr(methods.starts, "js_divergence", recorded("js", methods.js_divergence))
     x, y = toy_batch(64)
     loss = liet_step(ctx, x, y)["loss"] / len(y)
     assert terms["js"] > 0

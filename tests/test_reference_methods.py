@@ -133,7 +133,7 @@ def test_one_step_equals_an_sgd_step_on_the_loss_written_by_hand(monkeypatch, me
         seen.update(training=model.training, **kwargs)
         return delta
 
-    monkeypatch.setattr(m, attack, fixed)
+    monkeypatch.setattr(m.steps, attack, fixed)  # where the steps look it up
     metrics = m.STEPS[method](ctx, x, y)
 
     logits_clean, logits_adv = ref.model(x), ref.model(x + delta)  # train mode, as the step
