@@ -150,3 +150,34 @@ def test_notes_from_configs_without_training() -> None:
                                      (frontier.EVERY_VALIDATION_IMAGE, "every validation image")])
 def test_validation_images_read_as_words(n: int, text: str) -> None:
     assert frontier._validation_images(n) == text
+
+
+def test_methods_selects_rows_by_key_or_pattern() -> None:
+    from learn2defend.reproduce import select_rows
+
+    cpu = frontier.FRONTIER_PRESETS["cpu"]
+    assert select_rows(cpu, "liet, fgsm-pgi") == ("fgsm-pgi", "liet")  # the frontier's order
+    assert select_rows(cpu, "*sdi*") == ("fgsm-sdi-sdi", "fgsm-sdi-sdi-2step")
+    assert "grad-l2l-slim" in frontier.frontier_row_keys(cpu)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["frontier", "--methods", "pgd-at,nope"], "'nope' matches no frontier row; the rows: plain-continued, fgsm-rs"),
+    (["table2", "--methods", "pgd-at"], "--methods applies to the frontier only"),
+])
+def test_methods_refuses_what_it_cannot_select(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    from learn2defend.cli import main
+
+    assert main(["reproduce", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_methods_runs_only_the_rows_asked_for(tmp_path: Path) -> None:
+    from learn2defend.reproduce import reproduce
+
+    report = reproduce("frontier", frontier.FRONTIER_PRESETS["tiny"], tmp_path, datasets=[FAKE], methods="liet")
+    rows = report["experiments"]["frontier"][FAKE]["rows"]
+    assert [r["method"] for r in rows] == ["liet"]
+    assert [Path(p).name for p in report["trained"]] == ["plain-s0", "liet-s0"]  # its plain net, then the row

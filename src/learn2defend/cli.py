@@ -565,6 +565,8 @@ def _add_reproduce_commands(sub) -> None:
     p.add_argument("--norm", choices=("linf", "l2"), help="frontier only: the threat model every run trains and "
                    "is evaluated under (default: linf); l2 runs and tables go beside the l-inf ones, eps 0.5 on "
                    "CIFAR-10 unless --eps, methods without an l2 form (N-FGSM) left out")
+    p.add_argument("--methods", help="frontier only: the rows to run, comma-separated keys or patterns, e.g. "
+                   "'fgsm-pgi,liet' or '*sdi*' (default: every row of the preset); an unknown one lists the keys")
     p.add_argument("--out", required=True, help="folder for runs, cached evaluations, tables and figures")
     p.add_argument("--dataset", type=_names,
                    help="data set(s) instead of the paper's, e.g. digits or folder:PATH (default: the paper's)")
@@ -594,7 +596,8 @@ def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
 
     report = reproduce(args.experiment, args.preset, args.out, datasets=args.dataset, device=args.device,
                        data_dir=args.data_dir, download=args.download,
-                       log=lambda s: print(s, file=sys.stderr, flush=True), eps=args.eps, norm=args.norm)
+                       log=lambda s: print(s, file=sys.stderr, flush=True), eps=args.eps, norm=args.norm,
+                       methods=args.methods)
     if args.json:
         return report
     print(summary(report))

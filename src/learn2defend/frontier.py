@@ -129,6 +129,11 @@ def frontier_specs(preset: Preset) -> list[RunSpec]:
             and preset.norm not in METHOD_RECORDS[s.method].unsupported_norms]
 
 
+def frontier_row_keys(preset: Preset) -> list[str]:
+    """The row keys (RunSpec.key) `preset`'s frontier trains, in its order, each once."""
+    return list(dict.fromkeys(s.key for s in frontier_specs(preset)))
+
+
 def _label(key: str) -> str:
     if key in FRONTIER_LABELS:
         return FRONTIER_LABELS[key]

@@ -17,6 +17,7 @@ evaluations, the table writer) is `learn2defend.experiments`; the names it and
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import statistics
@@ -50,6 +51,7 @@ from .frontier import (  # noqa: F401 (re-exported)
     FRONTIER_PRESETS,
     FRONTIER_PRESETS_PUBLIC,
     frontier_notes,
+    frontier_row_keys,
     frontier_specs,
     run_frontier,
 )
@@ -274,7 +276,7 @@ RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
 def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, datasets: list[str] | None = None,
               device: str = "auto", data_dir: str = "data", download: bool = False,
               log: Callable[[str], None] | None = None, eps: float | None = None,
-              norm: str | None = None) -> dict[str, Any]:
+              norm: str | None = None, methods: str | None = None) -> dict[str, Any]:
     """Run one experiment (or "all") of the paper; returns what was written, per data set.
 
     `eps` (the frontier only): the l-inf radius in pixel units, in [0, 1], every frontier run
@@ -282,7 +284,11 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
     runs and tables go to their own folders and file names, beside those of the default.
     `norm` (the frontier only): "linf" (default) or "l2"; under l2 eps is an l2 radius
     (default: the data set's l2 default, 0.5 on CIFAR-10), runs go to their own folders, and
-    methods without an l2 form (N-FGSM) are left out."""
+    methods without an l2 form (N-FGSM) are left out.
+    `methods` (the frontier only): comma-separated row keys or shell patterns (e.g.
+    "fgsm-pgi,liet" or "*fgsm*"; `frontier_row_keys` lists them): only those rows are trained,
+    evaluated and tabled (their plain nets too, where they start from one); UserError when a
+    pattern matches no row of the preset."""
     names = list(EXPERIMENTS) if experiment == "all" else [experiment]
     if experiment != "all" and experiment not in (*EXPERIMENTS, *EXTRA_EXPERIMENTS):
         raise UserError(f"unknown experiment '{experiment}'; choose one of: "
@@ -305,6 +311,10 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps <= threat.eps_max):
             raise UserError(f"--eps must lie in [0, {threat.eps_max:g}] (pixel units, {threat.label}), got {eps}")
         preset = replace(preset, eps=float(eps))
+    if methods is not None:
+        if experiment != "frontier":
+            raise UserError(f"--methods applies to the frontier only, not to {experiment}")
+        preset = replace(preset, frontier_methods=select_rows(preset, methods))
     if datasets is not None:
         for d in datasets:
             TrainConfig(dataset=d).validate()  # cheap checks only; the data set itself loads at training
@@ -431,3 +441,17 @@ def summary(report: dict[str, Any]) -> str:
 
 __all__ = ["PRESETS", "FRONTIER_PRESETS", "FRONTIER_PRESETS_PUBLIC", "EXPERIMENTS", "EXTRA_EXPERIMENTS", "Preset",
            "RunSpec", "Reproduction", "reproduce", "plot_curves", "paper_results", "summary"]
+
+
+def select_rows(preset: Preset, patterns: str) -> tuple[str, ...]:
+    """The frontier row keys of `preset` (RunSpec.key, e.g. "pgd-at", "fgsm-sdi-sdi-2step")
+    that any of the comma-separated shell `patterns` matches, in the frontier's order; a
+    pattern that matches none is a UserError naming the keys."""
+    keys = frontier_row_keys(replace(preset, frontier_methods=()))
+    chosen = set()
+    for pattern in (p.strip() for p in patterns.split(",")):
+        hits = {k for k in keys if fnmatch.fnmatchcase(k, pattern)}
+        if not pattern or not hits:
+            raise UserError(f"--methods: '{pattern}' matches no frontier row; the rows: {', '.join(keys)}")
+        chosen |= hits
+    return tuple(k for k in keys if k in chosen)
