@@ -150,8 +150,8 @@ def test_method_options_are_checked_against_the_record():
             resolved.attack.step_size) == ("sdi", 5, 1, 0.1)
     two = TrainConfig(method="fgsm-sdi", eps=0.1, pgd_steps=2).resolve()
     assert two.attack.step_size == pytest.approx(0.05)
-    assert {m for m, r in METHOD_RECORDS.items() if r.has_attacker} == {"naive-l2l", "grad-l2l", "2step-l2l",
-                                                                        "fgsm-sdi"}
+    assert {m for m, r in METHOD_RECORDS.items() if r.has_attacker} == {
+        "naive-l2l", "grad-l2l", "2step-l2l", "fgsm-sdi", "fgsm-sdi-image", "fgsm-sdi-memory"}
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -10,6 +10,7 @@ from torch import nn
 
 from learn2defend.config import L2L_METHODS, METHODS, TrainConfig
 from learn2defend.methods import (
+    METHOD_RECORDS,
     STEPS,
     StepContext,
     attacker_in_channels,
@@ -53,8 +54,8 @@ def test_learned_perturbation_within_eps_and_image_range(method):
     with torch.no_grad():
         for p in ctx.attacker.parameters():
             p.mul_(50)
-    grad = None if method == "naive-l2l" else torch.randn_like(x)
-    delta = learned_perturbation(ctx, x, y, grad)
+    grad = torch.randn_like(x) if "gradient" in METHOD_RECORDS[method].attacker_sees else None
+    delta = METHOD_RECORDS[method].perturbation(ctx, x, y, grad)  # the record's learned perturbation
     assert delta.abs().max() <= EPS + 1e-6
     assert ((x + delta).clamp(0, 1) - x).abs().max() <= EPS + 1e-6
 

@@ -185,7 +185,8 @@ FAKE = "fake:1x8x8:4"  # synthetic images made on the fly, as the issue asks
 
 
 FRONTIER_ROWS = ["Plain Net (continued)", "FGSM-RS", "N-FGSM", "PGM Net (paper)", "PGD-AT", "TRADES", "MART",
-                 "Grad L2L (S)", "2-Step L2L (S)", "FGSM-SDI", "FGSM-SDI, 2 steps", "FGSM-PGI", "LIET"]
+                 "Grad L2L (S)", "2-Step L2L (S)", "FGSM-SDI", "FGSM-SDI, 2 steps",
+                 "Learned start, image only, 2 steps", "Learned start + memory, 2 steps", "FGSM-PGI", "LIET"]
 
 
 def _table(md: str) -> list[list[str]]:

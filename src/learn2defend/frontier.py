@@ -111,7 +111,8 @@ FRONTIER_PRESETS_PUBLIC = ("paper", "cpu", "gpu")
 FRONTIER_LABELS = {"plain-continued": "Plain Net (continued)", "fgsm-rs": "FGSM-RS", "n-fgsm": "N-FGSM",
                    "pgd": "PGM Net (paper)", "pgd-at": "PGD-AT", "trades": "TRADES", "mart": "MART",
                    "fgsm-sdi-sdi": "FGSM-SDI", "fgsm-sdi-sdi-2step": "FGSM-SDI, 2 steps",
-                   "fgsm-pgi": "FGSM-PGI", "liet": "LIET"}
+                   "fgsm-sdi-image-sdi": "Learned start, image only, 2 steps",
+                   "fgsm-sdi-memory-sdi": "Learned start + memory, 2 steps", "fgsm-pgi": "FGSM-PGI", "liet": "LIET"}
 
 
 def frontier_specs(preset: Preset) -> list[RunSpec]:
@@ -124,6 +125,7 @@ def frontier_specs(preset: Preset) -> list[RunSpec]:
                   RunSpec("mart", seed)]
         specs += [RunSpec(m, seed, a) for a in preset.frontier_attackers for m in ("grad-l2l", "2step-l2l")]
         specs += [RunSpec("fgsm-sdi", seed, "sdi"), RunSpec("fgsm-sdi", seed, "sdi", "2step"),
+                  RunSpec("fgsm-sdi-image", seed, "sdi"), RunSpec("fgsm-sdi-memory", seed, "sdi"),
                   RunSpec("fgsm-pgi", seed), RunSpec("liet", seed)]
     return [s for s in specs if (not preset.frontier_methods or s.key in preset.frontier_methods)
             and preset.norm not in METHOD_RECORDS[s.method].unsupported_norms]

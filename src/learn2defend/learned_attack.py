@@ -92,7 +92,7 @@ class LearnedAttack(Attack):
         ctx = StepContext(model=model, optimizer=None, config=self.config, attacker=attacker)  # type: ignore[arg-type]
         with torch.enable_grad():
             grad = None
-            if self.record.attacker_sees == "image+gradient":  # the gradient at x, as in training
+            if "gradient" in self.record.attacker_sees:  # the gradient at x, as in training
                 x = images.detach().requires_grad_(True)
                 loss = F.cross_entropy(model(x), labels, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, x)

@@ -497,16 +497,18 @@ class _Loop:
         self.memory = self._per_image_memory()
 
     def _per_image_memory(self) -> PerturbationMemory | None:
-        """The method's per-image memory over the training split (fgsm-pgi), on the training
-        device, in the step's context; None for methods without one. UserError if it does not
-        fit (learn2defend.memory.check_fits)."""
-        if not METHOD_RECORDS[self.cfg.method].per_image_memory:
+        """The method's per-image memory over the training split (fgsm-pgi, fgsm-sdi-memory), on
+        the training device, in the step's context; None for methods without one. UserError if
+        it does not fit (learn2defend.memory.check_fits)."""
+        kind = METHOD_RECORDS[self.cfg.method].per_image_memory
+        if not kind:
             return None
         from .data.stream import available_memory
 
-        n, shape = len(self.data.train), tuple(self.data.image_shape)
-        check_fits(self.cfg.method, n, shape, *available_memory(self.device))
-        self.parts.ctx.memory = PerturbationMemory(n, shape, self.device, track=self.ranks.world > 1)
+        n, shape, momentum = len(self.data.train), tuple(self.data.image_shape), "momentum" in kind
+        check_fits(self.cfg.method, n, shape, *available_memory(self.device), buffers=1 + momentum)
+        self.parts.ctx.memory = PerturbationMemory(n, shape, self.device, momentum=momentum,
+                                                   track=self.ranks.world > 1)
         return self.parts.ctx.memory
 
     # The continuation state: with it, a resumed run computes bit for bit what an

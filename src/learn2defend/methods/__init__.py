@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..settings import ResolvedConfig
@@ -108,10 +109,11 @@ class Method:
     unsupported_norms: dict[str, str] = field(default_factory=dict)
     colour: str = ""
     marker: str = ""
-    # A per-image memory (learn2defend.memory): the loop makes one for the training split,
-    # passes each batch's indices (StepContext.indices), checkpoints it and merges it across
-    # ranks; `epoch_start(ctx, epoch)` runs before each epoch's first batch.
-    per_image_memory: bool = False
+    # A per-image memory (learn2defend.memory): "" (none), "perturbation" (one buffer) or
+    # "perturbation+momentum" (two). The loop makes one for the training split, passes each
+    # batch's indices (StepContext.indices), checkpoints it and merges it across ranks;
+    # `epoch_start(ctx, epoch)` runs before each epoch's first batch.
+    per_image_memory: str = ""
     epoch_start: Callable[[StepContext, int], None] | None = None
 
     @property
@@ -154,6 +156,30 @@ def _l2l_forwards(c: ResolvedConfig) -> tuple[float, float]:
         cls += 2 * due
     extra = (c.attacker.steps - 1) * due  # each: the perturbation, forward, input backward, attacker backward
     return cls + extra * (4.0 if two_step else 2.0), att + extra * (6.0 if two_step else 3.0)
+
+
+def _sdi_defaults(steps: int) -> dict[str, Default]:
+    """The learned starts' defaults, with `steps` signed-gradient steps after the start."""
+    return {
+        "attacker": Default(lambda c: "sdi", "sdi"),
+        # The authors update it every 20 batches; on digits every 5 keeps 0.476 ± 0.022 under
+        # autoattack-fast against 0.406 ± 0.015 for every 20 (every batch: 0.470 ± 0.027; 3
+        # seeds each, docs/results.md, "Learned starts").
+        "attacker_every": Default(lambda c: 5, "5"),
+        "pgd_steps": Default(lambda c: steps, str(steps)),
+        "step_size": Default(lambda c: c.eps / c.pgd_steps, "eps / --pgd-steps"),  # after pgd_steps: uses it
+    }
+
+
+def _first_visit(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor | None) -> Tensor:
+    """fgsm-sdi-memory's point as an evaluation attack (`l2l:DIR`): an image seen for the first
+    time, so its remembered perturbation is zero (what training's memory starts at)."""
+    return sdi_perturbation(ctx, x, y, grad, torch.zeros_like(x))
+
+
+def _sdi_image_forwards(c: ResolvedConfig) -> tuple[float, float]:
+    # a forward and input backward per step, the trained forward and backward; the clean term apart
+    return 2.0 * c.attack.pgd_steps + 3.0 + 3 * _w(c), 1.0 + 2.0 / c.attacker.every
 
 
 def _sdi_forwards(c: ResolvedConfig) -> tuple[float, float]:
@@ -208,15 +234,21 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
            attacker_sees="image+gradient", perturbation=learned_perturbation, defaults=_L2L_DEFAULTS,
            options=_PAPER_L2L | {"grad_norm"}, colour="tab:cyan", marker=">"),
     Method("fgsm-sdi", fgsm_sdi_step, "FGSM-SDI (Jia et al. 2022): a learned start, then an FGSM step of eps",
-           _sdi_forwards, attacker_sees="image+gradient", perturbation=sdi_perturbation, defaults={
-               "attacker": Default(lambda c: "sdi", "sdi"),
-               # The authors update it every 20 batches; on digits every 5 keeps 0.476 ± 0.022
-               # under autoattack-fast against 0.406 ± 0.015 for every 20 (every batch: 0.470
-               # ± 0.027; 3 seeds each, docs/results.md, "Learned starts").
-               "attacker_every": Default(lambda c: 5, "5"),
-               "pgd_steps": Default(lambda c: 1, "1"),
-               "step_size": Default(lambda c: c.eps / c.pgd_steps, "eps / --pgd-steps")},
+           _sdi_forwards, attacker_sees="image+gradient", perturbation=sdi_perturbation,
+           defaults=_sdi_defaults(1),
            options=_L2L | {"pgd_steps"}, colour="tab:green", marker="*"),
+    # Two learned starts beyond FGSM-SDI (learn2defend's own designs, docs/results.md, "A learned
+    # start that remembers"), both with two signed-gradient steps of eps / 2 after the start (the
+    # best learned design measured before them):
+    Method("fgsm-sdi-image", fgsm_sdi_step, "a learned start from the image alone (no clean gradient "
+           "query), then two signed-gradient steps of eps / 2", _sdi_image_forwards, attacker_sees="image",
+           perturbation=sdi_perturbation, defaults=_sdi_defaults(2),
+           options=_L2L | {"pgd_steps"}, colour="#c5b0d5", marker="H"),
+    Method("fgsm-sdi-memory", fgsm_sdi_step, "a learned update of the image's perturbation from its last "
+           "visit (per-image memory), seeing image and clean gradient too; then two steps of eps / 2",
+           _sdi_forwards, attacker_sees="image+gradient+memory", perturbation=_first_visit,
+           defaults=_sdi_defaults(2), options=_L2L | {"pgd_steps"},
+           per_image_memory="perturbation", colour="#c49c94", marker="8"),
     Method("liet", liet_step, "LIET (ICCV 2025): a class-wise start from the grey image's gradient, partly noise, "
            "refreshed every K batches; an FGSM step of eps; + a growing Jensen-Shannon term", _liet_forwards,
            defaults={"step_size": _eps_times(1.0, "eps"), "start_every": Default(lambda c: 20, "20"),
@@ -231,7 +263,7 @@ METHOD_RECORDS: dict[str, Method] = {m.name: m for m in [
            defaults={"step_size": _eps_times(1.0, "eps"), "pgi_lambda": Default(lambda c: 10.0, "10"),
                      "pgi_decay": Default(lambda c: 0.3, "0.3"), "pgi_reset": Default(lambda c: 40, "40")},
            options=frozenset({"pgi_lambda", "pgi_decay", "pgi_reset"}),
-           per_image_memory=True, epoch_start=pgi_epoch_start, colour="#ffbb78", marker="d"),
+           per_image_memory="perturbation+momentum", epoch_start=pgi_epoch_start, colour="#ffbb78", marker="d"),
 ]}
 
 # The step of each method by name; the loop looks its step up here.
@@ -281,5 +313,7 @@ def list_methods(pattern: str = "*") -> list[str]:
 
 
 def attacker_in_channels(method: str, image_channels: int) -> int:
-    """The naive attacker sees the image; the gradient attackers see image and gradient."""
-    return image_channels * (2 if METHOD_RECORDS[method].attacker_sees == "image+gradient" else 1)
+    """The attacker's input channels: the image's for each thing it sees (the naive attacker:
+    the image; the gradient attackers: image and gradient; fgsm-sdi-memory: image, gradient and
+    the remembered perturbation)."""
+    return image_channels * len(METHOD_RECORDS[method].attacker_sees.split("+"))

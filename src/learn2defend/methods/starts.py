@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..memory import PerturbationMemory
 from ..settings import ResolvedConfig
-from .steps import Metrics, StepContext, batch_metrics, eval_mode, mixed_loss, update
+from .steps import Metrics, StepContext, batch_metrics, eval_mode, memory_rows, mixed_loss, update
 
 # ---- LIET: class-wise starts, shared by every image of a class -----------------------------
 
@@ -201,7 +200,7 @@ def fgsm_pgi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
     of the image gets the perturbation of its last view unmoved.
     """
     eps, a, threat = ctx.config.eps, ctx.config.attack, ctx.threat
-    memory, idx = _pgi_rows(ctx, x)
+    memory, idx = memory_rows(ctx, x)
     remembered, momentum = memory.read(idx)
     start = threat.project(remembered, x, eps).requires_grad_(True)
     logits_start = ctx.model(x + start)
@@ -217,18 +216,6 @@ def fgsm_pgi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
         logits.float(), logits_start.float())
     update(ctx, loss)
     return batch_metrics(loss, logits, y, adversarial=True)
-
-
-def _pgi_rows(ctx: StepContext, x: Tensor) -> tuple[PerturbationMemory, Tensor]:
-    """The step's memory and the batch's rows in it. Without a training loop around the step
-    (bench, a direct call) the batch is taken for the whole set: a memory of len(x) rows,
-    made at the first call and started as the loop starts it."""
-    if ctx.memory is None:
-        ctx.memory = PerturbationMemory(len(x), tuple(x.shape[1:]), x.device)
-        pgi_epoch_start(ctx, 0)
-    if ctx.indices is None:
-        return ctx.memory, torch.arange(len(x), device=x.device)
-    return ctx.memory, ctx.indices
 
 
 def pgi_epoch_start(ctx: StepContext, epoch: int) -> None:

@@ -181,6 +181,24 @@ def clean_forward_with_grad(
     return logits.detach(), grad, [None if g is None else g.mul_(scale) for g in param_grads]
 
 
+def memory_rows(ctx: StepContext, x: Tensor) -> tuple[PerturbationMemory, Tensor]:
+    """The step's per-image memory and the batch's rows in it (int64 [B]). Without a training
+    loop around the step (bench, a direct call) the batch is taken for the whole set: a memory
+    of len(x) rows of the record's kind, made at the first call and started as the loop
+    starts it (the record's `epoch_start` for epoch 0)."""
+    if ctx.memory is None:
+        from . import METHOD_RECORDS  # the records' module imports this one
+
+        record = METHOD_RECORDS[ctx.config.method]
+        ctx.memory = PerturbationMemory(len(x), tuple(x.shape[1:]), x.device,
+                                        momentum="momentum" in record.per_image_memory)
+        if record.epoch_start is not None:
+            record.epoch_start(ctx, 0)
+    if ctx.indices is None:
+        return ctx.memory, torch.arange(len(x), device=x.device)
+    return ctx.memory, ctx.indices
+
+
 # ---- hand-designed attacks ---------------------------------------------------------------
 
 
@@ -463,25 +481,42 @@ def fgsm_sdi_step(ctx: StepContext, x: Tensor, y: Tensor) -> Metrics:
       built in, so that every method can be compared with and without it;
     - their Adam also decays the attacker's weights (5e-4); here --attacker-weight-decay (0).
     """
-    logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
+    from . import METHOD_RECORDS  # the records' module imports this one
+
+    c, sees = ctx.config, METHOD_RECORDS[ctx.config.method].attacker_sees
+    if "gradient" in sees:
+        logits_clean, grad, clean_grads = clean_forward_with_grad(ctx, x, y)
+    else:  # fgsm-sdi-image: the start from the image alone, no clean gradient query
+        grad = clean_grads = None
+        logits_clean = ctx.model(x) if c.loss.clean_weight else None
+    memory = idx = remembered = None
+    if "memory" in sees:  # fgsm-sdi-memory: the image's perturbation from its last visit
+        memory, idx = memory_rows(ctx, x)
+        remembered = ctx.threat.project(memory.read(idx)[0], x, c.eps)  # in the ball for this view
     with torch.set_grad_enabled(ctx.attacker_due):  # no attacker graph on the batches it skips
-        delta = sdi_perturbation(ctx, x, y, grad)
-    logits = ctx.model(x + _toward_attacker(ctx, delta, 1.0 / (1.0 - ctx.config.loss.clean_weight)))
+        delta = sdi_perturbation(ctx, x, y, grad, remembered)
+    if memory is not None:  # the next visit remembers where this one ended
+        memory.write(idx, delta.detach())
+    logits = ctx.model(x + _toward_attacker(ctx, delta, 1.0 / (1.0 - c.loss.clean_weight)))
     loss = mixed_loss(ctx, logits, y, logits_clean)
     update(ctx, loss, clean_grads, attacker=ctx.attacker_due)
     return batch_metrics(loss, logits, y, adversarial=True)
 
 
-def sdi_perturbation(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor) -> Tensor:
+def sdi_perturbation(ctx: StepContext, x: Tensor, y: Tensor, grad: Tensor | None,
+                     remembered: Tensor | None = None) -> Tensor:
     """FGSM-SDI's point: the learned start g([x, sign grad]) in the eps-ball, then --pgd-steps
     signed-gradient steps of --step-size from it, each projected to the ball and to [0, 1].
     Returns delta [B, C, H, W] (x + delta in [0, 1], ||delta|| <= eps), with the attacker's graph
-    through the start; the steps' directions are constants. `grad`: the clean input gradient.
+    through the start; the steps' directions are constants. `grad`: the clean input gradient
+    (None: the attacker sees the image alone, fgsm-sdi-image). `remembered` [B, C, H, W]: the
+    image's perturbation from its last visit, a third input scaled by 1 / eps (fgsm-sdi-memory).
     Under l2 the start is the attacker's output mapped into the l2 ball (the threat model's
     `squash`), the steps go along g / ||g||; the attacker still sees sign(grad), its input
     feature in the authors' code, under both norms."""
     eps, a, threat = ctx.config.eps, ctx.config.attack, ctx.threat
-    start = run_attacker(ctx.attacker, torch.cat([x, grad.sign()], dim=1), eps, threat)
+    seen = [x, *([] if grad is None else [grad.sign()]), *([] if remembered is None else [remembered / eps])]
+    start = run_attacker(ctx.attacker, torch.cat(seen, dim=1), eps, threat)
     delta = threat.project(start, x, eps)  # into [0, 1] too: the first query must see a real image
     for _ in range(a.pgd_steps):
         query = delta.detach().requires_grad_(True)
