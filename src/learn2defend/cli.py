@@ -48,7 +48,7 @@ HELP = {
     "betas": "Adam betas",
     "lr_milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
     "clean_weight": "weight of the clean loss",
-    "pgd_steps": "attack iterations of --method pgd, pgd-at, trades and mart; fgsm-sdi: steps after the learned start",
+    "pgd_steps": "attack iterations of --method pgd, pgd-at, trades and mart; fgsm-sdi*: steps after the learned start",
     "noise": "n-fgsm: half-width of the uniform noise before the FGSM step, in pixels (e.g. 16/255)",
     "pgi_lambda": "fgsm-pgi: weight of the mean squared difference between the logits at the remembered start "
                   "and at the training point",
