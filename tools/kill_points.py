@@ -31,13 +31,13 @@ from learn2defend.checkpoint import load_state
 
 
 def _folder(root: Path) -> Path:
-    """A 4-class folder of 40 random 20x20 JPEGs per class."""
+    """A 4-class folder (PATH/train/<class>/) of 40 random 20x20 JPEGs per class."""
     rng = np.random.default_rng(0)
     for k in range(4):
-        (root / f"c{k}").mkdir(parents=True, exist_ok=True)
+        (root / "train" / f"c{k}").mkdir(parents=True, exist_ok=True)
         for i in range(40):
             pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / f"c{k}" / f"{i}.jpg", quality=90)
+            Image.fromarray(pixels).save(root / "train" / f"c{k}" / f"{i}.jpg", quality=90)
     return root
 
 
