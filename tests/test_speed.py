@@ -81,11 +81,14 @@ BF16_LOSS_RTOL = 0.02  # per step
 # FGSM-PGI: each step starts from the sign steps the previous one stored (here the same batch three
 # times), so a pixel that rounding flips stays flipped: measured 17 % on the update, 5.1 % on the
 # third loss (0.513 against 0.487).
+# fgsm-sdi-memory stores where the steps ended and starts the next step from it (here the same
+# batch three times): flipped pixels carry over, as FGSM-PGI's: measured 3.9-4.0 % on the third
+# loss (0.113 against 0.109), 9 % on the update, attacker cosine 0.906.
 BF16_TOLERANCES = {"trades": (0.5, 0.5), "mart": (0.15, 0.05), "fgsm-sdi": (0.15, 0.05),
-                   "fgsm-pgi": (0.3, 0.1)}  # (classifier, loss rtol)
+                   "fgsm-pgi": (0.3, 0.1), "fgsm-sdi-memory": (0.15, 0.06)}  # (classifier, loss rtol)
 # FGSM-SDI's attacker takes a single Adam step in these three (every 5 batches): Adam's per-coordinate
 # normalization makes tiny coordinates count as much as large ones; cosine 0.949 measured.
-BF16_ATTACKER_COSINE = {"fgsm-sdi": 0.9}
+BF16_ATTACKER_COSINE = {"fgsm-sdi": 0.9, "fgsm-sdi-memory": 0.85}
 
 
 @pytest.mark.parametrize("method", METHODS)
