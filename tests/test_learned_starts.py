@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_methods import EPS, make_ctx, toy_batch
 from test_pgi import _cfg
+from test_train import train_crashing_at
 
 from learn2defend import TrainConfig, train
 from learn2defend.bench import forward_macs, step_macs
@@ -151,24 +152,11 @@ def test_cost_the_image_start_saves_the_clean_query():
 
 
 def test_resume_mid_epoch_is_bit_exact_with_the_memory_in_last(tmp_path, monkeypatch):
-    from learn2defend import methods
-
     kw = dict(method="fgsm-sdi-memory", pgi_reset=None)
     full = train(_cfg(tmp_path, "full", **kw))
-    real, calls = methods.STEPS["fgsm-sdi-memory"], []
-
-    def crashing(ctx, x, y):
-        calls.append(1)
-        if len(calls) == 8 + 6:
-            raise RuntimeError("simulated crash")
-        return real(ctx, x, y)
-
-    monkeypatch.setitem(methods.STEPS, "fgsm-sdi-memory", crashing)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train(_cfg(tmp_path, "part", **kw))
+    train_crashing_at(_cfg(tmp_path, "part", **kw), 8 + 6, monkeypatch)
     state = load_state(tmp_path / "part" / "last.safetensors")
     assert set(state["memory"]) == {"delta"} and state["memory"]["delta"].abs().max() > 0
-    monkeypatch.setitem(methods.STEPS, "fgsm-sdi-memory", real)
     resumed = train(_cfg(tmp_path, "part", **kw), resume=True)
     for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(v, w), k

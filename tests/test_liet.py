@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_distributed import _env, _free_port
 from test_methods import EPS, make_ctx, toy_batch
-from test_train import cfg, weights
+from test_train import cfg, train_crashing_at, weights
 
 from learn2defend import methods, train
 from learn2defend.checkpoint import load_state
@@ -230,21 +230,10 @@ def test_liet_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
     batches 5 and 6 use them, so the resumed run must have them back to match."""
     settings = dict(method="liet", start_every=3, epochs=2, checkpoint_every=4)
     full = train(cfg(tmp_path, "full", **settings))
-    real, calls = methods.STEPS["liet"], []
-
-    def crashing(ctx, x, y):
-        calls.append(1)
-        if len(calls) == 8 + 6:  # 8 batches per epoch: crash at batch 6 of epoch 2
-            raise RuntimeError("simulated crash")
-        return real(ctx, x, y)
-
-    monkeypatch.setitem(methods.STEPS, "liet", crashing)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train(cfg(tmp_path, "part", **settings))
+    train_crashing_at(cfg(tmp_path, "part", **settings), 8 + 6, monkeypatch)  # batch 6 of epoch 2 (8 per epoch)
     state = load_state(tmp_path / "part" / "last.safetensors")
     assert (state["epoch"], state["batch"]) == (1, 4)
     assert LIET_STATE in state["method_state"]
-    monkeypatch.setitem(methods.STEPS, "liet", real)
     resumed = train(cfg(tmp_path, "part", **settings), resume=True)
     for k, v in weights(full).items():
         assert torch.equal(v, weights(resumed)[k]), k

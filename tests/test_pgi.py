@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from test_train import train_crashing_at
 
 from learn2defend import TrainConfig, train
 from learn2defend.checkpoint import load_state
@@ -127,25 +128,12 @@ def _cfg(tmp_path, name, **kw):
 def test_resume_mid_epoch_is_bit_exact_and_the_memory_is_in_last(tmp_path, monkeypatch):
     # --pgi-reset 1 resets at each epoch's start: a resume mid-epoch must not, and must take the
     # memory from the checkpoint (8 batches per epoch; the crash 6 batches into epoch 2)
-    from learn2defend import methods
-
     full = train(_cfg(tmp_path, "full"))
-    real, calls = methods.STEPS["fgsm-pgi"], []
-
-    def crashing(ctx, x, y):
-        calls.append(1)
-        if len(calls) == 8 + 6:
-            raise RuntimeError("simulated crash")
-        return real(ctx, x, y)
-
-    monkeypatch.setitem(methods.STEPS, "fgsm-pgi", crashing)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train(_cfg(tmp_path, "part"))
+    train_crashing_at(_cfg(tmp_path, "part"), 8 + 6, monkeypatch)
     state = load_state(tmp_path / "part" / "last.safetensors")
     assert (state["epoch"], state["batch"]) == (1, 3)
     assert state["memory"]["delta"].shape == (256, 1, 8, 8) and state["memory"]["momentum"].any()
     assert "memory" not in load_state(tmp_path / "part" / "best.safetensors")
-    monkeypatch.setitem(methods.STEPS, "fgsm-pgi", real)
     resumed = train(_cfg(tmp_path, "part"), resume=True)
     for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(v, w), k

@@ -18,6 +18,27 @@ def cfg(tmp_path, name="run", **kw):
     return TrainConfig(**base)
 
 
+
+def train_crashing_at(config, step: int, monkeypatch) -> None:
+    """Train `config` with its method's step raising a simulated crash at the `step`-th call
+    (1-based, counted over the whole run); the real step is put back afterwards."""
+    from learn2defend import methods
+
+    real, calls = methods.STEPS[config.method], []
+
+    def crashing(ctx, x, y):
+        calls.append(1)
+        if len(calls) == step:
+            raise RuntimeError("simulated crash")
+        return real(ctx, x, y)
+
+    monkeypatch.setitem(methods.STEPS, config.method, crashing)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            train(config)
+    finally:
+        monkeypatch.setitem(methods.STEPS, config.method, real)
+
 def weights(run):
     sd = {f"model.{k}": v for k, v in run.model.state_dict().items()}
     if run.attacker is not None:
@@ -58,23 +79,10 @@ def test_resume_mid_run_is_exact(tmp_path, method):
 
 def test_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
     full = train(cfg(tmp_path, "full", method="grad-l2l", epochs=2, checkpoint_every=4))
-    # crash in the middle of epoch 2; the last checkpoint is then 4 batches into it
-    from learn2defend import methods
-
-    real, calls = methods.STEPS["grad-l2l"], []
-
-    def crashing(ctx, x, y):
-        calls.append(1)
-        if len(calls) == 8 + 7:  # 8 batches per epoch
-            raise RuntimeError("simulated crash")
-        return real(ctx, x, y)
-
-    monkeypatch.setitem(methods.STEPS, "grad-l2l", crashing)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train(cfg(tmp_path, "part", method="grad-l2l", epochs=2, checkpoint_every=4))
+    # crash in the middle of epoch 2 (8 batches per epoch); the last checkpoint is then 4 batches into it
+    train_crashing_at(cfg(tmp_path, "part", method="grad-l2l", epochs=2, checkpoint_every=4), 8 + 7, monkeypatch)
     state = load_state(tmp_path / "part" / "last.safetensors")
     assert (state["epoch"], state["batch"]) == (1, 4)
-    monkeypatch.setitem(methods.STEPS, "grad-l2l", real)
     resumed = train(cfg(tmp_path, "part", method="grad-l2l", epochs=2, checkpoint_every=4), resume=True)
     for k, v in weights(full).items():
         assert torch.equal(v, weights(resumed)[k]), k
