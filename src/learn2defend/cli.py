@@ -567,6 +567,8 @@ def _add_reproduce_commands(sub) -> None:
                    "CIFAR-10 unless --eps, methods without an l2 form (N-FGSM) left out")
     p.add_argument("--methods", help="frontier only: the rows to run, comma-separated keys or patterns, e.g. "
                    "'fgsm-pgi,liet' or '*sdi*' (default: every row of the preset); an unknown one lists the keys")
+    p.add_argument("--seeds", type=int, help="seeds per method, 0..N-1 (default: the preset's; runs already "
+                   "trained for a seed are reused)")
     p.add_argument("--out", required=True, help="folder for runs, cached evaluations, tables and figures")
     p.add_argument("--dataset", type=_names,
                    help="data set(s) instead of the paper's, e.g. digits or folder:PATH (default: the paper's)")
@@ -597,7 +599,7 @@ def _reproduce(args: argparse.Namespace) -> dict[str, Any]:
     report = reproduce(args.experiment, args.preset, args.out, datasets=args.dataset, device=args.device,
                        data_dir=args.data_dir, download=args.download,
                        log=lambda s: print(s, file=sys.stderr, flush=True), eps=args.eps, norm=args.norm,
-                       methods=args.methods)
+                       methods=args.methods, seeds=args.seeds)
     if args.json:
         return report
     print(summary(report))

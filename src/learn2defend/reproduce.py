@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -276,7 +277,7 @@ RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
 def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, datasets: list[str] | None = None,
               device: str = "auto", data_dir: str = "data", download: bool = False,
               log: Callable[[str], None] | None = None, eps: float | None = None,
-              norm: str | None = None, methods: str | None = None) -> dict[str, Any]:
+              norm: str | None = None, methods: str | None = None, seeds: int | None = None) -> dict[str, Any]:
     """Run one experiment (or "all") of the paper; returns what was written, per data set.
 
     `eps` (the frontier only): the l-inf radius in pixel units, in [0, 1], every frontier run
@@ -288,7 +289,9 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
     `methods` (the frontier only): comma-separated row keys or shell patterns (e.g.
     "fgsm-pgi,liet" or "*fgsm*"; `frontier_row_keys` lists them): only those rows are trained,
     evaluated and tabled (their plain nets too, where they start from one); UserError when a
-    pattern matches no row of the preset."""
+    pattern matches no row of the preset.
+    `seeds`: seeds 0..seeds-1 per method instead of the preset's count (runs of the seeds both
+    have in common are shared); UserError unless a positive integer."""
     names = list(EXPERIMENTS) if experiment == "all" else [experiment]
     if experiment != "all" and experiment not in (*EXPERIMENTS, *EXTRA_EXPERIMENTS):
         raise UserError(f"unknown experiment '{experiment}'; choose one of: "
@@ -315,6 +318,15 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
         if experiment != "frontier":
             raise UserError(f"--methods applies to the frontier only, not to {experiment}")
         preset = replace(preset, frontier_methods=select_rows(preset, methods))
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise UserError(f"--seeds must be a positive integer, got {seeds}")
+
+        def count(text: str) -> str:  # "2 seeds" in a label becomes the new count
+            return re.sub(r"\b\d+ seeds?\b", f"{seeds} seed{'s' * (seeds > 1)}", text)
+
+        large = {k: count(v) if k == "label" else v for k, v in preset.large_data.items()}
+        preset = replace(preset, seeds=seeds, label=count(preset.label), large_data=large)
     if datasets is not None:
         for d in datasets:
             TrainConfig(dataset=d).validate()  # cheap checks only; the data set itself loads at training
