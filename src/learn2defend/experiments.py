@@ -84,7 +84,7 @@ class Preset:
     from_scratch: bool = False  # adversarial runs start from random weights, not from a plain net
     weight_decay: float | None = None  # None: TrainConfig's default
     amp: str = "off"  # the training step's speed switches (TrainConfig.amp, .channels_last)
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: the device's default (learn2defend.speed.DEVICE_DEFAULTS)
     # The frontier only: the adversarial runs' --lr-schedule (multistep: the l2l milestones)
     lr_schedule: str = "multistep"
 
