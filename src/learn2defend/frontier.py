@@ -68,14 +68,14 @@ FRONTIER_PRESETS: dict[str, Preset] = {
     # plain net"), with one learning rate and the fast-AT benchmark's one-cycle schedule for all.
     # Digits: smallcnn, slim attacker at width 0.18, sdi at 0.25; PGD-10 on every validation image.
     "cpu": replace(
-        PRESETS["cpu"], epochs=8, attacker_width=0.18, attacker_widths={"sdi": 0.25}, checks=False, n=1000,
+        PRESETS["cpu"], epochs=6, attacker_width=0.18, attacker_widths={"sdi": 0.25}, checks=False, n=1000,
         val_robust_n=EVERY_VALIDATION_IMAGE, from_scratch=True, lr_schedule="onecycle",
-        label="smallcnn from scratch, 8 epochs, one cycle, 2 seeds, slim attacker width 0.18, sdi 0.25, n<=1000",
+        label="smallcnn from scratch, 6 epochs, one cycle, 2 seeds, slim attacker width 0.18, sdi 0.25, n<=1000",
         large_data=dict(
-            model="smallcnn-pooled", train_size=5000, n=1000, attacker_width=0.07,
+            model="smallcnn-pooled", train_size=4000, n=500, attacker_width=0.07,
             attacker_widths={"sdi": 0.11}, val_robust_n=200,
-            label="smallcnn-pooled from scratch, 5,000 training images, 8 epochs, one cycle, 2 seeds, "
-                  "slim attacker width 0.07, sdi 0.11, n=1000")),
+            label="smallcnn-pooled from scratch, 4,000 training images, 6 epochs, one cycle, 2 seeds, "
+                  "slim attacker width 0.07, sdi 0.11, n=500")),
     # For when a GPU is lent: the fast-AT papers' setting (PreAct-ResNet-18 from scratch on all
     # of CIFAR-10's training images, batch 128, SGD with weight decay 5e-4, bf16, channels
     # last; OneCycle up to lr 0.1, per batch, as the fast-AT benchmark trains every method: Wong
