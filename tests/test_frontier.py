@@ -132,11 +132,12 @@ def test_notes_from_configs_without_training() -> None:
     plain = {str(r.run_dir("cifar10", "frontier", RunSpec("plain", s))) for s in range(p.seeds)}
     notes = "\n".join(frontier.frontier_notes(configs, attack="autoattack-fast", init_seconds=[300.0, 310.0],
                                               ratios=["sdi 0.14x"], plain_nets=plain))
-    assert "the 5 adversarial epochs" in notes and "plain net's 305 s" in notes
+    assert "the 6 adversarial epochs" in notes and "from scratch" in notes
     assert "every 5 batches" in notes and "every 20 batches" not in notes
-    assert "on the first 500 validation images" in notes
-    assert "every run unless its row says otherwise: smallcnn-pooled, 20,000 training images" in notes
-    assert "PGM Net (paper): 10 steps of 0.333 eps, zero start, clean loss weight 0.5; SGD lr 0.01" in notes
+    assert "on the first 200 validation images" in notes
+    assert "every run: smallcnn-pooled, 4,000 training images, from scratch, 6 epochs" in notes
+    assert "PGM Net (paper): 10 steps of 0.333 eps, zero start, clean loss weight 0.5" in notes
+    assert "SGD lr 0.05" in notes and "one cycle per batch" in notes
     assert "TRADES: 10 steps of 0.226 eps, beta 6" in notes and "MART: 10 steps of 0.226 eps, beta 5" in notes
     gpu = frontier.FRONTIER_PRESETS["gpu"]
     r = Reproduction(gpu, "unused")

@@ -308,25 +308,30 @@ def test_a_tiny_variant_of_the_gpu_preset_runs_on_the_cpu(tmp_path: Path) -> Non
 def test_frontier_recipes(tmp_path: Path) -> None:
     cpu = rp.FRONTIER_PRESETS["cpu"].for_dataset("folder:/data/cifar")
     assert (cpu.model, cpu.train_size, cpu.n, cpu.attacker_width, cpu.autoattack) == (
-        "smallcnn-pooled", 20000, 1000, 0.07, "autoattack-fast")
+        "smallcnn-pooled", 4000, 500, 0.07, "autoattack-fast")
     assert rp.FRONTIER_PRESETS["paper"].frontier_attackers == ("slim", "wide")
     r = rp.Reproduction(cpu, tmp_path)
     configs = {s.key: r.config("cifar10", "frontier", s) for s in rp.frontier_specs(cpu) if s.seed == 0}
-    assert {c.init for c in configs.values()} == {str(r.run_dir("cifar10", "frontier", rp.RunSpec("plain", 0)))}
+    # every method from scratch, with one learning rate and the one-cycle schedule (the PGM net too)
+    assert {c.init for c in configs.values()} == {None}
     assert {c.epochs for c in configs.values()} == {cpu.epochs}
+    assert {(c.lr, c.lr_schedule) for c in configs.values()} == {(cpu.l2l_lr, "onecycle")}
+    assert {c.channels_last for c in configs.values()} == {None}  # the device's default
     assert (configs["fgsm-rs"].random_start, configs["fgsm-rs"].clean_weight) == (True, 0.0)
-    assert configs["pgd"].lr == cpu.baseline_lr and configs["trades"].lr == cpu.l2l_lr
     assert configs["plain-continued"].method == "plain"
     assert (configs["fgsm-sdi-sdi"].attacker, configs["fgsm-sdi-sdi"].attacker_width) == ("sdi", 0.11)
     assert configs["grad-l2l-slim"].attacker_width == 0.07
-    assert configs["fgsm-sdi-sdi"].lr == cpu.l2l_lr and configs["n-fgsm"].lr == cpu.l2l_lr
     assert configs["fgsm-sdi-sdi"].resolve().attacker.optimizer.name == "adam"  # not the paper's SGD attacker
     two = configs["fgsm-sdi-sdi-2step"].resolve()
     assert (two.attack.pgd_steps, two.attack.step_size, two.attacker.every) == (2, two.eps / 2, 5)
     # validation PGD-10 every epoch of the adversarial runs (collapse detection), none for the plain nets
-    assert {k for k, c in configs.items() if c.val_robust_n == 500} == set(configs) - {"plain-continued"}
+    assert {k for k, c in configs.items() if c.val_robust_n == 200} == set(configs) - {"plain-continued"}
     assert configs["plain-continued"].val_robust_n == 0
-    assert r.config("cifar10", "frontier", rp.RunSpec("plain", 0)).val_robust_n == 0
+    # on top of a plain net (preset paper), the PGM net keeps the paper's fixed fine-tuning rate
+    paper = rp.Reproduction(rp.FRONTIER_PRESETS["paper"], tmp_path)
+    pgd = paper.config("cifar10", "frontier", rp.RunSpec("pgd", 0))
+    assert pgd.init == str(paper.run_dir("cifar10", "frontier", rp.RunSpec("plain", 0)))
+    assert pgd.lr == rp.FRONTIER_PRESETS["paper"].baseline_lr
     digits = rp.FRONTIER_PRESETS["cpu"].for_dataset("digits")
     assert (digits.width("slim"), digits.width("sdi"), digits.val_robust_n) == (0.18, 0.25, rp.EVERY_VALIDATION_IMAGE)
     assert rp.FRONTIER_PRESETS["paper"].width("sdi") == 1.0
@@ -352,3 +357,18 @@ def test_a_run_another_process_evaluates_is_come_back_to(tmp_path: Path, monkeyp
     results = r.ensure_evaluated(DATASET, "sgd", specs, lambda spec, path: measured.append(path) or {"run": path})
     assert measured == [second, first]  # the free run first, the busy one when it was free
     assert results == [{"run": first}, {"run": second}]
+
+
+def test_seeds_replaces_the_presets_count_and_its_labels(tmp_path: Path, capsys) -> None:
+    three = rp.with_seeds(rp.FRONTIER_PRESETS["cpu"], 3)
+    assert three.seeds == 3 and "3 seeds" in three.title and "2 seeds" not in three.title
+    large = three.for_dataset("folder:/data/cifar")
+    assert large.seeds == 3 and "3 seeds" in large.title and "2 seeds" not in large.title
+    assert "1 seed," in rp.with_seeds(rp.FRONTIER_PRESETS["cpu"], 1).title
+    assert len({s.seed for s in rp.frontier_specs(three)}) == 3
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(rp.UserError, match="--seeds must be a positive integer"):
+            rp.with_seeds(rp.FRONTIER_PRESETS["cpu"], bad)
+    assert main(["reproduce", "frontier", "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "--seeds must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -139,7 +139,10 @@ def frontier_row_keys(preset: Preset) -> list[str]:
     return list(dict.fromkeys(s.key for s in frontier_specs(preset)))
 
 
-def _label(key: str) -> str:
+def _label(key: str, preset: Preset) -> str:
+    """The row's name in tables and figures (the plain row is "continued" only on top of a plain net)."""
+    if key == "plain-continued" and preset.from_scratch:
+        return "Plain Net"
     if key in FRONTIER_LABELS:
         return FRONTIER_LABELS[key]
     method, attacker = key.rsplit("-", 1)
@@ -212,7 +215,7 @@ def run_frontier(r: Reproduction, experiment: str, dataset: str) -> dict[str, An
              f"n={raw[0]['n']} validation images, mean ± std over {p.seeds} seed(s)")
     configs: dict[str, list[ResolvedConfig]] = {}
     for spec in specs:
-        configs.setdefault(_label(spec.key), []).append(load_resolved(r.run_dir(dataset, "frontier", spec) / CONFIG))
+        configs.setdefault(_label(spec.key, p), []).append(load_resolved(r.run_dir(dataset, "frontier", spec) / CONFIG))
     plain_nets = {str(r.run_dir(dataset, "frontier", RunSpec("plain", s))) for s in range(p.seeds)}
     notes = frontier_notes(configs, attack=aa, init_seconds=init_seconds, ratios=ratios, plain_nets=plain_nets)
     out = r.out / experiment
@@ -257,7 +260,7 @@ def _frontier_rows(r: Reproduction, experiment: str, dataset: str, specs: list[R
     lines, raw, points, curves = [], [], [], []
     for key, entries in by_key.items():
         collapses = [_collapse(h) for h in histories[key]]
-        row = [_label(key)]
+        row = [_label(key, p)]
         stats = {}
         for col in ("clean", aa, "worst"):
             stats[col] = mean_std([100 * e[1]["accuracy"][col] for e in entries])
@@ -270,11 +273,11 @@ def _frontier_rows(r: Reproduction, experiment: str, dataset: str, specs: list[R
         row.append("FLAGGED" if flagged else ("ok" if any("checks" in e[1] for e in entries) else "not checked"))
         lines.append(row)
         method = entries[0][0].method
-        points.append({"label": _label(key), "key": key, "method": method, "seconds": stats["seconds"],
+        points.append({"label": _label(key, p), "key": key, "method": method, "seconds": stats["seconds"],
                        "autoattack": stats[aa]})
         curve = _robust_curve(histories[key])
         if curve:
-            curves.append({"label": _label(key), "key": key, "method": method, "val_pgd10": curve})
+            curves.append({"label": _label(key, p), "key": key, "method": method, "val_pgd10": curve})
         for (spec, res), (collapsed, collapsed_epoch) in zip(entries, collapses, strict=True):
             raw.append({"experiment": experiment, "preset": p.name, "dataset": dataset, "method": spec.method,
                         "attacker": spec.attacker or "", "variant": spec.variant, "seed": spec.seed, "n": res["n"],

@@ -274,6 +274,19 @@ RUNNERS: dict[str, Callable[[Reproduction, str, str], dict[str, Any]]] = {
 }
 
 
+def with_seeds(preset: Preset, seeds: int) -> Preset:
+    """`preset` with seeds 0..seeds-1 per method, its labels saying so ("2 seeds" -> "3 seeds");
+    UserError unless `seeds` is a positive integer."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UserError(f"--seeds must be a positive integer, got {seeds}")
+
+    def count(text: str) -> str:
+        return re.sub(r"\b\d+ seeds?\b", f"{seeds} seed{'s' * (seeds > 1)}", text)
+
+    large = {k: count(v) if k == "label" else v for k, v in preset.large_data.items()}
+    return replace(preset, seeds=seeds, label=count(preset.label), large_data=large)
+
+
 def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, datasets: list[str] | None = None,
               device: str = "auto", data_dir: str = "data", download: bool = False,
               log: Callable[[str], None] | None = None, eps: float | None = None,
@@ -319,14 +332,7 @@ def reproduce(experiment: str, preset: str | Preset, out: str | Path, *, dataset
             raise UserError(f"--methods applies to the frontier only, not to {experiment}")
         preset = replace(preset, frontier_methods=select_rows(preset, methods))
     if seeds is not None:
-        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-            raise UserError(f"--seeds must be a positive integer, got {seeds}")
-
-        def count(text: str) -> str:  # "2 seeds" in a label becomes the new count
-            return re.sub(r"\b\d+ seeds?\b", f"{seeds} seed{'s' * (seeds > 1)}", text)
-
-        large = {k: count(v) if k == "label" else v for k, v in preset.large_data.items()}
-        preset = replace(preset, seeds=seeds, label=count(preset.label), large_data=large)
+        preset = with_seeds(preset, seeds)
     if datasets is not None:
         for d in datasets:
             TrainConfig(dataset=d).validate()  # cheap checks only; the data set itself loads at training
