@@ -520,3 +520,35 @@ def test_hostile_image_folder_skip_trains_and_fail_exits_2(tmp_path, capsys):
     assert main(fail) == 2
     assert "cannot read image" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "fail").exists()
+
+
+def test_nonfinite_skip_undoes_the_methods_own_state_and_memory_rows():
+    """A skipped step of FGSM-PGI / LIET leaves neither its per-image memory writes nor its
+    class-wise starts behind: the guard puts back what the step found."""
+    from learn2defend import distributed
+    from learn2defend.memory import PerturbationMemory
+    from learn2defend.train import _SkipGuard
+
+    model = torch.nn.Linear(4, 2)
+    guard = _SkipGuard([model], [torch.optim.SGD(model.parameters(), lr=0.1)], distributed.Ranks.current())
+    memory = PerturbationMemory(6, (1, 2, 2), "cpu", momentum=True)
+    memory.reset(torch.full((6, 1, 2, 2), 0.5))
+    ctx = methods.StepContext(model=model, attacker=None, optimizer=None, attacker_optimizer=None, config=None)
+    ctx.state = {"liet_class_starts": torch.ones(2, 1, 2, 2)}
+    guard.ctx, guard.memory = ctx, memory
+    before = {k: v.clone() for k, v in memory.buffers.items()}
+
+    def step(loss: float):
+        def run():
+            memory.write(torch.tensor([1, 4]), torch.full((2, 1, 2, 2), 0.25), torch.full((2, 1, 2, 2), 9.0))
+            memory.write(torch.tensor([4]), torch.full((1, 1, 2, 2), 0.125), torch.zeros(1, 1, 2, 2))
+            ctx.state["liet_class_starts"] = torch.zeros(2, 1, 2, 2)
+            return {"loss": torch.tensor(loss)}
+        return run
+
+    assert guard.run(step(float("nan"))) is None
+    assert all(torch.equal(memory.buffers[k], before[k]) for k in before)
+    assert torch.equal(ctx.state["liet_class_starts"], torch.ones(2, 1, 2, 2))
+    assert guard.run(step(1.0)) is not None  # a finite step keeps its writes
+    assert memory.delta[4].eq(0.125).all() and memory.delta[1].eq(0.25).all() and memory.delta[0].eq(0.5).all()
+    assert ctx.state["liet_class_starts"].eq(0).all()

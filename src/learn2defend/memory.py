@@ -46,6 +46,9 @@ class PerturbationMemory:
         self.momentum = torch.zeros_like(self.delta) if momentum else None
         self.track = track
         self._written: list[Tensor] = []  # index tensors of the rows written since the last merge
+        # Between begin() and rollback(): (rows, their values before) of every write, oldest first.
+        self._undo: list[tuple[Tensor, dict[str, Tensor]]] | None = None
+        self._written_at_begin = 0
 
     @staticmethod
     def nbytes(n: int, shape: tuple[int, ...], buffers: int = 2) -> int:
@@ -76,11 +79,28 @@ class PerturbationMemory:
         """Rows `idx` become `delta` and `momentum` ([B, C, H, W]); values that are not finite
         (a step whose gradient overflowed) are stored as 0, so one bad step does not poison
         an image's later visits. No host sync."""
+        if self._undo is not None:  # kept for rollback()
+            self._undo.append((idx, {name: buffer[idx] for name, buffer in self.buffers.items()}))
         self.delta[idx] = torch.nan_to_num(delta.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
         if self.momentum is not None:
             self.momentum[idx] = torch.nan_to_num(momentum.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
         if self.track:
             self._written.append(idx)
+
+    def begin(self) -> None:
+        """From now on keep what each `write` replaces, until `rollback` or the next `begin`
+        (on_nonfinite=skip: a step that is undone must not leave its writes behind). Costs one
+        copy of the written rows per write."""
+        self._undo, self._written_at_begin = [], len(self._written)
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """Put back every row written since `begin`, as if those writes had not happened."""
+        for idx, before in reversed(self._undo or []):
+            for name, rows in before.items():
+                self.buffers[name][idx] = rows
+        del self._written[self._written_at_begin:]
+        self._undo = None
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -495,6 +495,8 @@ class _Loop:
                                     [parts.optimizer, parts.attacker_optimizer], self.ranks)
         self.pos = _Position()
         self.memory = self._per_image_memory()
+        if self.guard is not None:  # a skipped step leaves no trace in the method's own state either
+            self.guard.ctx, self.guard.memory = parts.ctx, self.memory
 
     def _per_image_memory(self) -> PerturbationMemory | None:
         """The method's per-image memory over the training split (fgsm-pgi, fgsm-sdi-memory), on
@@ -874,8 +876,9 @@ class _SkipGuard:
     """on_nonfinite="skip": undo a training step whose loss or new weights are not finite.
 
     The step functions update the weights themselves, so the guard copies the weights,
-    buffers and optimizer states before every step and puts them back after a step that
-    went non-finite. Cost per step: one copy of that state and one host-device sync for
+    buffers and optimizer states (and the method's own state: LIET's class-wise starts, the
+    rows FGSM-PGI's per-image memory overwrites) before every step and puts them back after a
+    step that went non-finite. Cost per step: one copy of that state and one host-device sync for
     the check; small next to a forward and backward pass, but not free, which is why
     "stop", the default, checks only at checkpoints, every NONFINITE_CHECK_EVERY steps
     and at epoch ends.
@@ -886,7 +889,9 @@ class _SkipGuard:
         self.modules = [m for m in modules if m is not None]
         self.optimizers = [o for o in optimizers if o is not None]
         self.ranks = ranks
-        self._saved: tuple[list, list] = ([], [])
+        self.ctx: StepContext | None = None  # its `state` dict (set by the loop)
+        self.memory: PerturbationMemory | None = None  # the per-image memory, if the method has one
+        self._saved: tuple[list, list, dict] = ([], [], {})
 
     def run(self, step: Callable[[], Metrics]) -> Metrics | None:
         """`step()`'s metrics; None, with the state it found put back, when its loss or the
@@ -902,7 +907,10 @@ class _SkipGuard:
         self._saved = (
             [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules],
             [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+            {} if self.ctx is None else copy.deepcopy(self.ctx.state),
         )
+        if self.memory is not None:
+            self.memory.begin()
 
     def finite(self, loss: torch.Tensor) -> bool:
         flags = [torch.isfinite(loss).all()]
@@ -911,11 +919,15 @@ class _SkipGuard:
         return not self.ranks.any(not bool(torch.stack(flags).all()))  # every rank skips, or none
 
     def restore(self) -> None:
-        weights, optimizer_states = self._saved
+        weights, optimizer_states, method_state = self._saved
         for m, w in zip(self.modules, weights, strict=True):
             m.load_state_dict(w)
         for o, s in zip(self.optimizers, optimizer_states, strict=True):
             o.load_state_dict(s)
+        if self.ctx is not None:
+            self.ctx.state = method_state
+        if self.memory is not None:
+            self.memory.rollback()
 
 
 def _epoch_record(epoch: int, sums: dict[str, Any], optimizer: torch.optim.Optimizer, seconds: float) -> dict[str, Any]:
