@@ -63,7 +63,7 @@ def _ctx(method: str, clean_weight: float):
     from learn2defend.config import TrainConfig
     from learn2defend.methods import StepContext, attacker_in_channels
     from learn2defend.models import create_attacker, create_model
-    from learn2defend.train import make_optimizer
+    from learn2defend.optim import make_optimizer
 
     cfg = TrainConfig(method=method, eps=0.1, lr=0.05, clean_weight=clean_weight,
                       attacker_width=0.125).resolve()

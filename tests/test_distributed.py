@@ -23,6 +23,7 @@ WORKER = textwrap.dedent("""
     import torch
     from torch import nn
     from learn2defend import TrainConfig, distributed, methods, train
+    from learn2defend.guards import TrainingInterrupted
     train_module = sys.modules["learn2defend.train"]  # the module; learn2defend.train is the function
     from learn2defend.models import Normalize, register_model
 
@@ -61,7 +62,7 @@ WORKER = textwrap.dedent("""
                                 val_robust_n=0, progress=False, device="cpu", checkpoint_every=2,
                                 data_dir=out + "-data"), resume=resume)
         model, attacker = run.model, run.attacker
-    except train_module.TrainingInterrupted:
+    except TrainingInterrupted:
         model, attacker = seen[-1].model, seen[-1].attacker
     weights = {f"model.{k}": v for k, v in model.state_dict().items()}
     weights.update({f"attacker.{k}": v for k, v in attacker.state_dict().items()})

@@ -13,8 +13,9 @@ from learn2defend import load, load_run, train
 from learn2defend.checkpoint import load_state
 from learn2defend.config import TrainConfig
 from learn2defend.errors import UserError
+from learn2defend.guards import collapsed
 from learn2defend.methods import METHOD_RECORDS, STEPS, fgsm_sdi_step, mixed_loss, n_fgsm_step
-from learn2defend.train import WeightAverage, collapsed
+from learn2defend.optim import WeightAverage
 
 # ---- the steps ---------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ from learn2defend import TrainConfig, train
 from learn2defend.checkpoint import load_state
 from learn2defend.cli import main
 from learn2defend.errors import UserError
+from learn2defend.optim import schedule
 from learn2defend.settings import OptimizerSettings
-from learn2defend.train import schedule
 
 BATCHES = 8  # fake:1x8x8:4 with val_size 1536 leaves 512 training images: 8 batches of 64
 

@@ -19,7 +19,7 @@ from learn2defend.methods import (
     reverse_gradient,
 )
 from learn2defend.models import create_attacker, create_model
-from learn2defend.train import make_optimizer
+from learn2defend.optim import make_optimizer
 
 EPS = 0.1
 

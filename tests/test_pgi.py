@@ -263,8 +263,8 @@ RESUME_WORKER = textwrap.dedent("""
     import torch
     from torch import nn
     from learn2defend import TrainConfig, distributed, methods, train
+    from learn2defend.guards import TrainingInterrupted
     from learn2defend.models import Normalize, register_model
-    train_module = sys.modules["learn2defend.train"]
 
     @register_model("test-mlp")
     def _mlp(*, num_classes, in_channels, image_size, mean, std):
@@ -286,7 +286,7 @@ RESUME_WORKER = textwrap.dedent("""
         run = train(TrainConfig(out=out, dataset="fake:1x8x8:4", train_size=192, val_size=64, model="test-mlp",
                                 method="fgsm-pgi", epochs=2, batch_size=16, lr=0.05, val_robust_n=0, progress=False,
                                 device="cpu", data_dir=out + "-data", checkpoint_every=2), resume=resume)
-    except train_module.TrainingInterrupted:
+    except TrainingInterrupted:
         sys.exit(0)
     state = {f"model.{k}": v for k, v in run.model.state_dict().items()}
     state.update({f"memory.{k}": v.clone() for k, v in seen[-1].memory.state_dict().items()})

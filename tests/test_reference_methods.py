@@ -17,7 +17,7 @@ from learn2defend.attacks import kl_pgd_delta, pgd_delta
 from learn2defend.cli import main
 from learn2defend.errors import UserError
 from learn2defend.models import create_model
-from learn2defend.train import make_optimizer
+from learn2defend.optim import make_optimizer
 
 NEW = ("pgd-at", "trades", "mart")
 EPS = 0.1

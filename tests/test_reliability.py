@@ -33,7 +33,7 @@ from learn2defend import TrainConfig, load_run, methods, train
 from learn2defend.checkpoint import SLOW_WRITE_ENV, is_temp_file, load_state
 from learn2defend.cli import main
 from learn2defend.errors import UserError
-from learn2defend.train import TrainingDiverged
+from learn2defend.guards import TrainingDiverged
 
 
 @pytest.fixture(autouse=True)
@@ -526,11 +526,11 @@ def test_nonfinite_skip_undoes_the_methods_own_state_and_memory_rows():
     """A skipped step of FGSM-PGI / LIET leaves neither its per-image memory writes nor its
     class-wise starts behind: the guard puts back what the step found."""
     from learn2defend import distributed
+    from learn2defend.guards import SkipGuard
     from learn2defend.memory import PerturbationMemory
-    from learn2defend.train import _SkipGuard
 
     model = torch.nn.Linear(4, 2)
-    guard = _SkipGuard([model], [torch.optim.SGD(model.parameters(), lr=0.1)], distributed.Ranks.current())
+    guard = SkipGuard([model], [torch.optim.SGD(model.parameters(), lr=0.1)], distributed.Ranks.current())
     memory = PerturbationMemory(6, (1, 2, 2), "cpu", momentum=True)
     memory.reset(torch.full((6, 1, 2, 2), 0.5))
     ctx = methods.StepContext(model=model, attacker=None, optimizer=None, attacker_optimizer=None, config=None)

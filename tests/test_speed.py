@@ -202,7 +202,7 @@ def cfg(tmp_path, name="run", **kw):
 
 def test_fp16_run_stores_its_switches_and_resumes_exactly_with_its_scaler(tmp_path):
     # both: the fused optimizers of fp16 once mixed up a loaded NCHW momentum buffer with its
-    # NHWC parameter (train._match_layouts); val_robust_n=0 and few images keep fp16 on the CPU quick
+    # NHWC parameter (optim.match_layouts); val_robust_n=0 and few images keep fp16 on the CPU quick
     switches = {"amp": "fp16", "channels_last": True, "val_robust_n": 0, "train_size": 192, "val_size": 64}
     full = train(cfg(tmp_path, "full", **switches))
     train(cfg(tmp_path, "part", epochs=1, **switches))

@@ -193,7 +193,7 @@ def _toy(n=32):
 def test_every_method_trains_a_step_under_l2_or_is_refused(method):
     from learn2defend.methods import StepContext, attacker_in_channels
     from learn2defend.models import create_attacker, create_model
-    from learn2defend.train import make_optimizer
+    from learn2defend.optim import make_optimizer
 
     config = TrainConfig(method=method, norm="l2", eps=0.5, attacker_width=0.125)
     if "l2" in METHOD_RECORDS[method].unsupported_norms:

@@ -185,7 +185,7 @@ def test_old_attacker_layout_is_refused(tmp_path):
 
 
 def test_smallcnn_on_large_images_gets_one_line_of_advice(tmp_path, capsys):
-    from learn2defend.train import SMALLCNN_ADVICE
+    from learn2defend.reporting import SMALLCNN_ADVICE
 
     train(cfg(tmp_path, "small", epochs=1, val_robust_n=0, method="plain"))
     assert SMALLCNN_ADVICE not in capsys.readouterr().err  # 8x8 digits: what smallcnn is for

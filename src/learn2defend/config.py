@@ -35,7 +35,7 @@ L2L_METHODS = tuple(name for name, m in METHOD_RECORDS.items() if m.has_attacker
 # Methods whose loss carries its own clean term and a KL term weighted by --beta.
 KL_METHODS = tuple(name for name, m in METHOD_RECORDS.items() if "beta" in m.options)
 OPTIMIZERS = ("sgd", "adam")
-# The classifier's learning-rate schedules (learn2defend.train.schedule): multistep per epoch,
+# The classifier's learning-rate schedules (learn2defend.optim.schedule): multistep per epoch,
 # cosine and onecycle per batch. Runs before the option existed were multistep.
 LR_SCHEDULES = ("multistep", "cosine", "onecycle")
 GRAD_NORMS = ("sample", "batch", "sign", "none")
@@ -162,7 +162,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
-    lr_schedule: str = "multistep"  # multistep | cosine | onecycle (train.schedule); runs before it: multistep
+    lr_schedule: str = "multistep"  # multistep | cosine | onecycle (optim.schedule); runs before it: multistep
     # hand-designed attacks used for training (fgsm, pgd)
     # None below: the method's default (its record in learn2defend.methods)
     clean_weight: float | None = None  # 0.5 for fgsm/pgd (Kurakin et al.), 0 for the rest

@@ -38,10 +38,10 @@ from .experiments import (
     write_outputs,
 )
 from .figures import _suptitle, run_styles
+from .guards import COLLAPSE_FRACTION, COLLAPSE_MIN_DROP
 from .methods import METHOD_RECORDS, attacker_in_channels
 from .runs import CONFIG, build_attacker, load_run
 from .settings import OptimizerSettings, ResolvedConfig
-from .train import COLLAPSE_FRACTION, COLLAPSE_MIN_DROP
 
 # val_robust_n that validates on every validation image (train.validate takes the smaller of the two).
 EVERY_VALIDATION_IMAGE = 10**9
@@ -79,7 +79,7 @@ FRONTIER_PRESETS: dict[str, Preset] = {
     # For when a GPU is lent: the fast-AT papers' setting (PreAct-ResNet-18 from scratch on all
     # of CIFAR-10's training images, batch 128, SGD with weight decay 5e-4, bf16, channels
     # last; OneCycle up to lr 0.1, per batch, as the fast-AT benchmark trains every method: Wong
-    # et al.'s cyclic shape, learn2defend.train.schedule), sized to
+    # et al.'s cyclic shape, learn2defend.optim.schedule), sized to
     # finish in about 8 minutes on one H200 with the MAC model (bench.step_macs):
     # - per image and step: FGSM-RS 2.78 GMAC (5.0 forwards of 0.555), N-FGSM 2.78 (5.0),
     #   FGSM-SDI 4.13 (7.4, sdi attacker x1 included), FGSM-PGI 3.89 (7.0), LIET 3.89 (7.0; its

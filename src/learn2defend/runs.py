@@ -8,7 +8,7 @@ A run folder holds:
 - `best.safetensors`: the weights with the best validation robust accuracy so far (with
   --ema: the averaged weights with the best validation robust accuracy of the averaged net);
 - `metrics.jsonl`: one JSON line per finished epoch (`"collapsed": true` where validation
-  robust accuracy collapsed: catastrophic overfitting, `learn2defend.train.collapsed`).
+  robust accuracy collapsed: catastrophic overfitting, `learn2defend.guards.collapsed`).
 
 `learn2defend.train` writes run folders; everything else (evaluate, export, figures,
 the `l2l:` attack) reads them through this module alone.

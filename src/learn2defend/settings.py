@@ -41,7 +41,7 @@ class DataSettings:
 class OptimizerSettings:
     """An optimizer and its learning-rate schedule: the classifier's or the attacker's.
 
-    `schedule` (learn2defend.train.schedule): "multistep" (MultiStepLR, stepped per epoch:
+    `schedule` (learn2defend.optim.schedule): "multistep" (MultiStepLR, stepped per epoch:
     `milestones` and `gamma`), "cosine" (CosineAnnealingLR) or "onecycle" (OneCycleLR), both
     stepped per batch. The attacker's is always multistep."""
 

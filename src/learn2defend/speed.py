@@ -32,7 +32,7 @@ Resuming: `train --resume` takes the run's config.json, so a run continues with 
 switches it ran with, on any device, unless flags say otherwise; from Python,
 `train(config, resume=True)` with switches left unset resolves them for the device it
 resumes on. Either way the numbers stay those of the run: the switches may change on
-resume, and checkpoints hold one layout whatever they were (`train._match_layouts`).
+resume, and checkpoints hold one layout whatever they were (`optim.match_layouts`).
 
 None applies to evaluation: validation during training and the attacks of `eval`,
 `transfer`, `sweep` and the sanity checks run in IEEE float32 on the modules as they are

@@ -3,17 +3,16 @@
 `train` resolves a `TrainConfig` into a `ResolvedConfig` (checked, every default filled
 in), builds the networks and optimizers (`build_parts`), and runs epochs of the method's
 step (`learn2defend.methods`) with validation, checkpoints and stopping; the run folder
-it writes is described in `learn2defend.runs`.
+it writes is described in `learn2defend.runs`. The optimizers, their schedules and the
+weight average are `learn2defend.optim`; what stops or protects a run (interruption,
+divergence, the non-finite guard, collapse detection) is `learn2defend.guards`; what the
+loop reports (epoch records, log lines, progress bar, TensorBoard) is `learn2defend.reporting`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import json
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -41,10 +40,34 @@ from .data import (
     python_dataset,
 )
 from .errors import UserError
+from .guards import (
+    COLLAPSE_FRACTION,
+    COLLAPSE_MIN_DROP,
+    SkipGuard,
+    StopFlag,
+    TrainingDiverged,
+    TrainingInterrupted,
+    check_finite,
+    collapsed,
+    holds,
+)
 from .memory import PerturbationMemory, check_fits
 from .methods import METHOD_RECORDS, STEPS, Metrics, StepContext, attacker_in_channels
 from .models import made_with
 from .models.attackers import ATTACKER_LAYOUT
+from .optim import ONECYCLE_PEAK, WeightAverage, make_optimizer, match_layouts, per_batch, schedule
+from .reporting import (
+    SMALLCNN_ADVICE,
+    SMALLCNN_MAX_SIZE,
+    duration,
+    epoch_record,
+    format_record,
+    header,
+    log,
+    progress,
+    require_tensorboard,
+    tensorboard_writer,
+)
 from .runs import (
     BEST,
     CONFIG,
@@ -67,76 +90,11 @@ from .runs import (
     resolve_device,
     shown,
 )
-from .settings import OptimizerSettings, ResolvedConfig
+from .settings import ResolvedConfig
 from .version import __version__
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run was saved and can be resumed."""
-
-
-class TrainingDiverged(UserError):
-    """The loss or the weights became non-finite (on_nonfinite="stop"); the last good
-    checkpoint was kept. A UserError: the CLI prints one line and exits 2."""
-
-
-def make_optimizer(settings: OptimizerSettings, params, fused: bool | None = None) -> torch.optim.Optimizer:
-    """SGD or Adam as `settings` say; `fused`: PyTorch's fused kernels (None: its default choice)."""
-    o = settings
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
-    return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
-
-
-# OneCycle's peak, as a share of the run (Wong et al. 2020 peak at 2/5 of training).
-ONECYCLE_PEAK = 0.4
-
-
-def schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings,
-             total_steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule `settings.schedule` says, as PyTorch's own scheduler:
-
-    - "multistep": MultiStepLR, the learning rate times `gamma` after each of the `milestones`
-      epochs; stepped once per epoch.
-    - "cosine": CosineAnnealingLR from `lr` down to 0 over `total_steps` batches (T_max; the
-      last batch trains at a small positive rate); stepped once per batch.
-    - "onecycle": OneCycleLR over `total_steps` batches with the cyclic schedule of Wong et al.
-      2020 ("Fast is better than free", their code's `lr_schedule`: np.interp over
-      [0, 2/5, 1] of the run, [0, lr, 0], read after each batch): linear up to `lr` at 2/5 of
-      training, then linear down to 0; stepped once per batch. pct_start 0.4 and
-      anneal_strategy "linear" give the shape; div_factor = 0.4 x total_steps makes the first
-      batch's rate lr / (0.4 x total_steps), so batch t (0-based) trains at exactly Wong et al.'s
-      lr (t + 1) / (0.4 x total_steps) on the way up and lr (total_steps - t - 1) /
-      (0.6 x total_steps) on the way down, but for torch's final floor (min_lr = first rate /
-      1e4, not 0). Their code puts the peak at epoch floor(2 x epochs / 5); here it is at 2/5
-      of the batches exactly. Momentum is not cycled (cycle_momentum False: --momentum holds,
-      as in Wong et al.). The fast-AT benchmark of Pan & Yao 2026 (fzjcdt/FastAT_Benchmark)
-      instead calls OneCycleLR with torch's defaults (cosine annealing, peak at 0.3, cycled
-      momentum) and steps it once per epoch.
-
-    `total_steps` (batches of the whole run: epochs x batches per epoch, as the training
-    loader counts them) is needed by cosine and onecycle. ValueError for an unknown schedule
-    or a missing `total_steps` (config.validate refuses the former first)."""
-    lr = torch.optim.lr_scheduler
-    if settings.schedule == "multistep":
-        return lr.MultiStepLR(optimizer, list(settings.milestones), settings.gamma)
-    if total_steps is None or total_steps < 1:
-        raise ValueError(f"the {settings.schedule} schedule needs the run's total steps, got {total_steps}")
-    if settings.schedule == "cosine":
-        return lr.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if settings.schedule == "onecycle":
-        return lr.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=total_steps, pct_start=ONECYCLE_PEAK,
-                             anneal_strategy="linear", cycle_momentum=False,
-                             div_factor=max(ONECYCLE_PEAK * total_steps, 1.0))
-    raise ValueError(f"unknown learning-rate schedule {settings.schedule!r}")
-
-
-def per_batch(settings: OptimizerSettings) -> bool:
-    """Whether the schedule steps after every batch (cosine, onecycle) or every epoch (multistep)."""
-    return settings.schedule != "multistep"
 
 
 # ---- evaluation during training ------------------------------------------------------------
@@ -248,7 +206,7 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock,
     input fails before anything is written."""
     out = Path(cfg.run.out)
     if cfg.run.tensorboard:
-        _require_tensorboard()
+        require_tensorboard()
     continuing = prepare_out(out, resume, overwrite)
     stored = _check_resumable(out, cfg) if continuing else None
     device = distributed.local_device(resolve_device(cfg.run.device))
@@ -271,13 +229,13 @@ def _train(cfg: ResolvedConfig, resume: bool, overwrite: bool, lock: FolderLock,
     claim_folder(out, cfg, overwrite, loop.pos.history if continuing else None, lock)
     if continuing:
         if loop.pos.epoch < cfg.epochs:
-            _log(f"resuming {out} at epoch {loop.pos.epoch + 1}, batch {loop.pos.batch}")
+            log(f"resuming {out} at epoch {loop.pos.epoch + 1}, batch {loop.pos.batch}")
         else:
-            _log(f"{out} has finished its {loop.pos.epoch} epochs; nothing to train")
-    _log(_header(cfg, data, device, world))
-    _log(switches)
+            log(f"{out} has finished its {loop.pos.epoch} epochs; nothing to train")
+    log(header(cfg, data, device, world))
+    log(switches)
     if cfg.model == "smallcnn" and min(data.image_shape[1:]) > SMALLCNN_MAX_SIZE:
-        _log(SMALLCNN_ADVICE)
+        log(SMALLCNN_ADVICE)
     loop.run()
     if world > 1:
         loop.ranks.barrier()  # rank 0 has written everything
@@ -412,41 +370,6 @@ def build_parts(cfg: ResolvedConfig, meta: dict[str, Any], device: torch.device,
     return parts
 
 
-class WeightAverage(nn.Module):
-    """An exponential moving average of a classifier's weights (--ema DECAY): after step t,
-    avg <- d_t avg + (1 - d_t) weights, with d_t = min(DECAY, (1 + t) / (10 + t)).
-
-    The warm-up of d_t (TensorFlow's ExponentialMovingAverage with num_updates) keeps the
-    average from clinging to the first, random weights in short runs: 0.99 is reached after
-    900 steps, 0.999 after 9,000. Batch-norm running statistics are averaged alike, so the
-    averaged net normalizes with statistics of the weights it holds (as timm's ModelEmaV2);
-    integer buffers (batch counts) are copied. The step t comes from the loop's position, so
-    a resumed run averages exactly as an uninterrupted one, and nothing syncs with the host
-    (torch's AveragedModel reads its counter on the host every update). Fast-AT benchmarks
-    average weights this way (Pan & Yao 2026; de Jorge et al. 2022).
-
-    `module` is the averaged classifier (eval mode, no gradients); the state dict holds its
-    weights under "module.", which `learn2defend.runs.classifier_weights` reads.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        super().__init__()
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
-                         [*model.parameters(), *model.buffers()], strict=True))
-        self._floats = [(a, m) for a, m in pairs if a.is_floating_point()]
-        self._others = [(a, m) for a, m in pairs if not a.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Average in the trained model's current weights after step `step` (0-based)."""
-        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_([a for a, _ in self._floats], [m.detach() for _, m in self._floats], weight)
-        for a, m in self._others:
-            a.copy_(m)
-
-
 def _train_loader(cfg: ResolvedConfig, data: Dataset, device: torch.device,
                   ranks: distributed.Ranks) -> DeviceLoader | StreamLoader:
     # Under torchrun --batch-size is per process; rank r takes every world-th image of the
@@ -489,10 +412,10 @@ class _Loop:
         parts.ctx.batches_per_epoch = len(self.loader)
         _preflight(parts.model, parts.attacker, cfg, parts.meta, device)
         self.step = parts.step(cfg, device)
-        self.guard: _SkipGuard | None = None  # on_nonfinite=skip: undoes a step that went non-finite
+        self.guard: SkipGuard | None = None  # on_nonfinite=skip: undoes a step that went non-finite
         if cfg.run.on_nonfinite == "skip":
-            self.guard = _SkipGuard([parts.model, parts.attacker, parts.ema],
-                                    [parts.optimizer, parts.attacker_optimizer], self.ranks)
+            self.guard = SkipGuard([parts.model, parts.attacker, parts.ema],
+                                   [parts.optimizer, parts.attacker_optimizer], self.ranks)
         self.pos = _Position()
         self.memory = self._per_image_memory()
         if self.guard is not None:  # a skipped step leaves no trace in the method's own state either
@@ -593,7 +516,7 @@ class _Loop:
             if opt is not None and any(set(opt.defaults) - set(g) for g in opt.param_groups):
                 raise ValueError(f"its optimizer state is not {type(opt).__name__}'s")
             if opt is not None:
-                _match_layouts(opt)
+                match_layouts(opt)
 
     def _position(self, s: dict[str, Any], stored: ResolvedConfig) -> tuple[_Position, int]:
         """Where the checkpoint `s` stands, in this run's global batches, and the number of
@@ -616,7 +539,7 @@ class _Loop:
         cfg, pos, out = self.cfg, self.pos, self.out
         self.started, self.first_epoch = time.perf_counter(), pos.epoch  # for the time left of the whole run
         self._train_mode()
-        with _StopFlag() as stop, _board(out, cfg.run.tensorboard and self.ranks.is_main) as board:
+        with StopFlag() as stop, tensorboard_writer(out, cfg.run.tensorboard and self.ranks.is_main) as board:
             while pos.epoch < cfg.epochs:
                 self.epoch_started, pos.seconds = time.perf_counter() - pos.seconds, 0.0
                 self._epoch_start()
@@ -650,8 +573,8 @@ class _Loop:
         """The rest of the current epoch's batches, each with its 1-based index in the epoch."""
         pos, loader = self.pos, self.loader
         loader.set_epoch(pos.epoch)
-        batches = _progress(loader.iterate(pos.batch, indices=self.memory is not None), len(loader) - pos.batch,
-                            pos.epoch, self.cfg)
+        batches = progress(loader.iterate(pos.batch, indices=self.memory is not None), len(loader) - pos.batch,
+                           pos.epoch, self.cfg)
         return enumerate(batches, start=pos.batch + 1)
 
     def _guarded_step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> Metrics | None:
@@ -695,7 +618,7 @@ class _Loop:
             sums[k] = sums[k] + v if k in sums else v.clone()
         sums["n"] = sums.get("n", 0) + images
 
-    def _maybe_checkpoint(self, i: int, stop: _StopFlag) -> None:
+    def _maybe_checkpoint(self, i: int, stop: StopFlag) -> None:
         """After batch `i`: every --checkpoint-every batches, and when a stop was asked for,
         save LAST (then stop); check the loss sums then and every NONFINITE_CHECK_EVERY batches."""
         cfg, pos = self.cfg, self.pos
@@ -704,7 +627,7 @@ class _Loop:
         if not (stopping or periodic or i % NONFINITE_CHECK_EVERY == 0):
             return
         total = self.ranks.reduce_sums(pos.sums)  # all ranks' sums so far
-        _check_finite(total, self.out, f"epoch {pos.epoch + 1} by batch {i}", pos.saved_at)
+        check_finite(total, self.out, f"epoch {pos.epoch + 1} by batch {i}", pos.saved_at)
         if not (stopping or periodic):
             return
         self.ranks.broadcast_buffers([self.parts.model, self.parts.attacker])
@@ -743,9 +666,9 @@ class _Loop:
         pos.sums = self.ranks.reduce_sums(pos.sums)  # all ranks' sums: one all-reduce per epoch
         if not pos.sums.get("n"):
             raise TrainingDiverged(f"every step of epoch {pos.epoch + 1} had a non-finite loss and was skipped; "
-                                   f"{_holds(out, pos.saved_at)}; start over with a lower --lr (--overwrite)")
-        _check_finite(pos.sums, out, f"epoch {pos.epoch + 1}", pos.saved_at)
-        record = _epoch_record(pos.epoch, pos.sums, self.parts.optimizer, seconds)
+                                   f"{holds(out, pos.saved_at)}; start over with a lower --lr (--overwrite)")
+        check_finite(pos.sums, out, f"epoch {pos.epoch + 1}", pos.saved_at)
+        record = epoch_record(pos.epoch, pos.sums, self.parts.optimizer, seconds)
         if self.guard is not None:
             record["skipped_steps"] = pos.sums.get("skipped", 0)
         return record
@@ -757,9 +680,9 @@ class _Loop:
         record.update(validate(self.parts.evaluated, self.data, self.cfg, self.device))
         if pos.history and collapsed(pos.history[-1], record):
             record["collapsed"] = True
-            _log(f"[{self.out.name}] catastrophic overfitting at epoch {record['epoch']}: validation PGD-10 "
-                 f"{pos.history[-1]['val_pgd10_acc']:.3f} -> {record['val_pgd10_acc']:.3f} while clean accuracy "
-                 f"rose to {record['val_clean_acc']:.3f}; {BEST} keeps the best robust weights so far")
+            log(f"[{self.out.name}] catastrophic overfitting at epoch {record['epoch']}: validation PGD-10 "
+                f"{pos.history[-1]['val_pgd10_acc']:.3f} -> {record['val_pgd10_acc']:.3f} while clean accuracy "
+                f"rose to {record['val_clean_acc']:.3f}; {BEST} keeps the best robust weights so far")
 
     def _save_epoch(self, record: dict[str, Any], board: SummaryWriter | None) -> None:
         """Rank 0 at an epoch's end: BEST if the score is the best so far, LAST, metrics.jsonl,
@@ -777,7 +700,7 @@ class _Loop:
                     board.add_scalar(key, value, record["epoch"])
             board.flush()
         left = (time.perf_counter() - self.started) / (pos.epoch - self.first_epoch) * (cfg.epochs - pos.epoch)
-        _log(f"[{out.name}] " + _format_record(record, cfg.epochs) + f" | {_duration(left)} left")
+        log(f"[{out.name}] " + format_record(record, cfg.epochs) + f" | {duration(left)} left")
 
     def as_run(self) -> Run:
         """The trained networks as a Run, in eval mode, without reading the folder."""
@@ -786,24 +709,6 @@ class _Loop:
         if p.attacker is not None:
             p.attacker.eval()
         return Run(self.out, self.cfg, p.meta, p.evaluated, p.attacker, self.pos.epoch, self.pos.history)
-
-
-# Catastrophic overfitting (Wong et al. 2020): within one epoch, validation PGD-10 accuracy
-# falls to less than COLLAPSE_FRACTION of the previous epoch's, and by at least
-# COLLAPSE_MIN_DROP, while clean accuracy rises. FGSM-RS collapses from tens of percent to
-# near zero in an epoch or two; an ordinary noisy epoch moves robust accuracy by a few points.
-COLLAPSE_FRACTION = 0.5
-COLLAPSE_MIN_DROP = 0.05
-
-
-def collapsed(before: dict[str, Any], now: dict[str, Any]) -> bool:
-    """Whether the epoch record `now` shows catastrophic overfitting after the record `before`
-    (both metrics.jsonl records with val_clean_acc and val_pgd10_acc; False without the latter)."""
-    if "val_pgd10_acc" not in before or "val_pgd10_acc" not in now:
-        return False
-    robust_before, robust_now = before["val_pgd10_acc"], now["val_pgd10_acc"]
-    return (robust_now < COLLAPSE_FRACTION * robust_before and robust_before - robust_now >= COLLAPSE_MIN_DROP
-            and now["val_clean_acc"] > before["val_clean_acc"])
 
 
 STOP_CHECK_EVERY = 10  # under torchrun: steps between the ranks' agreement on a SIGINT/SIGTERM
@@ -820,41 +725,10 @@ def _rescale_position(batch: int, sums: dict[str, Any], saved_global: int, globa
     epoch starts over (its metric sums too). The checkpoint's sums (all ranks' together)
     continue on rank 0."""
     if batch * saved_global % global_batch:
-        _log(f"the checkpoint is {batch * saved_global} images into an epoch, no whole number of global batches "
-             f"of {global_batch}: the epoch starts over")
+        log(f"the checkpoint is {batch * saved_global} images into an epoch, no whole number of global batches "
+            f"of {global_batch}: the epoch starts over")
         return 0, {}
     return batch * saved_global // global_batch, sums if distributed.is_main() else {}
-
-
-def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give each optimizer buffer its parameter's memory layout again. Checkpoints store
-    tensors contiguous, so after --channels-last a loaded momentum buffer is NCHW while its
-    parameter and gradient are NHWC; the fused kernels (--amp fp16) then combine them
-    element by element in memory order, which is wrong (seen on the CPU, torch 2.14)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-
-
-def _holds(out: Path, saved_at: tuple[int, int] | None) -> str:
-    if saved_at is None:
-        return f"no checkpoint was written to {out}"
-    epoch, batch = saved_at
-    where = f"the end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
-    return f"{out / LAST} still holds {where}"
-
-
-def _check_finite(sums: dict[str, Any], out: Path, where: str, saved_at: tuple[int, int] | None) -> None:
-    """Stop (TrainingDiverged) when the loss summed so far is not finite; one host sync."""
-    loss = sums.get("loss")
-    if loss is not None and not bool(torch.isfinite(loss)):
-        raise TrainingDiverged(
-            f"training diverged: non-finite loss in {where}; {_holds(out, saved_at)}; "
-            "resume with --on-nonfinite skip to skip such steps, or start over with a lower --lr (--overwrite)"
-        )
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -872,187 +746,9 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         raise UserError(f"{e}; {kept}") from None
 
 
-class _SkipGuard:
-    """on_nonfinite="skip": undo a training step whose loss or new weights are not finite.
-
-    The step functions update the weights themselves, so the guard copies the weights,
-    buffers and optimizer states (and the method's own state: LIET's class-wise starts, the
-    rows FGSM-PGI's per-image memory overwrites) before every step and puts them back after a
-    step that went non-finite. Cost per step: one copy of that state and one host-device sync for
-    the check; small next to a forward and backward pass, but not free, which is why
-    "stop", the default, checks only at checkpoints, every NONFINITE_CHECK_EVERY steps
-    and at epoch ends.
-    """
-
-    def __init__(self, modules: list[nn.Module | None], optimizers: list[torch.optim.Optimizer | None],
-                 ranks: distributed.Ranks) -> None:
-        self.modules = [m for m in modules if m is not None]
-        self.optimizers = [o for o in optimizers if o is not None]
-        self.ranks = ranks
-        self.ctx: StepContext | None = None  # its `state` dict (set by the loop)
-        self.memory: PerturbationMemory | None = None  # the per-image memory, if the method has one
-        self._saved: tuple[list, list, dict] = ([], [], {})
-
-    def run(self, step: Callable[[], Metrics]) -> Metrics | None:
-        """`step()`'s metrics; None, with the state it found put back, when its loss or the
-        new weights are not finite on some rank (as if its batch had not been drawn)."""
-        self.snapshot()
-        metrics = step()
-        if self.finite(metrics["loss"]):
-            return metrics
-        self.restore()
-        return None
-
-    def snapshot(self) -> None:
-        self._saved = (
-            [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules],
-            [copy.deepcopy(o.state_dict()) for o in self.optimizers],
-            {} if self.ctx is None else copy.deepcopy(self.ctx.state),
-        )
-        if self.memory is not None:
-            self.memory.begin()
-
-    def finite(self, loss: torch.Tensor) -> bool:
-        flags = [torch.isfinite(loss).all()]
-        tensors = [t for m in self.modules for t in m.state_dict().values() if t.is_floating_point()]
-        flags += [torch.isfinite(t).all() for t in tensors]
-        return not self.ranks.any(not bool(torch.stack(flags).all()))  # every rank skips, or none
-
-    def restore(self) -> None:
-        weights, optimizer_states, method_state = self._saved
-        for m, w in zip(self.modules, weights, strict=True):
-            m.load_state_dict(w)
-        for o, s in zip(self.optimizers, optimizer_states, strict=True):
-            o.load_state_dict(s)
-        if self.ctx is not None:
-            self.ctx.state = method_state
-        if self.memory is not None:
-            self.memory.rollback()
-
-
-def _epoch_record(epoch: int, sums: dict[str, Any], optimizer: torch.optim.Optimizer, seconds: float) -> dict[str, Any]:
-    n = sums["n"]
-    record = {
-        "epoch": epoch + 1,
-        "lr": optimizer.param_groups[0]["lr"],
-        "train_loss": sums["loss"].item() / n,
-        "train_acc": sums["correct"].item() / n,
-        "seconds": round(seconds, 3),
-    }
-    if "attack_success" in sums:
-        record["attack_success"] = sums["attack_success"].item() / n
-    return record
-
-
-def _format_record(r: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {r['epoch']}/{epochs}", f"loss {r['train_loss']:.4f}", f"train acc {r['train_acc']:.3f}"]
-    if "attack_success" in r:
-        parts.append(f"attack success {r['attack_success']:.3f}")
-    if r.get("skipped_steps"):
-        parts.append(f"skipped {r['skipped_steps']} non-finite steps")
-    parts.append(f"val clean {r['val_clean_acc']:.3f}")
-    if "val_pgd10_acc" in r:
-        parts.append(f"val pgd10 {r['val_pgd10_acc']:.3f}" + (" (collapsed)" if r.get("collapsed") else ""))
-    parts.append(f"{r['seconds']:.1f}s")
-    return " | ".join(parts)
-
-
-def _require_tensorboard() -> None:
-    try:
-        import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
-    except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: "
-                        "pip install 'learn2defend[tensorboard]'") from None
-
-
-@contextlib.contextmanager
-def _board(out: Path, enabled: bool):
-    """A TensorBoard writer for RUN/tensorboard/ (one scalar per metric and epoch), or None."""
-    if not enabled:
-        yield None
-        return
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tensorboard"))
-    try:
-        yield writer
-    finally:
-        writer.close()
-
-
-# smallcnn pools once, so its last conv sees 10x10-pixel patches, which global pooling then
-# averages: enough for 8x8 digits, a bag of local strokes on larger images. On a 5,000-image
-# MNIST folder (28x28, --no-flip, 2 epochs, lr 0.1) it reached 0.66 training accuracy where
-# smallcnn-pooled reached 0.87, at a third of the cost (docs/results.md, "Folder data sets").
-SMALLCNN_MAX_SIZE = 16
-SMALLCNN_ADVICE = ("note: smallcnn sees 10x10-pixel patches before its global pooling, made for 8x8 images; "
-                   "on images this large --model smallcnn-pooled (or a ResNet) learns faster and costs less")
-
-
-def _header(cfg: ResolvedConfig, data: Dataset, device: torch.device, world: int) -> str:
-    """One line saying what this run trains, on what, and where."""
-    a = cfg.attacker
-    method = cfg.method + (f" ({a.name} attacker x{a.width:g})" if a is not None else "")
-    where = str(device) + (" (auto: no CUDA here)" if cfg.run.device == "auto" and device.type == "cpu" else "")
-    if world > 1:
-        where += f" x {world} processes"
-    augment = []
-    if cfg.data.augment and data.streamed:
-        augment.append(f"random-resized crop {data.image_shape[1]} px")
-    if cfg.data.augment and data.crop_padding:
-        augment.append(f"crop {data.crop_padding} px")
-    if cfg.data.augment and data.flip:
-        augment.append("flip")
-    norm = "" if cfg.norm == "linf" else f" ({cfg.norm})"  # l-inf runs keep the header they always had
-    return (f"train {cfg.run.out}: {method}, {cfg.model} on {data.name}, eps {cfg.eps:g}{norm}, {cfg.epochs} epochs, "
-            f"augmentation {' + '.join(augment) or 'none'}, device {where}, "
-            f"loader {data.loader}{f' ({data.loader_reason})' if data.loader_reason else ''}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
-
-
-def _log(message: str) -> None:
-    if not distributed.is_main():
-        return
-    print(message, file=sys.stderr, flush=True)
-
-
-def _progress(batches, total: int, epoch: int, cfg: ResolvedConfig):
-    """A tqdm bar on a terminal; nothing (the per-epoch line) otherwise."""
-    if not (cfg.run.progress and sys.stderr.isatty()) or not distributed.is_main():
-        return batches
-    from tqdm import tqdm
-
-    return tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can save first."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: give up at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+# The public names; those defined in optim and guards stay importable from here as before.
+__all__ = [
+    "train", "validate", "build_parts", "Parts", "RESUMABLE_CHANGES", "STOP_CHECK_EVERY", "NONFINITE_CHECK_EVERY",
+    "TrainingInterrupted", "TrainingDiverged", "COLLAPSE_FRACTION", "COLLAPSE_MIN_DROP", "collapsed",
+    "make_optimizer", "ONECYCLE_PEAK", "schedule", "per_batch", "WeightAverage",
+]
