@@ -61,6 +61,8 @@ def test_resume_skips_finished_runs(interrupted: dict) -> None:
 def test_rerun_is_cached(out: Path, interrupted: dict) -> None:
     evals = sorted((out / "evals").rglob("*.json"))
     before = {p: p.stat().st_mtime_ns for p in evals}
+    for p in evals:  # each measurement records how long it took (docs/performance.md's breakdowns)
+        assert json.loads(p.read_text())["seconds"] >= 0
     report = rp.reproduce("table2", "tiny", out, datasets=[DATASET])
     assert report["trained"] == []
     assert {p: p.stat().st_mtime_ns for p in sorted((out / "evals").rglob("*.json"))} == before

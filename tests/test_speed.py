@@ -326,3 +326,26 @@ def test_a_run_with_the_cpu_defaults_resumes_exactly(tmp_path):
     for a, b in zip(full.attacker.state_dict().values(), resumed.attacker.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert [r["train_loss"] for r in full.history] == [r["train_loss"] for r in resumed.history]
+
+
+def test_a_run_is_attacked_in_the_layout_of_its_device_with_the_same_accuracies(tmp_path, monkeypatch):
+    # eval loads a run's classifier in the device's layout (channels_last on the CPU, the
+    # training default there); the attacks' float32 math is unchanged, so the accuracies equal
+    # those of the same weights attacked in the contiguous layout
+    from learn2defend.evaluate import EvalConfig, evaluate, load_attacked
+
+    def nhwc(model):  # (a 1-channel input's weights are both layouts at once: left out)
+        return [m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+                for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+
+    train(cfg(tmp_path, "run", epochs=1, val_robust_n=0, train_size=192, val_size=64))
+    layouts = nhwc(load_attacked(tmp_path / "run", "last", CPU).model)
+    assert layouts and all(layouts)
+    config = EvalConfig(checkpoint=str(tmp_path / "run"), attacks=["pgd10", "autoattack-fast"], n=48, progress=False)
+    nhwc_result = evaluate(config)
+    monkeypatch.setitem(speed.DEVICE_DEFAULTS["cpu"], "channels_last", False)
+    assert not any(nhwc(load_attacked(tmp_path / "run", "last", CPU).model))
+    assert evaluate(config)["accuracy"] == nhwc_result["accuracy"]
+    assert 0 < nhwc_result["accuracy"]["clean"]
+    model = build_parts(TrainConfig(method="fgsm").resolve(), META, CPU).model
+    assert not any(nhwc(speed.evaluation_layout(model, "cuda")))  # CUDA's default keeps the layout

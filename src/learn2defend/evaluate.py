@@ -50,6 +50,7 @@ from .correctness import attack_correct, fraction
 from .data import Dataset, ImageData, in_memory, load_dataset
 from .errors import UserError, eps_range_error
 from .runs import BEST, LAST, Run, load_run, resolve_device
+from .speed import evaluation_layout
 
 STATE_DIR = "eval-state"
 
@@ -135,6 +136,15 @@ class EvalConfig(BatchedEvalData):
             raise UserError("--surrogate is used by --checks; add --checks, or use learn2defend transfer")
 
 
+def load_attacked(path: str | Path, which: str, device: torch.device | str) -> Run:
+    """A run folder's classifier (no attacker) on `device`, to be attacked: in the device's
+    training layout (`speed.evaluation_layout`; on the CPU channels_last, 1.2-1.3x faster
+    attacks, the same float32 math). UserError as `runs.load_run`."""
+    run = load_run(path, which, device, with_attacker=False)
+    evaluation_layout(run.model, device)
+    return run
+
+
 def load_evaluated(path: str | Path, which: str, device: torch.device | str, dataset: str | None = None) -> Run:
     """A run folder's classifier, or that of a file written by `learn2defend export`, as a Run
     whose config says what eval needs: the model, method, eps and data settings of the run
@@ -143,7 +153,7 @@ def load_evaluated(path: str | Path, which: str, device: torch.device | str, dat
 
     path = Path(path)
     if not path.is_file():
-        return load_run(path, which, device, with_attacker=False)
+        return load_attacked(path, which, device)
     if which != "last":
         raise UserError(f"--which {which} applies to run folders; {path} holds one set of weights")
     meta = read_metadata(path)
@@ -156,7 +166,7 @@ def load_evaluated(path: str | Path, which: str, device: torch.device | str, dat
                              norm=meta.get("norm", "linf"), **data).resolve()
     except (TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} has damaged metadata ({e})") from None
-    model = load_exported(path, device)
+    model = evaluation_layout(load_exported(path, device), device)
     shape = {k: meta[k] for k in ("classes", "image_shape", "mean", "std")}
     return Run(path, config, {"dataset": config.data.dataset, **shape}, model, None, 0)
 
@@ -572,8 +582,8 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
     EvalConfig(checkpoint=config.target, split=config.split, n=config.n, batch_size=config.batch_size,
                eps=config.eps, norm=config.norm, which=config.which).validate()
     device = resolve_device(config.device)
-    target = load_run(config.target, config.which, device, with_attacker=False)
-    surrogate = load_run(config.surrogate, config.which, device, with_attacker=False)
+    target = load_attacked(config.target, config.which, device)
+    surrogate = load_attacked(config.surrogate, config.which, device)
     check_same_task(surrogate, target, "transfer")
     threat, eps = norm_and_eps(target, config.norm, config.eps)
     attacks = build_attacks(config.attacks, eps, config.batch_size, norm=threat)
@@ -639,5 +649,5 @@ __all__ = [
     "attack_accuracy",
     "attack_correct",
     "transfer_accuracy", "eval_data", "first_n", "fraction", "build_attacks", "check_same_task", "parse_fraction",
-    "load_evaluated", "norm_and_eps",
+    "load_attacked", "load_evaluated", "norm_and_eps",
 ]

@@ -23,9 +23,18 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_eps
-from .evaluate import EvalConfig, build_attacks, check_same_task, eval_data, evaluate, first_n, transfer_accuracy
+from .evaluate import (
+    EvalConfig,
+    build_attacks,
+    check_same_task,
+    eval_data,
+    evaluate,
+    first_n,
+    load_attacked,
+    transfer_accuracy,
+)
 from .figures import csv_text
-from .runs import FolderLock, RunFolderBusy, load_run, resolve_device
+from .runs import FolderLock, RunFolderBusy, resolve_device
 from .train import train
 
 BUSY_WAIT_SECONDS = 20  # a run folder another reproduce is training: look again after this long
@@ -332,11 +341,13 @@ class Reproduction:
             return None
         if path not in self._waited_for:
             self.log(f"training {path}")
+        started = time.perf_counter()
         try:
             train(cfg, resume=True)
         except RunFolderBusy:
             return path
         self.trained.append(str(path))
+        self.log(f"trained {path.name}: {time.perf_counter() - started:.0f} s, validation and saving included")
         return None
 
     # ---- evaluation (cached) --------------------------------------------------------
@@ -357,9 +368,12 @@ class Reproduction:
                     return stored["result"]
             except (OSError, ValueError):
                 pass  # a broken cache entry is recomputed
+        started = time.perf_counter()
         result = compute()
+        seconds = round(time.perf_counter() - started, 1)  # wall clock, for where a reproduction's time goes
+        self.log(f"{kind} measurement of {', '.join(p.name for p in paths)}: {seconds:.0f} s")
         path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(path, json.dumps({"key": key, "result": result}, indent=1) + "\n")
+        ckpt.atomic_write_text(path, json.dumps({"key": key, "result": result, "seconds": seconds}, indent=1) + "\n")
         return result
 
     def white_box(self, path: Path, attacks: list[str], checks: bool, pgm_step: float | None) -> dict[str, Any]:
@@ -381,8 +395,8 @@ class Reproduction:
         def compute() -> dict[str, Any]:
             self.log(f"transferring {', '.join(attacks)} from {surrogate} to {target}")
             device = resolve_device(self.device)
-            s = load_run(surrogate, device=device, with_attacker=False)
-            t = load_run(target, device=device, with_attacker=False)
+            s = load_attacked(surrogate, "last", device)
+            t = load_attacked(target, "last", device)
             check_same_task(s, t, "transfer")
             images = first_n(eval_data(t, None, self.data_dir), "val", self.preset.n)
             counts = transfer_accuracy(s.model, t.model, images, build_attacks(attacks, t.config.eps, 256, pgm_step),

@@ -44,10 +44,11 @@ from .evaluate import (
     eval_data,
     first_n,
     fraction,
+    load_attacked,
     norm_and_eps,
 )
 from .methods import method_styles
-from .runs import Run, load_run, resolve_device
+from .runs import Run, resolve_device
 
 SWEEP_OVER = ("pgd-steps", "eps")
 SWEEP_ATTACKS = ("fgsm", "pgd", "pgm")
@@ -200,7 +201,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     """Accuracy of each run at each sweep value; writes PREFIX.csv and PREFIX.png."""
     config.validate()
     device = resolve_device(config.device)
-    runs = [load_run(c, config.which, device, with_attacker=False) for c in config.checkpoints]
+    runs = [load_attacked(c, config.which, device) for c in config.checkpoints]
     for other in runs[1:]:
         check_same_task(runs[0], other, "sweep")
     threat, eps = norm_and_eps(runs[0], config.norm, config.eps)
@@ -314,7 +315,7 @@ def show(config: ShowConfig) -> dict[str, Any]:
     adversarial image, each titled with true and predicted class names."""
     config.validate()
     device = resolve_device(config.device)
-    run = load_run(config.checkpoint, config.which, device, with_attacker=False)
+    run = load_attacked(config.checkpoint, config.which, device)
     threat, eps = norm_and_eps(run, config.norm, config.eps)
     attacks = build_attacks(config.attacks, eps, config.n, norm=threat)
     images = first_n(eval_data(run, config.dataset, config.data_dir), config.split, config.n)
