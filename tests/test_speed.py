@@ -349,3 +349,18 @@ def test_a_run_is_attacked_in_the_layout_of_its_device_with_the_same_accuracies(
     assert 0 < nhwc_result["accuracy"]["clean"]
     model = build_parts(TrainConfig(method="fgsm").resolve(), META, CPU).model
     assert not any(nhwc(speed.evaluation_layout(model, "cuda")))  # CUDA's default keeps the layout
+
+
+def test_validation_batches_change_neither_the_training_nor_its_numbers(tmp_path, monkeypatch):
+    # the CPU validates in batches of 64 (faster there); l-inf PGD-10 draws its random starts
+    # from the global RNG in image order, so the run trains exactly as with the old batches
+    # (512 clean, 256 PGD-10), through the RNG the validation shares with training
+    short = dict(epochs=2, val_robust_n=150, train_size=192, val_size=200, method="fgsm", random_start=True)
+    assert speed.validation_batches(CPU) == (64, 64) and speed.validation_batches("cuda") == (512, 256)
+    new = train(cfg(tmp_path, "new", **short))
+    monkeypatch.setitem(speed.VALIDATION_BATCHES, "cpu", (512, 256))
+    old = train(cfg(tmp_path, "old", **short))
+    for a, b in zip(new.model.state_dict().values(), old.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    keys = ("train_loss", "val_clean_acc", "val_pgd10_acc")
+    assert [[r[k] for k in keys] for r in new.history] == [[r[k] for k in keys] for r in old.history]

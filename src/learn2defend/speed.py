@@ -149,6 +149,22 @@ def prepare_modules(model: nn.Module, attacker: nn.Module | None,
     return torch.compile(model, backend=COMPILE_BACKEND), compiled_attacker
 
 
+# The batches of the validation during training, per device kind: (clean accuracy, PGD-10).
+# On the CPU small batches are faster, because their activations stay in the caches: with
+# smallcnn-pooled on CIFAR-10 (channels_last, one thread, the same process) clean accuracy
+# on 5,000 images took 2.6 s at batch 64 against 6.1 s at 512, and PGD-10 on 500 images
+# 6.6 s at 64 against 10.3 s at 256, with the same counts. A batch's random starts are drawn
+# in image order from the global RNG, so the numbers drawn, and hence the training that
+# follows, do not depend on the batch (l-inf). CUDA keeps the larger batches (unmeasured).
+VALIDATION_BATCHES = {"cpu": (64, 64), "cuda": (512, 256)}
+
+
+def validation_batches(device: torch.device | str) -> tuple[int, int]:
+    """(clean, PGD-10) batch sizes of the validation during training on `device`
+    (`VALIDATION_BATCHES`)."""
+    return VALIDATION_BATCHES["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
 def evaluation_layout(model: nn.Module, device: torch.device | str) -> nn.Module:
     """`model` (in place, and returned) in the memory layout `device` kind's default gives
     training (`DEVICE_DEFAULTS`), for a run's classifier loaded to be attacked. On the CPU

@@ -130,12 +130,14 @@ def validate(model: nn.Module, data: Dataset, config: ResolvedConfig, device: to
     try:
         with speed.float32_math(device):
             val, workers = data.val, config.data.workers  # a streamed val split: the eval transform
-            result = {"val_clean_acc": _clean_correct(model, val, device, workers=workers).item() / len(val)}
+            clean_batch, robust_batch = speed.validation_batches(device)
+            correct = _clean_correct(model, val, device, batch=clean_batch, workers=workers)
+            result = {"val_clean_acc": correct.item() / len(val)}
             n = min(config.run.val_robust_n, len(val))
             if n and config.eps > 0:
                 subset = val.head(n)
-                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device, workers=workers,
-                                                          norm=config.norm).item() / n
+                result["val_pgd10_acc"] = _robust_correct(model, subset, config.eps, device, batch=robust_batch,
+                                                          workers=workers, norm=config.norm).item() / n
             return result
     finally:
         model.train()
