@@ -171,3 +171,32 @@ def test_eval_with_more_processes_than_images(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads(two.stdout)["accuracy"] == json.loads(single.stdout)["accuracy"]
     assert json.loads(two.stdout)["n"] == 1
+
+
+SHUTDOWN_WORKER = textwrap.dedent("""
+    import pathlib
+    import sys
+    import time
+    from learn2defend import distributed
+
+    distributed.init_from_env("cpu")
+    late, rank = pathlib.Path(sys.argv[1]), distributed.rank()
+    if rank == 0:  # rank 0 still works when rank 1 wants to leave
+        time.sleep(1.5)
+        late.write_text("rank 0 is leaving")
+    distributed.shutdown()
+    if rank == 0 or late.exists():
+        sys.exit(0)
+    sys.exit("rank 1 left the process group before rank 0 had finished")
+""")
+
+
+def test_ranks_leave_the_process_group_together(tmp_path):
+    # a rank that tore gloo down while another still worked was aborted at exit now and then
+    # (SIGABRT: "terminate called without an active exception"); shutdown waits for the others
+    script = tmp_path / "shutdown_worker.py"
+    script.write_text(SHUTDOWN_WORKER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                           f"--rdzv-endpoint=localhost:{_free_port()}", str(script), str(tmp_path / "late")],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]

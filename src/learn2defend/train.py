@@ -552,6 +552,7 @@ class _Loop:
                     self._maybe_checkpoint(i, stop)
                 self._end_epoch(self._epoch_seconds(), board)
                 if self.ranks.agree_stop(stop.requested) and pos.epoch < cfg.epochs:
+                    self.ranks.barrier()  # rank 0 has saved the epoch (see _maybe_checkpoint)
                     raise TrainingInterrupted(f"interrupted after epoch {pos.epoch}; saved to {out}; "
                                               "continue with --resume")
 
@@ -639,6 +640,9 @@ class _Loop:
             _save(self.out / LAST, self.state(pos.epoch, i, total))
         pos.saved_at = (pos.epoch, i)
         if stopping:
+            # Every rank leaves once rank 0 has written LAST: a rank that tears its process
+            # group down while rank 0 still writes takes gloo down with it (SIGABRT).
+            self.ranks.barrier()
             raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {i}; saved to "
                                       f"{self.out}; continue with --resume")
 
