@@ -640,8 +640,8 @@ class _Loop:
             _save(self.out / LAST, self.state(pos.epoch, i, total))
         pos.saved_at = (pos.epoch, i)
         if stopping:
-            # Every rank leaves once rank 0 has written LAST: a rank that tears its process
-            # group down while rank 0 still writes takes gloo down with it (SIGABRT).
+            # Every rank leaves once rank 0 has written LAST, so that "saved" is true on every
+            # rank that reports it (a caller that catches this may go on to read the folder).
             self.ranks.barrier()
             raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {i}; saved to "
                                       f"{self.out}; continue with --resume")
