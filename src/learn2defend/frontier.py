@@ -62,8 +62,9 @@ FRONTIER_PRESETS: dict[str, Preset] = {
     "paper": replace(PRESETS["paper"], seeds=3, frontier_attackers=("slim", "wide"), checks_all_seeds=False,
                      label="WRN-34-4, 40 adversarial epochs, 3 seeds, slim, wide and sdi attackers at width 1, "
                            "every validation image, checks on seed 0"),
-    # Sized for about an hour on a 2-core CPU with two processes: measured at 69 minutes of two
-    # cores (CPU time), more than half of it the evaluation (docs/results.md, "Frontier").
+    # Sized for under an hour on a 2-core CPU with two processes: the whole 15-row frontier at
+    # 8/255 ran in 43 minutes of wall clock, 58 % of it training and 42 % the evaluation
+    # (docs/results.md, "Frontier").
     # Every method from scratch, as TRADES, MART, Madry et al. and the fast-AT papers train (a
     # confident plain net breaks the KL-based methods: docs/results.md, "TRADES and MART from a
     # plain net"), with one learning rate and the fast-AT benchmark's one-cycle schedule for all.
